@@ -1,0 +1,185 @@
+//! Startup and shutdown as one object.
+//!
+//! [`App::build`] does everything that can fail before serving: open and
+//! migrate the database, load demo data, start the event pump and the
+//! retention worker, bind the listener (port 0 is fine: the real address is
+//! reported). [`App::run_until_stopped`] serves until the shutdown future
+//! resolves, then drains: stop accepting, let in-flight requests finish within
+//! `shutdown_timeout`, end long-lived streams, stop workers, close the database.
+
+use std::{future::Future, net::SocketAddr, sync::Arc};
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    auth::{LoginLimiter, TokenKeys},
+    config::Config,
+    db::Db,
+    demo,
+    domain::Domain,
+    events::EventLog,
+    http,
+    state::{AppState, Metrics, Stats},
+};
+
+pub struct App {
+    state: AppState,
+    listener: TcpListener,
+    http_addr: SocketAddr,
+    /// Background workers (event pump, retention), stopped on shutdown.
+    workers: TaskTracker,
+    /// Cancels the workers; separate from `state.shutdown`, which ends client
+    /// streams first so that they can still be fed while requests drain.
+    stop_workers: CancellationToken,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("http_addr", &self.http_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl App {
+    pub async fn build(config: Config) -> anyhow::Result<App> {
+        let db = Db::connect(
+            config.database_url.as_deref(),
+            &config.data_dir,
+            config.db_max_connections,
+        )
+        .await?;
+        tracing::info!(database = db.kind(), "database ready");
+        let keys = TokenKeys::load(config.jwt_secret.as_deref(), &config.data_dir, config.token_ttl)?;
+        let events = EventLog::open(
+            db.clone(),
+            config.event_buffer,
+            config.event_poll,
+            config.event_retention,
+        )
+        .await?;
+        let domain = Domain::new(db, events.clone(), config.cache_capacity);
+        if config.demo
+            && let Some(password) = demo::load(&domain, config.admin_password.as_deref()).await?
+        {
+            // Shown once, on the operator's terminal; it is not stored anywhere in clear.
+            tracing::warn!(username = "admin", password = %password, "generated the demo admin password; it will not be shown again");
+        }
+
+        let workers = TaskTracker::new();
+        let stop_workers = CancellationToken::new();
+        workers.spawn(events.clone().run_pump(stop_workers.clone()));
+        workers.spawn(events.clone().run_retention(stop_workers.clone()));
+
+        let addr = format!("{}:{}", config.host, config.port);
+        let listener = TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        let http_addr = listener.local_addr()?;
+
+        let state = AppState {
+            domain,
+            limiter: Arc::new(LoginLimiter::new(config.login_max_failures)),
+            config: Arc::new(config),
+            keys,
+            stats: Arc::new(Stats::default()),
+            metrics: Arc::new(Metrics::default()),
+            shutdown: CancellationToken::new(),
+        };
+        Ok(App {
+            state,
+            listener,
+            http_addr,
+            workers,
+            stop_workers,
+        })
+    }
+
+    /// The address HTTP is served on (the real port when 0 was asked for).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` resolves, then shuts down gracefully.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let App {
+            state,
+            listener,
+            http_addr,
+            workers,
+            stop_workers,
+        } = self;
+        let drain = state.config.shutdown_timeout;
+        let streams_end = state.shutdown.clone();
+        let app = http::router(state.clone());
+        tracing::info!(%http_addr, "HTTP listening on http://{http_addr}");
+
+        let server = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown({
+            let streams_end = streams_end.clone();
+            async move { streams_end.cancelled().await }
+        });
+        let mut server = tokio::spawn(async move { server.await });
+
+        tokio::select! {
+            res = &mut server => {
+                // The server stopped on its own: that is an error (the listener failed).
+                stop_workers.cancel();
+                workers.close();
+                workers.wait().await;
+                state.domain.db().close().await;
+                return res.context("HTTP server task failed")?.context("HTTP server failed");
+            }
+            _ = shutdown => {}
+        }
+
+        tracing::info!(timeout_secs = drain.as_secs(), "shutting down: draining in-flight requests");
+        streams_end.cancel();
+        match tokio::time::timeout(drain, &mut server).await {
+            Ok(Ok(Ok(()))) => tracing::info!("all requests finished"),
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "HTTP server error during shutdown"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "HTTP server task failed during shutdown"),
+            Err(_) => {
+                tracing::warn!("drain timed out; closing the remaining connections");
+                server.abort();
+            }
+        }
+        stop_workers.cancel();
+        workers.close();
+        workers.wait().await;
+        state.domain.db().close().await;
+        tracing::info!("shutdown complete");
+        Ok(())
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => futures::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = futures::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("received SIGINT"),
+        _ = term => tracing::info!("received SIGTERM"),
+    }
+}

@@ -1,0 +1,343 @@
+//! Configuration: one typed tree, filled from (highest first) command-line flags,
+//! `PRISM_*` environment variables, an optional TOML file and built-in defaults.
+//!
+//! [`Settings`] is the *input* shape: every field optional, so the three sources
+//! can be layered field by field, and unknown keys in the TOML file are rejected.
+//! [`Config`] is the *runtime* shape: validated, defaults applied, durations typed.
+//! Everything below documents its unit and default, and `config_defaults` in the
+//! tests pins those defaults so a change to one is a deliberate act.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Args, ValueEnum};
+use serde::{Deserialize, Serialize};
+
+/// How log records are written to standard error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable, coloured when standard error is a terminal.
+    #[default]
+    Pretty,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// Settings shared by every `prism` command. Each flag can also be given as an
+/// environment variable (shown in `--help`) or as a key of the `--config` TOML file.
+#[derive(Debug, Clone, Default, Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Address to listen on for HTTP [default: 127.0.0.1]
+    #[arg(long, env = "PRISM_HOST")]
+    pub host: Option<String>,
+
+    /// HTTP port; 0 picks a free one [default: 8000]
+    #[arg(long, env = "PRISM_PORT")]
+    pub port: Option<u16>,
+
+    /// gRPC port; 0 picks a free one [default: 50051]
+    #[arg(long, env = "PRISM_GRPC_PORT")]
+    pub grpc_port: Option<u16>,
+
+    /// Directory for the embedded SQLite database and the generated signing secret [default: ./prism-data]
+    #[arg(long, env = "PRISM_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// `postgres://…` to use PostgreSQL instead of the embedded SQLite database
+    #[arg(long, env = "PRISM_DATABASE_URL")]
+    pub database_url: Option<String>,
+
+    /// `nats://…` of a NATS server with JetStream that receives every domain event
+    #[arg(long, env = "PRISM_NATS_URL")]
+    pub nats_url: Option<String>,
+
+    /// Log format [default: pretty]
+    #[arg(long, env = "PRISM_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+
+    /// Log filter, `RUST_LOG` syntax; `RUST_LOG` itself wins when set [default: info]
+    #[arg(long, env = "PRISM_LOG_LEVEL")]
+    pub log_level: Option<String>,
+
+    /// Load the demo rows and an `admin` account into an empty database
+    #[arg(long, env = "PRISM_DEMO", num_args = 0..=1, default_missing_value = "true")]
+    pub demo: Option<bool>,
+
+    /// Password of the demo `admin` account; generated and printed once when unset
+    #[arg(long, env = "PRISM_ADMIN_PASSWORD", hide_env_values = true)]
+    pub admin_password: Option<String>,
+
+    /// Secret that signs access tokens; generated once into `<data-dir>/jwt-secret` when unset
+    #[arg(long, env = "PRISM_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// Lifetime of an access token, in seconds [default: 3600]
+    #[arg(long, env = "PRISM_TOKEN_TTL_SECS")]
+    pub token_ttl_secs: Option<u64>,
+
+    /// Largest accepted request body, in bytes; larger ones get 413 [default: 10000000]
+    #[arg(long, env = "PRISM_MAX_UPLOAD_SIZE")]
+    pub max_upload_size: Option<usize>,
+
+    /// How long shutdown waits for in-flight requests, in seconds [default: 10]
+    #[arg(long, env = "PRISM_SHUTDOWN_TIMEOUT_SECS")]
+    pub shutdown_timeout_secs: Option<u64>,
+
+    /// How long events stay in the event log for resuming clients, in hours [default: 168]
+    #[arg(long, env = "PRISM_EVENT_RETENTION_HOURS")]
+    pub event_retention_hours: Option<u64>,
+
+    /// Events buffered per process for live subscribers; one that falls further behind
+    /// is cut off and resumes from the log [default: 4096]
+    #[arg(long, env = "PRISM_EVENT_BUFFER")]
+    pub event_buffer: Option<usize>,
+
+    /// How often the event log is polled when no wake-up arrives, in milliseconds [default: 1000]
+    #[arg(long, env = "PRISM_EVENT_POLL_MS")]
+    pub event_poll_ms: Option<u64>,
+
+    /// Entities kept in the in-process read cache [default: 10000]
+    #[arg(long, env = "PRISM_CACHE_CAPACITY")]
+    pub cache_capacity: Option<usize>,
+
+    /// Failed logins per client and username per minute before 429 [default: 10]
+    #[arg(long, env = "PRISM_LOGIN_MAX_FAILURES")]
+    pub login_max_failures: Option<u32>,
+
+    /// Database connections in the pool [default: 8]
+    #[arg(long, env = "PRISM_DB_MAX_CONNECTIONS")]
+    pub db_max_connections: Option<u32>,
+}
+
+impl Settings {
+    /// Reads a TOML settings file; unknown keys are an error, so a typo is never
+    /// silently ignored.
+    pub fn from_toml_file(path: &std::path::Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;
+        toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("invalid config file {}: {e}", path.display()))
+    }
+
+    /// Field-wise overlay: a value set in `self` wins over `lower`.
+    pub fn overlay(self, lower: Settings) -> anyhow::Result<Settings> {
+        // Going through JSON keeps this generic over the field list, so a new
+        // setting cannot be forgotten here.
+        let mut base = serde_json::to_value(lower)?;
+        let top = serde_json::to_value(self)?;
+        if let (Some(base), serde_json::Value::Object(top)) = (base.as_object_mut(), top) {
+            for (k, v) in top {
+                if !v.is_null() {
+                    base.insert(k, v);
+                }
+            }
+        }
+        Ok(serde_json::from_value(base)?)
+    }
+
+    /// Applies defaults and checks ranges.
+    pub fn resolve(self) -> anyhow::Result<Config> {
+        let d = Config::default();
+        let cfg = Config {
+            host: self.host.unwrap_or(d.host),
+            port: self.port.unwrap_or(d.port),
+            grpc_port: self.grpc_port.unwrap_or(d.grpc_port),
+            data_dir: self.data_dir.unwrap_or(d.data_dir),
+            database_url: self.database_url.filter(|s| !s.is_empty()),
+            nats_url: self.nats_url.filter(|s| !s.is_empty()),
+            log_format: self.log_format.unwrap_or(d.log_format),
+            log_level: self.log_level.unwrap_or(d.log_level),
+            demo: self.demo.unwrap_or(d.demo),
+            admin_password: self.admin_password.filter(|s| !s.is_empty()),
+            jwt_secret: self.jwt_secret.filter(|s| !s.is_empty()),
+            token_ttl: self.token_ttl_secs.map_or(d.token_ttl, Duration::from_secs),
+            max_upload_size: self.max_upload_size.unwrap_or(d.max_upload_size),
+            shutdown_timeout: self
+                .shutdown_timeout_secs
+                .map_or(d.shutdown_timeout, Duration::from_secs),
+            event_retention: self
+                .event_retention_hours
+                .map_or(d.event_retention, |h| Duration::from_secs(h * 3600)),
+            event_buffer: self.event_buffer.unwrap_or(d.event_buffer),
+            event_poll: self.event_poll_ms.map_or(d.event_poll, Duration::from_millis),
+            cache_capacity: self.cache_capacity.unwrap_or(d.cache_capacity),
+            login_max_failures: self.login_max_failures.unwrap_or(d.login_max_failures),
+            db_max_connections: self.db_max_connections.unwrap_or(d.db_max_connections),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+/// The validated runtime configuration. See [`Settings`] for what each field means.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub host: String,
+    pub port: u16,
+    pub grpc_port: u16,
+    pub data_dir: PathBuf,
+    pub database_url: Option<String>,
+    pub nats_url: Option<String>,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub demo: bool,
+    pub admin_password: Option<String>,
+    pub jwt_secret: Option<String>,
+    pub token_ttl: Duration,
+    pub max_upload_size: usize,
+    pub shutdown_timeout: Duration,
+    pub event_retention: Duration,
+    pub event_buffer: usize,
+    pub event_poll: Duration,
+    pub cache_capacity: usize,
+    pub login_max_failures: u32,
+    pub db_max_connections: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            host: "127.0.0.1".into(),
+            port: 8000,
+            grpc_port: 50051,
+            data_dir: PathBuf::from("prism-data"),
+            database_url: None,
+            nats_url: None,
+            log_format: LogFormat::Pretty,
+            log_level: "info".into(),
+            demo: false,
+            admin_password: None,
+            jwt_secret: None,
+            token_ttl: Duration::from_secs(3600),
+            max_upload_size: 10_000_000,
+            shutdown_timeout: Duration::from_secs(10),
+            event_retention: Duration::from_secs(168 * 3600),
+            event_buffer: 4096,
+            event_poll: Duration::from_millis(1000),
+            cache_capacity: 10_000,
+            login_max_failures: 10,
+            db_max_connections: 8,
+        }
+    }
+}
+
+impl Config {
+    fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.event_buffer >= 1, "event_buffer must be at least 1");
+        anyhow::ensure!(
+            self.db_max_connections >= 2,
+            "db_max_connections must be at least 2"
+        );
+        anyhow::ensure!(self.max_upload_size >= 1, "max_upload_size must be at least 1");
+        anyhow::ensure!(
+            !self.token_ttl.is_zero(),
+            "token_ttl_secs must be at least 1"
+        );
+        if let Some(url) = &self.database_url {
+            anyhow::ensure!(
+                url.starts_with("postgres://") || url.starts_with("postgresql://"),
+                "database_url must be a postgres:// URL (the embedded SQLite database needs no URL)"
+            );
+        }
+        Ok(())
+    }
+
+    /// A configuration for tests and embedding: everything default except the
+    /// data directory, with both listeners on free ports.
+    pub fn for_tests(data_dir: impl Into<PathBuf>) -> Config {
+        Config {
+            port: 0,
+            grpc_port: 0,
+            data_dir: data_dir.into(),
+            ..Config::default()
+        }
+    }
+
+    /// The settings a client may see (`GET /config`): nothing secret, nothing
+    /// that reveals the deployment.
+    pub fn public_settings(&self) -> serde_json::Value {
+        serde_json::json!({
+            "max_upload_size": self.max_upload_size,
+            "token_ttl_secs": self.token_ttl.as_secs(),
+            "event_retention_hours": self.event_retention.as_secs() / 3600,
+            "list_limit_default": crate::domain::DEFAULT_LIMIT,
+            "list_limit_max": crate::domain::MAX_LIMIT,
+        })
+    }
+
+    /// Effective settings for administrators (`GET /admin/settings`): secrets and
+    /// credentials in URLs are masked.
+    pub fn admin_settings(&self) -> serde_json::Value {
+        serde_json::json!({
+            "host": self.host,
+            "port": self.port,
+            "grpc_port": self.grpc_port,
+            "data_dir": self.data_dir,
+            "database": if self.database_url.is_some() { "postgres" } else { "sqlite" },
+            "nats": self.nats_url.is_some(),
+            "log_format": self.log_format,
+            "log_level": self.log_level,
+            "demo": self.demo,
+            "jwt_secret_source": if self.jwt_secret.is_some() { "config" } else { "data_dir" },
+            "token_ttl_secs": self.token_ttl.as_secs(),
+            "max_upload_size": self.max_upload_size,
+            "shutdown_timeout_secs": self.shutdown_timeout.as_secs(),
+            "event_retention_hours": self.event_retention.as_secs() / 3600,
+            "event_buffer": self.event_buffer,
+            "event_poll_ms": self.event_poll.as_millis() as u64,
+            "cache_capacity": self.cache_capacity,
+            "login_max_failures": self.login_max_failures,
+            "db_max_connections": self.db_max_connections,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_defaults() {
+        let c = Settings::default().resolve().unwrap();
+        assert_eq!(c.host, "127.0.0.1");
+        assert_eq!(c.port, 8000);
+        assert_eq!(c.grpc_port, 50051);
+        assert_eq!(c.max_upload_size, 10_000_000);
+        assert_eq!(c.token_ttl, Duration::from_secs(3600));
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(10));
+        assert_eq!(c.event_retention, Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(c.event_buffer, 4096);
+        assert_eq!(c.login_max_failures, 10);
+        assert_eq!(c.log_format, LogFormat::Pretty);
+        assert!(!c.demo);
+        assert!(c.database_url.is_none());
+    }
+
+    #[test]
+    fn flags_win_over_file() {
+        let file: Settings = toml::from_str("port = 9000\nhost = \"0.0.0.0\"").unwrap();
+        let cli = Settings {
+            port: Some(9100),
+            ..Settings::default()
+        };
+        let c = cli.overlay(file).unwrap().resolve().unwrap();
+        assert_eq!(c.port, 9100);
+        assert_eq!(c.host, "0.0.0.0");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = toml::from_str::<Settings>("prot = 9000").unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn non_postgres_url_is_rejected() {
+        let s = Settings {
+            database_url: Some("mysql://x".into()),
+            ..Settings::default()
+        };
+        assert!(s.resolve().is_err());
+    }
+}

@@ -1,0 +1,183 @@
+//! The store: SQLite (embedded default) or PostgreSQL, behind one enum.
+//!
+//! Both databases get the same schema (`migrations/sqlite`, `migrations/postgres`)
+//! and, almost everywhere, the same SQL text: `$1` placeholders, `RETURNING` and
+//! `ON CONFLICT` mean the same on both. [`on_db!`] and [`on_tx!`] run one query
+//! expression against whichever pool or transaction is live, so each query is
+//! written once and type-checked for both drivers. The few places where the
+//! dialects differ (the event log's ordering lock, LISTEN/NOTIFY) match on the
+//! enum explicitly.
+//!
+//! SQLite gets a separate single-connection write pool: SQLite allows one writer
+//! at a time anyway, and queueing writers in-process avoids `SQLITE_BUSY` on lock
+//! upgrades, which a busy timeout cannot always cure.
+
+use std::{path::Path, str::FromStr, time::Duration};
+
+use anyhow::Context;
+use sqlx::{
+    PgPool, Postgres, Sqlite, SqlitePool, Transaction,
+    postgres::PgPoolOptions,
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
+};
+
+/// A handle on the database; cheap to clone.
+#[derive(Clone, Debug)]
+pub enum Db {
+    Sqlite {
+        /// Readers: WAL lets them run beside the writer.
+        read: SqlitePool,
+        /// The one writer connection.
+        write: SqlitePool,
+    },
+    Postgres(PgPool),
+}
+
+/// A write transaction on either database.
+#[derive(Debug)]
+pub enum Tx {
+    Sqlite(Transaction<'static, Sqlite>),
+    Postgres(Transaction<'static, Postgres>),
+}
+
+/// Runs `$body` with `$pool` bound to the live read pool (`&SqlitePool` or `&PgPool`).
+#[macro_export]
+macro_rules! on_db {
+    ($db:expr, $pool:ident => $body:expr) => {
+        match $db {
+            $crate::db::Db::Sqlite { read: $pool, .. } => $body,
+            $crate::db::Db::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// Runs `$body` with `$conn` bound to the transaction's connection.
+#[macro_export]
+macro_rules! on_tx {
+    ($tx:expr, $conn:ident => $body:expr) => {
+        match $tx {
+            $crate::db::Tx::Sqlite(t) => {
+                let $conn = &mut **t;
+                $body
+            }
+            $crate::db::Tx::Postgres(t) => {
+                let $conn = &mut **t;
+                $body
+            }
+        }
+    };
+}
+
+impl Db {
+    /// Opens the database named by `database_url`, or the embedded SQLite file in
+    /// `data_dir`, and brings its schema up to date.
+    pub async fn connect(
+        database_url: Option<&str>,
+        data_dir: &Path,
+        max_connections: u32,
+    ) -> anyhow::Result<Db> {
+        let db = match database_url {
+            Some(url) => {
+                let pool = PgPoolOptions::new()
+                    .max_connections(max_connections)
+                    .acquire_timeout(Duration::from_secs(5))
+                    .connect(url)
+                    .await
+                    .context("cannot connect to PostgreSQL")?;
+                sqlx::migrate!("./migrations/postgres")
+                    .run(&pool)
+                    .await
+                    .context("PostgreSQL migration failed")?;
+                Db::Postgres(pool)
+            }
+            None => {
+                std::fs::create_dir_all(data_dir).with_context(|| {
+                    format!("cannot create data directory {}", data_dir.display())
+                })?;
+                let opts = SqliteConnectOptions::from_str("sqlite://")?
+                    .filename(data_dir.join("prism.db"))
+                    .create_if_missing(true)
+                    .journal_mode(SqliteJournalMode::Wal)
+                    // FULL: a commit that prism has acknowledged survives a power
+                    // cut, not only a process crash. Writes are not the hot path.
+                    .synchronous(SqliteSynchronous::Full)
+                    .foreign_keys(true)
+                    .busy_timeout(Duration::from_secs(5));
+                let write = SqlitePoolOptions::new()
+                    .max_connections(1)
+                    .acquire_timeout(Duration::from_secs(30))
+                    .connect_with(opts.clone())
+                    .await
+                    .context("cannot open the SQLite database")?;
+                sqlx::migrate!("./migrations/sqlite")
+                    .run(&write)
+                    .await
+                    .context("SQLite migration failed")?;
+                let read = SqlitePoolOptions::new()
+                    .max_connections(max_connections)
+                    .min_connections(1)
+                    .connect_with(opts)
+                    .await
+                    .context("cannot open the SQLite database for reading")?;
+                Db::Sqlite { read, write }
+            }
+        };
+        Ok(db)
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Db::Sqlite { .. } => "sqlite",
+            Db::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Starts a write transaction.
+    pub async fn begin(&self) -> sqlx::Result<Tx> {
+        Ok(match self {
+            Db::Sqlite { write, .. } => Tx::Sqlite(write.begin().await?),
+            Db::Postgres(pool) => Tx::Postgres(pool.begin().await?),
+        })
+    }
+
+    /// Answers when the database answers a trivial query (readiness).
+    pub async fn ping(&self) -> sqlx::Result<()> {
+        on_db!(self, pool => sqlx::query("SELECT 1").execute(pool).await.map(|_| ()))
+    }
+
+    pub async fn close(&self) {
+        match self {
+            Db::Sqlite { read, write } => {
+                read.close().await;
+                write.close().await;
+            }
+            Db::Postgres(pool) => pool.close().await,
+        }
+    }
+}
+
+impl Tx {
+    pub async fn commit(self) -> sqlx::Result<()> {
+        match self {
+            Tx::Sqlite(t) => t.commit().await,
+            Tx::Postgres(t) => t.commit().await,
+        }
+    }
+}
+
+/// True when `e` is a unique-constraint violation on `constraint` (PostgreSQL
+/// names the constraint; SQLite names the columns, so the column list is checked).
+pub fn is_unique_violation(e: &sqlx::Error, constraint: &str, sqlite_columns: &str) -> bool {
+    match e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => match db.constraint() {
+            Some(name) => name == constraint,
+            None => db.message().contains(sqlite_columns),
+        },
+        _ => false,
+    }
+}
+
+/// True when `e` is a foreign-key violation (the referenced row does not exist).
+pub fn is_foreign_key_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.is_foreign_key_violation())
+}

@@ -1,0 +1,89 @@
+//! Chat messages. A non-admin sends messages only as themselves.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::FromRow;
+use utoipa::ToSchema;
+
+use super::{
+    Domain, Page,
+    validate::{Check, limits},
+};
+use crate::{
+    auth::Principal,
+    db,
+    error::{Error, Result},
+    events, on_db, on_tx,
+};
+
+#[derive(Debug, Clone, Serialize, Deserialize, FromRow, ToSchema, PartialEq)]
+pub struct Message {
+    pub id: i64,
+    pub content: String,
+    pub user_id: i64,
+    /// When the message was sent (ISO-8601).
+    pub timestamp: DateTime<Utc>,
+}
+
+impl Domain {
+    pub async fn list_messages(&self, user_id: Option<i64>, page: Page) -> Result<Vec<Message>> {
+        Ok(match user_id {
+            Some(user) => on_db!(&self.db, pool => {
+                sqlx::query_as(
+                    "SELECT id, content, user_id, timestamp FROM messages WHERE user_id = $1 \
+                     ORDER BY id LIMIT $2 OFFSET $3",
+                )
+                .bind(user)
+                .bind(page.limit)
+                .bind(page.offset)
+                .fetch_all(pool)
+                .await?
+            }),
+            None => on_db!(&self.db, pool => {
+                sqlx::query_as(
+                    "SELECT id, content, user_id, timestamp FROM messages ORDER BY id LIMIT $1 OFFSET $2",
+                )
+                .bind(page.limit)
+                .bind(page.offset)
+                .fetch_all(pool)
+                .await?
+            }),
+        })
+    }
+
+    /// Sends a message as `user_id` (the caller unless an admin says otherwise).
+    pub async fn send_message(
+        &self,
+        by: &Principal,
+        content: &str,
+        user_id: Option<i64>,
+    ) -> Result<Message> {
+        let user_id = user_id.unwrap_or(by.user_id);
+        Check::new()
+            .length("content", content, limits::CONTENT.0, limits::CONTENT.1)
+            .finish()?;
+        by.ensure_self_or_admin(user_id, "send messages as yourself")?;
+        let mut tx = self.db.begin().await?;
+        let res: sqlx::Result<Message> = on_tx!(&mut tx, c => {
+            sqlx::query_as(
+                "INSERT INTO messages (content, user_id, timestamp) VALUES ($1, $2, $3) \
+                 RETURNING id, content, user_id, timestamp",
+            )
+            .bind(content)
+            .bind(user_id)
+            .bind(Utc::now())
+            .fetch_one(c)
+            .await
+        });
+        let message = res.map_err(|e| {
+            if db::is_foreign_key_violation(&e) {
+                Error::invalid("user_id", "value_error", "User does not exist")
+            } else {
+                e.into()
+            }
+        })?;
+        events::append(&mut tx, "message.sent", &message).await?;
+        self.commit(tx).await?;
+        Ok(message)
+    }
+}

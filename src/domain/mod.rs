@@ -1,0 +1,150 @@
+//! The domain: users, posts, comments, messages, products and orders, their
+//! rules and their SQL. Every protocol adapter calls these functions and
+//! nothing else touches the tables, so a rule is written once.
+//!
+//! Each write runs in one transaction that also appends its event to the log
+//! (`events::append`), then wakes the event pump; reads of hot single
+//! entities go through an in-process cache that the pump keeps coherent (it
+//! drops an entry when any process records a change to it).
+
+pub mod cache;
+pub mod messages;
+pub mod orders;
+pub mod posts;
+pub mod products;
+pub mod users;
+pub mod validate;
+
+use std::sync::Arc;
+
+use crate::{
+    db::{Db, Tx},
+    error::{Error, Result},
+    events::EventLog,
+};
+
+pub use cache::Cache;
+pub use messages::Message;
+pub use orders::{NewOrder, Order, OrderStatus};
+pub use posts::{Comment, NewPost, Post, PostPatch};
+pub use products::{Category, NewProduct, Price, Product};
+pub use users::{NewUser, Registration, User};
+
+/// Items a list returns when the client names no `limit`.
+pub const DEFAULT_LIMIT: i64 = 100;
+/// The largest `limit` honoured; larger ones are capped.
+pub const MAX_LIMIT: i64 = 1000;
+
+/// A window into an id-ordered list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Page {
+    pub limit: i64,
+    pub offset: i64,
+}
+
+impl Page {
+    /// Applies the list rules of SPEC §2: default 100, capped at 1000, no negatives.
+    pub fn new(limit: Option<i64>, offset: Option<i64>) -> Result<Page> {
+        let mut errors = Vec::new();
+        if limit.is_some_and(|l| l < 0) {
+            errors.push(validate::ge_error("limit", 0));
+        }
+        if offset.is_some_and(|o| o < 0) {
+            errors.push(validate::ge_error("offset", 0));
+        }
+        if !errors.is_empty() {
+            return Err(Error::Validation(errors));
+        }
+        Ok(Page {
+            limit: limit.unwrap_or(DEFAULT_LIMIT).min(MAX_LIMIT),
+            offset: offset.unwrap_or(0),
+        })
+    }
+
+    /// 1-based page numbers as in the seed's catalogue: `page < 1` is page 1,
+    /// `page_size` 0 or absent is 20, capped at 100.
+    pub fn numbered(page: Option<i64>, page_size: Option<i64>) -> (Page, i64, i64) {
+        let page = page.unwrap_or(1).max(1);
+        let size = match page_size.unwrap_or(0) {
+            s if s <= 0 => 20,
+            s => s.min(100),
+        };
+        (
+            Page {
+                limit: size,
+                offset: (page - 1).saturating_mul(size),
+            },
+            page,
+            size,
+        )
+    }
+}
+
+impl Default for Page {
+    fn default() -> Self {
+        Page {
+            limit: DEFAULT_LIMIT,
+            offset: 0,
+        }
+    }
+}
+
+/// The domain service: one per process, shared by every protocol. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Domain {
+    pub(crate) db: Db,
+    pub(crate) events: EventLog,
+    pub(crate) users_cache: Arc<Cache<User>>,
+    pub(crate) products_cache: Arc<Cache<Product>>,
+}
+
+impl Domain {
+    /// Wires the domain to its database and event log, and registers the cache
+    /// invalidation that keeps cached entities fresh across processes.
+    pub fn new(db: Db, events: EventLog, cache_capacity: usize) -> Domain {
+        let users_cache = Arc::new(Cache::new(cache_capacity));
+        let products_cache = Arc::new(Cache::new(cache_capacity));
+        {
+            let users = users_cache.clone();
+            let products = products_cache.clone();
+            events.on_event(move |event| {
+                #[derive(serde::Deserialize)]
+                struct Id {
+                    id: i64,
+                }
+                let id = || event.payload_as::<Id>().map(|i| i.id);
+                if event.kind.starts_with("user.") {
+                    users.invalidate_by(id);
+                } else if event.kind.starts_with("product.") {
+                    products.invalidate_by(id);
+                }
+            });
+        }
+        Domain {
+            db,
+            events,
+            users_cache,
+            products_cache,
+        }
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    pub fn events(&self) -> &EventLog {
+        &self.events
+    }
+
+    /// Entities held by the read caches.
+    pub fn cache_size(&self) -> usize {
+        self.users_cache.len() + self.products_cache.len()
+    }
+
+    /// Commits a write transaction and wakes the event pump for its events.
+    async fn commit(&self, tx: Tx) -> Result<()> {
+        tx.commit().await?;
+        self.events.committed();
+        Ok(())
+    }
+}

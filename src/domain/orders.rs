@@ -1,0 +1,148 @@
+//! Orders. A non-admin places orders only for themselves.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::FromRow;
+use utoipa::ToSchema;
+
+use super::{Domain, Page, validate::Check};
+use crate::{
+    auth::Principal,
+    error::{Error, Result},
+    events, on_db, on_tx,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OrderStatus {
+    #[default]
+    Pending,
+    Completed,
+    Cancelled,
+}
+
+impl OrderStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrderStatus::Pending => "pending",
+            OrderStatus::Completed => "completed",
+            OrderStatus::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl TryFrom<String> for OrderStatus {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "pending" => Ok(OrderStatus::Pending),
+            "completed" => Ok(OrderStatus::Completed),
+            "cancelled" => Ok(OrderStatus::Cancelled),
+            other => Err(format!("unknown order status {other:?}")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, FromRow, ToSchema, PartialEq)]
+pub struct Order {
+    pub id: i64,
+    pub user_id: i64,
+    pub total: f64,
+    #[sqlx(try_from = "String")]
+    pub status: OrderStatus,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct NewOrder {
+    /// Defaults to the caller.
+    #[serde(default)]
+    pub user_id: Option<i64>,
+    pub total: f64,
+    #[serde(default)]
+    pub status: Option<OrderStatus>,
+}
+
+impl Domain {
+    pub async fn list_orders(&self, user_id: Option<i64>, page: Page) -> Result<Vec<Order>> {
+        Ok(match user_id {
+            Some(user) => on_db!(&self.db, pool => {
+                sqlx::query_as(
+                    "SELECT id, user_id, total, status, created_at FROM orders WHERE user_id = $1 \
+                     ORDER BY id LIMIT $2 OFFSET $3",
+                )
+                .bind(user)
+                .bind(page.limit)
+                .bind(page.offset)
+                .fetch_all(pool)
+                .await?
+            }),
+            None => on_db!(&self.db, pool => {
+                sqlx::query_as(
+                    "SELECT id, user_id, total, status, created_at FROM orders ORDER BY id LIMIT $1 OFFSET $2",
+                )
+                .bind(page.limit)
+                .bind(page.offset)
+                .fetch_all(pool)
+                .await?
+            }),
+        })
+    }
+
+    pub async fn get_order(&self, id: i64) -> Result<Order> {
+        let order: Option<Order> = on_db!(&self.db, pool => {
+            sqlx::query_as("SELECT id, user_id, total, status, created_at FROM orders WHERE id = $1")
+                .bind(id)
+                .fetch_optional(pool)
+                .await?
+        });
+        order.ok_or_else(|| Error::NotFound("Order not found".into()))
+    }
+
+    /// Places an order. The user must exist here (the orders microservice checks
+    /// with the users service instead, before calling this).
+    pub async fn create_order(&self, by: &Principal, new: NewOrder) -> Result<Order> {
+        let user_id = new.user_id.unwrap_or(by.user_id);
+        Check::new().non_negative("total", new.total).finish()?;
+        by.ensure_self_or_admin(user_id, "place orders for yourself")?;
+        match self.get_user(user_id).await {
+            Err(Error::NotFound(_)) => {
+                return Err(Error::invalid("user_id", "value_error", "User does not exist"));
+            }
+            other => other?,
+        };
+        self.insert_order(user_id, new.total, new.status.unwrap_or_default())
+            .await
+    }
+
+    /// Records an order without checking its user: for callers that have
+    /// checked already (the orders service asks the users service).
+    pub async fn insert_order(
+        &self,
+        user_id: i64,
+        total: f64,
+        status: OrderStatus,
+    ) -> Result<Order> {
+        let mut tx = self.db.begin().await?;
+        let order: Order = on_tx!(&mut tx, c => {
+            sqlx::query_as(
+                "INSERT INTO orders (user_id, total, status, created_at) VALUES ($1, $2, $3, $4) \
+                 RETURNING id, user_id, total, status, created_at",
+            )
+            .bind(user_id)
+            .bind(total)
+            .bind(status.as_str())
+            .bind(Utc::now())
+            .fetch_one(c)
+            .await?
+        });
+        events::append(
+            &mut tx,
+            "order.created",
+            &serde_json::json!({"order_id": order.id, "user_id": order.user_id, "total": order.total}),
+        )
+        .await?;
+        self.commit(tx).await?;
+        Ok(order)
+    }
+}

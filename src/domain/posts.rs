@@ -1,0 +1,268 @@
+//! Posts and their comments. A non-admin writes posts and comments only as
+//! themselves, and updates or deletes only their own posts.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::FromRow;
+use utoipa::ToSchema;
+
+use super::{
+    Domain, Page,
+    validate::{Check, limits},
+};
+use crate::{
+    auth::Principal,
+    db,
+    error::{Error, Result},
+    events, on_db, on_tx,
+};
+
+#[derive(Debug, Clone, Serialize, Deserialize, FromRow, ToSchema, PartialEq)]
+pub struct Post {
+    pub id: i64,
+    pub title: String,
+    pub content: String,
+    pub author_id: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, FromRow, ToSchema, PartialEq)]
+pub struct Comment {
+    pub id: i64,
+    pub content: String,
+    pub post_id: i64,
+    pub user_id: i64,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct NewPost {
+    pub title: String,
+    pub content: String,
+    /// Defaults to the caller.
+    #[serde(default)]
+    pub author_id: Option<i64>,
+}
+
+/// A partial update: absent fields keep their value.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+pub struct PostPatch {
+    #[serde(default)]
+    pub title: Option<String>,
+    #[serde(default)]
+    pub content: Option<String>,
+}
+
+fn check_title(c: &mut Check, title: &str) {
+    c.length("title", title, limits::TITLE.0, limits::TITLE.1);
+}
+
+fn check_content(c: &mut Check, content: &str) {
+    c.length("content", content, limits::CONTENT.0, limits::CONTENT.1);
+}
+
+/// Turns "the referenced user or post does not exist" into a validation error on
+/// the field that named it.
+fn missing_reference(e: sqlx::Error, field: &str, what: &str) -> Error {
+    if db::is_foreign_key_violation(&e) {
+        Error::invalid(field, "value_error", format!("{what} does not exist"))
+    } else {
+        e.into()
+    }
+}
+
+impl Domain {
+    pub async fn list_posts(&self, author_id: Option<i64>, page: Page) -> Result<Vec<Post>> {
+        Ok(match author_id {
+            Some(author) => on_db!(&self.db, pool => {
+                sqlx::query_as(
+                    "SELECT id, title, content, author_id, created_at, updated_at FROM posts \
+                     WHERE author_id = $1 ORDER BY id LIMIT $2 OFFSET $3",
+                )
+                .bind(author)
+                .bind(page.limit)
+                .bind(page.offset)
+                .fetch_all(pool)
+                .await?
+            }),
+            None => on_db!(&self.db, pool => {
+                sqlx::query_as(
+                    "SELECT id, title, content, author_id, created_at, updated_at FROM posts \
+                     ORDER BY id LIMIT $1 OFFSET $2",
+                )
+                .bind(page.limit)
+                .bind(page.offset)
+                .fetch_all(pool)
+                .await?
+            }),
+        })
+    }
+
+    /// A user's posts; 404 when the user does not exist.
+    pub async fn posts_of_user(&self, user_id: i64, page: Page) -> Result<Vec<Post>> {
+        self.get_user(user_id).await?;
+        self.list_posts(Some(user_id), page).await
+    }
+
+    pub async fn get_post(&self, id: i64) -> Result<Post> {
+        let post: Option<Post> = on_db!(&self.db, pool => {
+            sqlx::query_as(
+                "SELECT id, title, content, author_id, created_at, updated_at FROM posts WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_optional(pool)
+            .await?
+        });
+        post.ok_or_else(|| Error::NotFound("Post not found".into()))
+    }
+
+    /// Posts whose title or content contains `query`, ignoring case.
+    pub async fn search_posts(&self, query: &str, page: Page) -> Result<Vec<Post>> {
+        // LIKE metacharacters in the query match themselves.
+        let escaped = query
+            .to_lowercase()
+            .replace('\\', "\\\\")
+            .replace('%', "\\%")
+            .replace('_', "\\_");
+        let pattern = format!("%{escaped}%");
+        Ok(on_db!(&self.db, pool => {
+            sqlx::query_as(
+                "SELECT id, title, content, author_id, created_at, updated_at FROM posts \
+                 WHERE LOWER(title) LIKE $1 ESCAPE '\\' OR LOWER(content) LIKE $1 ESCAPE '\\' \
+                 ORDER BY id LIMIT $2 OFFSET $3",
+            )
+            .bind(pattern)
+            .bind(page.limit)
+            .bind(page.offset)
+            .fetch_all(pool)
+            .await?
+        }))
+    }
+
+    pub async fn create_post(&self, by: &Principal, new: NewPost) -> Result<Post> {
+        let author_id = new.author_id.unwrap_or(by.user_id);
+        let mut c = Check::new();
+        check_title(&mut c, &new.title);
+        check_content(&mut c, &new.content);
+        c.finish()?;
+        by.ensure_self_or_admin(author_id, "create posts as yourself")?;
+        let now = Utc::now();
+        let mut tx = self.db.begin().await?;
+        let res: sqlx::Result<Post> = on_tx!(&mut tx, c => {
+            sqlx::query_as(
+                "INSERT INTO posts (title, content, author_id, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, $4) \
+                 RETURNING id, title, content, author_id, created_at, updated_at",
+            )
+            .bind(&new.title)
+            .bind(&new.content)
+            .bind(author_id)
+            .bind(now)
+            .fetch_one(c)
+            .await
+        });
+        let post = res.map_err(|e| missing_reference(e, "author_id", "Author"))?;
+        events::append(&mut tx, "post.created", &post).await?;
+        self.commit(tx).await?;
+        Ok(post)
+    }
+
+    /// Changes the fields present in `patch`. Only the author or an admin.
+    pub async fn update_post(&self, by: &Principal, id: i64, patch: PostPatch) -> Result<Post> {
+        let mut c = Check::new();
+        if let Some(t) = &patch.title {
+            check_title(&mut c, t);
+        }
+        if let Some(t) = &patch.content {
+            check_content(&mut c, t);
+        }
+        c.finish()?;
+        let current = self.get_post(id).await?;
+        by.ensure_self_or_admin(current.author_id, "change your own posts")?;
+        let mut tx = self.db.begin().await?;
+        let post: Option<Post> = on_tx!(&mut tx, c => {
+            sqlx::query_as(
+                "UPDATE posts SET title = COALESCE($1, title), content = COALESCE($2, content), \
+                 updated_at = $3 WHERE id = $4 \
+                 RETURNING id, title, content, author_id, created_at, updated_at",
+            )
+            .bind(patch.title)
+            .bind(patch.content)
+            .bind(Utc::now())
+            .bind(id)
+            .fetch_optional(c)
+            .await?
+        });
+        let post = post.ok_or_else(|| Error::NotFound("Post not found".into()))?;
+        events::append(&mut tx, "post.updated", &post).await?;
+        self.commit(tx).await?;
+        Ok(post)
+    }
+
+    /// Deletes a post and its comments. Only the author or an admin.
+    pub async fn delete_post(&self, by: &Principal, id: i64) -> Result<()> {
+        let current = self.get_post(id).await?;
+        by.ensure_self_or_admin(current.author_id, "delete your own posts")?;
+        let mut tx = self.db.begin().await?;
+        let deleted = on_tx!(&mut tx, c => {
+            sqlx::query("DELETE FROM posts WHERE id = $1").bind(id).execute(c).await?.rows_affected()
+        });
+        if deleted == 0 {
+            return Err(Error::NotFound("Post not found".into()));
+        }
+        events::append(
+            &mut tx,
+            "post.deleted",
+            &serde_json::json!({"id": id, "author_id": current.author_id}),
+        )
+        .await?;
+        self.commit(tx).await
+    }
+
+    pub async fn comments_of_post(&self, post_id: i64) -> Result<Vec<Comment>> {
+        self.get_post(post_id).await?;
+        Ok(on_db!(&self.db, pool => {
+            sqlx::query_as(
+                "SELECT id, content, post_id, user_id, created_at FROM comments \
+                 WHERE post_id = $1 ORDER BY id",
+            )
+            .bind(post_id)
+            .fetch_all(pool)
+            .await?
+        }))
+    }
+
+    /// Comments on a post, as `user_id` (the caller unless an admin says otherwise).
+    pub async fn create_comment(
+        &self,
+        by: &Principal,
+        post_id: i64,
+        content: &str,
+        user_id: Option<i64>,
+    ) -> Result<Comment> {
+        let user_id = user_id.unwrap_or(by.user_id);
+        let mut c = Check::new();
+        check_content(&mut c, content);
+        c.finish()?;
+        by.ensure_self_or_admin(user_id, "comment as yourself")?;
+        self.get_post(post_id).await?;
+        let mut tx = self.db.begin().await?;
+        let res: sqlx::Result<Comment> = on_tx!(&mut tx, c => {
+            sqlx::query_as(
+                "INSERT INTO comments (content, post_id, user_id, created_at) VALUES ($1, $2, $3, $4) \
+                 RETURNING id, content, post_id, user_id, created_at",
+            )
+            .bind(content)
+            .bind(post_id)
+            .bind(user_id)
+            .bind(Utc::now())
+            .fetch_one(c)
+            .await
+        });
+        let comment = res.map_err(|e| missing_reference(e, "user_id", "User or post"))?;
+        events::append(&mut tx, "comment.created", &comment).await?;
+        self.commit(tx).await?;
+        Ok(comment)
+    }
+}

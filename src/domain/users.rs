@@ -1,0 +1,285 @@
+//! Users, their credentials and their friendships.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::FromRow;
+use utoipa::ToSchema;
+
+use super::{
+    Domain, Page,
+    validate::{Check, limits},
+};
+use crate::{
+    auth::{self, Principal, Role},
+    db::{self, Tx},
+    error::{Error, Result},
+    events, on_db, on_tx,
+};
+
+/// A user of the system.
+#[derive(Debug, Clone, Serialize, Deserialize, FromRow, ToSchema, PartialEq)]
+pub struct User {
+    pub id: i64,
+    pub name: String,
+    pub email: String,
+    pub age: Option<i32>,
+    #[sqlx(try_from = "String")]
+    pub role: Role,
+    pub created_at: DateTime<Utc>,
+}
+
+impl TryFrom<String> for Role {
+    type Error = std::convert::Infallible;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Ok(Role::parse(&s))
+    }
+}
+
+/// What it takes to create a user without credentials (`POST /users/`, `createUser`).
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct NewUser {
+    pub name: String,
+    pub email: String,
+    #[serde(default)]
+    pub age: Option<i64>,
+}
+
+/// Self-service sign-up (`POST /auth/register`).
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct Registration {
+    pub username: String,
+    pub email: String,
+    pub password: String,
+}
+
+/// Emails are compared and stored in lower case, so `Alice@Example.com` and
+/// `alice@example.com` are one account.
+fn normalise_email(email: &str) -> String {
+    email.trim().to_lowercase()
+}
+
+impl NewUser {
+    fn validate(&self) -> Result<()> {
+        let mut c = Check::new();
+        c.length("name", &self.name, limits::NAME.0, limits::NAME.1)
+            .email("email", self.email.trim());
+        if let Some(age) = self.age {
+            c.range("age", age, limits::AGE.0, limits::AGE.1);
+        }
+        c.finish()
+    }
+}
+
+fn email_conflict(e: sqlx::Error) -> Error {
+    if db::is_unique_violation(&e, "users_email_key", "users.email") {
+        Error::Conflict("Email already registered".into())
+    } else if db::is_unique_violation(&e, "users_username_key", "users.username") {
+        Error::Conflict("Username already taken".into())
+    } else {
+        e.into()
+    }
+}
+
+impl Domain {
+    pub async fn list_users(&self, page: Page) -> Result<Vec<User>> {
+        let sql = "SELECT id, name, email, age, role, created_at FROM users ORDER BY id LIMIT $1 OFFSET $2";
+        Ok(on_db!(&self.db, pool => {
+            sqlx::query_as(sql).bind(page.limit).bind(page.offset).fetch_all(pool).await?
+        }))
+    }
+
+    /// A user by id, from the cache when possible.
+    pub async fn get_user(&self, id: i64) -> Result<Arc<User>> {
+        if let Some(user) = self.users_cache.get(id) {
+            return Ok(user);
+        }
+        let generation = self.users_cache.generation();
+        let sql = "SELECT id, name, email, age, role, created_at FROM users WHERE id = $1";
+        let user: Option<User> = on_db!(&self.db, pool => {
+            sqlx::query_as(sql).bind(id).fetch_optional(pool).await?
+        });
+        let user = Arc::new(user.ok_or_else(|| Error::NotFound("User not found".into()))?);
+        self.users_cache.put(id, user.clone(), generation);
+        Ok(user)
+    }
+
+    /// Creates a user without credentials. Any signed-in caller may do this.
+    pub async fn create_user(&self, _by: &Principal, new: NewUser) -> Result<User> {
+        new.validate()?;
+        let email = normalise_email(&new.email);
+        let mut tx = self.db.begin().await?;
+        let user = insert_user(&mut tx, &new.name, &email, new.age, Role::User, None, None).await?;
+        events::append(&mut tx, "user.created", &user).await?;
+        self.commit(tx).await?;
+        Ok(user)
+    }
+
+    /// Creates a user who can log in. The password is hashed off the async runtime.
+    pub async fn register(&self, reg: Registration) -> Result<User> {
+        let name = reg.username.clone();
+        self.create_account(&name, None, reg, Role::User).await
+    }
+
+    /// Creates an account with credentials: the shared path of registration
+    /// and of seeding the demo accounts.
+    pub(crate) async fn create_account(
+        &self,
+        name: &str,
+        age: Option<i64>,
+        reg: Registration,
+        role: Role,
+    ) -> Result<User> {
+        let mut c = Check::new();
+        c.length("name", name, limits::NAME.0, limits::NAME.1)
+            .username("username", &reg.username)
+            .email("email", reg.email.trim())
+            .length(
+                "password",
+                &reg.password,
+                limits::PASSWORD.0,
+                limits::PASSWORD.1,
+            );
+        if let Some(age) = age {
+            c.range("age", age, limits::AGE.0, limits::AGE.1);
+        }
+        c.finish()?;
+        let password = reg.password;
+        let hash = tokio::task::spawn_blocking(move || auth::hash_password(&password))
+            .await
+            .map_err(Error::internal)??;
+        let email = normalise_email(&reg.email);
+        let mut tx = self.db.begin().await?;
+        let user = insert_user(
+            &mut tx,
+            name,
+            &email,
+            age,
+            role,
+            Some(&reg.username),
+            Some(&hash),
+        )
+        .await?;
+        events::append(&mut tx, "user.created", &user).await?;
+        self.commit(tx).await?;
+        Ok(user)
+    }
+
+    /// Checks a username (or email) and password; the same error for an unknown
+    /// name and a wrong password, and the same cost.
+    pub async fn authenticate(&self, login: &str, password: &str) -> Result<User> {
+        let sql = if login.contains('@') {
+            "SELECT id, name, email, age, role, created_at, password_hash FROM users WHERE email = $1"
+        } else {
+            "SELECT id, name, email, age, role, created_at, password_hash FROM users WHERE username = $1"
+        };
+        let key = if login.contains('@') {
+            normalise_email(login)
+        } else {
+            login.to_owned()
+        };
+        #[derive(FromRow)]
+        struct Row {
+            #[sqlx(flatten)]
+            user: User,
+            password_hash: Option<String>,
+        }
+        let row: Option<Row> = on_db!(&self.db, pool => {
+            sqlx::query_as(sql).bind(key).fetch_optional(pool).await?
+        });
+        let (user, hash) = match row {
+            Some(Row {
+                user,
+                password_hash: Some(hash),
+            }) => (Some(user), hash),
+            _ => (None, auth::dummy_hash().to_owned()),
+        };
+        let password = password.to_owned();
+        let ok = tokio::task::spawn_blocking(move || auth::verify_password(&password, &hash))
+            .await
+            .map_err(Error::internal)?;
+        match user {
+            Some(user) if ok => Ok(user),
+            _ => Err(Error::Unauthenticated(
+                "Incorrect username or password".into(),
+            )),
+        }
+    }
+
+    /// The user's friends, in id order.
+    pub async fn friends_of(&self, user_id: i64) -> Result<Vec<User>> {
+        self.get_user(user_id).await?;
+        let sql = "SELECT u.id, u.name, u.email, u.age, u.role, u.created_at FROM friendships f \
+                   JOIN users u ON u.id = f.friend_id WHERE f.user_id = $1 ORDER BY u.id";
+        Ok(on_db!(&self.db, pool => {
+            sqlx::query_as(sql).bind(user_id).fetch_all(pool).await?
+        }))
+    }
+
+    /// Makes two users friends (both directions). Only one of the two, or an admin.
+    pub async fn add_friend(&self, by: &Principal, user_id: i64, friend_id: i64) -> Result<()> {
+        if by.user_id != friend_id {
+            by.ensure_self_or_admin(user_id, "change your own friendships")?;
+        }
+        if user_id == friend_id {
+            return Err(Error::invalid(
+                "friend_id",
+                "value_error",
+                "A user cannot befriend themselves",
+            ));
+        }
+        self.get_user(user_id).await?;
+        self.get_user(friend_id).await?;
+        let mut tx = self.db.begin().await?;
+        let sql = "INSERT INTO friendships (user_id, friend_id) VALUES ($1, $2), ($2, $1) \
+                   ON CONFLICT DO NOTHING";
+        let added = on_tx!(&mut tx, c => {
+            sqlx::query(sql).bind(user_id).bind(friend_id).execute(c).await?.rows_affected()
+        });
+        if added > 0 {
+            events::append(
+                &mut tx,
+                "friend.added",
+                &serde_json::json!({"user_id": user_id, "friend_id": friend_id}),
+            )
+            .await?;
+        }
+        self.commit(tx).await
+    }
+
+    /// How many users exist.
+    pub async fn count_users(&self) -> Result<i64> {
+        Ok(on_db!(&self.db, pool => {
+            sqlx::query_scalar("SELECT COUNT(*) FROM users").fetch_one(pool).await?
+        }))
+    }
+}
+
+async fn insert_user(
+    tx: &mut Tx,
+    name: &str,
+    email: &str,
+    age: Option<i64>,
+    role: Role,
+    username: Option<&str>,
+    password_hash: Option<&str>,
+) -> Result<User> {
+    let sql = "INSERT INTO users (name, email, age, role, username, password_hash, created_at) \
+               VALUES ($1, $2, $3, $4, $5, $6, $7) \
+               RETURNING id, name, email, age, role, created_at";
+    let age = age.map(|a| a as i32);
+    let res: sqlx::Result<User> = on_tx!(tx, c => {
+        sqlx::query_as(sql)
+            .bind(name)
+            .bind(email)
+            .bind(age)
+            .bind(role.as_str())
+            .bind(username)
+            .bind(password_hash)
+            .bind(Utc::now())
+            .fetch_one(c)
+            .await
+    });
+    res.map_err(email_conflict)
+}

@@ -1,0 +1,85 @@
+//! The `/admin` sub-application: everything needs the admin role except its
+//! own `/admin/docs` and `/admin/openapi.json`.
+
+use std::sync::atomic::Ordering;
+
+use axum::{Router, extract::State, routing::get};
+use serde_json::json;
+use utoipa::OpenApi;
+
+use super::{
+    BearerAuth,
+    Detail,
+    error::ApiError,
+    extract::{Auth, Json, Query},
+    users::ListParams,
+};
+use crate::state::AppState;
+
+/// Every user, with roles.
+#[utoipa::path(get, path = "/users", params(ListParams), security(("bearer" = [])),
+    responses((status = 200, description = "`{users: [...]}`"), (status = 401, body = Detail),
+              (status = 403, body = Detail)))]
+async fn admin_users(
+    State(state): State<AppState>,
+    Auth(by): Auth,
+    Query(q): Query<ListParams>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    by.ensure_admin()?;
+    let users = state.domain.list_users(q.page()?).await?;
+    let total = state.domain.count_users().await?;
+    Ok(Json(json!({"users": users, "total": total})))
+}
+
+/// The effective settings, secrets masked.
+#[utoipa::path(get, path = "/settings", security(("bearer" = [])),
+    responses((status = 200, description = "`{settings: {...}}`"), (status = 403, body = Detail)))]
+async fn admin_settings(
+    State(state): State<AppState>,
+    Auth(by): Auth,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    by.ensure_admin()?;
+    Ok(Json(json!({"settings": state.config.admin_settings()})))
+}
+
+/// Live counters of this process.
+#[utoipa::path(get, path = "/stats", security(("bearer" = [])),
+    responses((status = 200, description = "cache, connection and event counters"),
+              (status = 403, body = Detail)))]
+async fn admin_stats(
+    State(state): State<AppState>,
+    Auth(by): Auth,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    by.ensure_admin()?;
+    let s = &state.stats;
+    let events = state.domain.events();
+    Ok(Json(json!({
+        "cache_size": state.domain.cache_size(),
+        "websocket_connections": s.websocket_connections.load(Ordering::Relaxed),
+        "sse_connections": s.sse_connections.load(Ordering::Relaxed),
+        "subscriptions": s.subscriptions.load(Ordering::Relaxed),
+        "event_subscribers": events.subscriber_count(),
+        "events_delivered": events.delivered_count(),
+        "event_log_head": events.head(),
+        "total_requests": s.requests(),
+        "active_users": s.active_users(),
+        "database": state.domain.db().kind(),
+        "uptime_secs": s.started.elapsed().as_secs(),
+    })))
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Admin Panel", description = "Administration; every route needs the admin role."),
+    servers((url = "/admin")),
+    paths(admin_users, admin_settings, admin_stats),
+    modifiers(&BearerAuth)
+)]
+pub struct AdminApi;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/users", get(admin_users))
+        .route("/settings", get(admin_settings))
+        .route("/stats", get(admin_stats))
+}

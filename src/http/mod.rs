@@ -1,0 +1,261 @@
+//! The HTTP edge: routing, middleware, and the JSON routes of SPEC §3.
+//!
+//! Each sub-application (`users`, `products`, `admin`) owns its router and its
+//! OpenAPI document, mounted under its prefix with its own Swagger UI, as
+//! FastAPI mounts sub-apps. Handlers decode, call one domain function, encode.
+
+pub mod admin;
+pub mod auth;
+pub mod content;
+pub mod error;
+pub mod extract;
+pub mod products;
+pub mod users;
+
+use std::{sync::atomic::Ordering, time::Instant};
+
+use axum::{
+    Router,
+    extract::{DefaultBodyLimit, MatchedPath, Request, State},
+    http::{HeaderValue, StatusCode, header},
+    middleware::{Next, from_fn_with_state},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use serde::Serialize;
+use serde_json::json;
+use tower_http::{
+    catch_panic::CatchPanicLayer,
+    request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
+    trace::TraceLayer,
+};
+use utoipa::{
+    Modify, OpenApi, ToSchema,
+    openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme},
+};
+use utoipa_swagger_ui::SwaggerUi;
+
+use crate::state::{AppState, RequestLabels, RouteLabels};
+use error::{ApiError, detail};
+use extract::Json;
+
+/// `{"detail": "…"}`, FastAPI's error body.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Detail {
+    pub detail: String,
+}
+
+/// A 422 body: `{"detail": [{"loc": [...], "msg": "…", "type": "…"}]}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ValidationDetail {
+    pub detail: Vec<serde_json::Value>,
+}
+
+/// Declares the bearer-token scheme that write routes name in `security`.
+#[derive(Debug)]
+pub struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// Where everything is.
+#[utoipa::path(get, path = "/", tag = "meta", responses((status = 200, description = "index of the protocols")))]
+async fn index(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(json!({
+        "graphql": "/graphql",
+        "events": "/events",
+        "websocket": "/ws",
+        "admin": "/admin/docs",
+        "docs": "/docs",
+        "grpc": state.config.grpc_port,
+        "ui": "/ui",
+    }))
+}
+
+/// Request counter, active users and cache size (the seed's application state).
+#[utoipa::path(get, path = "/stats", tag = "meta", responses((status = 200, description = "`{total_requests, active_users, cache_size}`")))]
+async fn stats(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(json!({
+        "total_requests": state.stats.requests(),
+        "active_users": state.stats.active_users(),
+        "cache_size": state.domain.cache_size(),
+    }))
+}
+
+/// Public settings.
+#[utoipa::path(get, path = "/config", tag = "meta", responses((status = 200, description = "`{max_upload_size, ...}`")))]
+async fn public_config(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(state.config.public_settings())
+}
+
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/healthz", tag = "meta", responses((status = 200, description = "`{status: ok}`")))]
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// Readiness: the database answers.
+#[utoipa::path(get, path = "/readyz", tag = "meta",
+    responses((status = 200, description = "`{status: ready}`"), (status = 503, body = Detail)))]
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.shutdown.is_cancelled() {
+        return detail(StatusCode::SERVICE_UNAVAILABLE, "Shutting down");
+    }
+    match state.domain.db().ping().await {
+        Ok(()) => Json(json!({"status": "ready", "database": "ok"})).into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "readiness check: database unreachable");
+            detail(StatusCode::SERVICE_UNAVAILABLE, "Database unavailable")
+        }
+    }
+}
+
+/// Prometheus metrics (text exposition format).
+#[utoipa::path(get, path = "/metrics", tag = "meta", responses((status = 200, description = "Prometheus text")))]
+async fn metrics(State(state): State<AppState>) -> Response {
+    let body = state.metrics.render(&state);
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        )],
+        body,
+    )
+        .into_response()
+}
+
+async fn not_found() -> Response {
+    detail(StatusCode::NOT_FOUND, "Not Found")
+}
+
+async fn method_not_allowed() -> Response {
+    detail(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed")
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "prism", description = "One domain over REST, GraphQL, gRPC, SSE and WebSockets. \
+        Users, products and admin are mounted sub-applications with their own docs: \
+        /users/docs, /products/docs, /admin/docs."),
+    paths(index, stats, public_config, healthz, readyz, metrics, products::items_v1, products::items_v2),
+    nest((path = "/", api = auth::AuthApi), (path = "/", api = content::ContentApi)),
+    modifiers(&BearerAuth)
+)]
+pub struct MainApi;
+
+/// Counts requests, records metrics, and refuses declared bodies over the limit
+/// before anything reads them.
+async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    state.stats.total_requests.fetch_add(1, Ordering::Relaxed);
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > state.config.max_upload_size) {
+        return ApiError::payload_too_large().into_response();
+    }
+    let method = req.method().as_str().to_owned();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_owned();
+    let start = Instant::now();
+    let response = next.run(req).await;
+    let elapsed = start.elapsed().as_secs_f64();
+    state
+        .metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            method: method.clone(),
+            route: route.clone(),
+            status: response.status().as_u16(),
+        })
+        .inc();
+    state
+        .metrics
+        .latency
+        .get_or_create(&RouteLabels { method, route })
+        .observe(elapsed);
+    response
+}
+
+fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    tracing::error!("handler panicked");
+    detail(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error")
+}
+
+fn docs() -> Router<AppState> {
+    Router::new()
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", MainApi::openapi()))
+        .merge(SwaggerUi::new("/users/docs").url("/users/openapi.json", users::UsersApi::openapi()))
+        .merge(
+            SwaggerUi::new("/products/docs")
+                .url("/products/openapi.json", products::ProductsApi::openapi()),
+        )
+        .merge(SwaggerUi::new("/admin/docs").url("/admin/openapi.json", admin::AdminApi::openapi()))
+}
+
+/// Mounts a sub-application at `prefix`. Its root answers at both `/prefix`
+/// and `/prefix/`, as a FastAPI mount does (the seed's clients call `/users/`).
+fn mount(
+    prefix: &str,
+    root: axum::routing::MethodRouter<AppState>,
+    sub: Router<AppState>,
+) -> Router<AppState> {
+    Router::new()
+        .route(prefix, root.clone())
+        .route(&format!("{prefix}/"), root)
+        .nest(prefix, sub)
+}
+
+/// The whole HTTP application. Tests can drive it without a socket.
+pub fn router(state: AppState) -> Router {
+    let max_body = state.config.max_upload_size;
+    Router::new()
+        .route("/", get(index))
+        .route("/stats", get(stats))
+        .route("/config", get(public_config))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/items", get(products::items_v1))
+        .route("/api/v2/items", get(products::items_v2))
+        .merge(auth::router())
+        .merge(content::router())
+        .merge(mount("/users", users::root(), users::router()))
+        .merge(mount("/products", products::root(), products::router()))
+        .nest("/admin", admin::router())
+        .merge(docs())
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(from_fn_with_state(state.clone(), track))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|req: &Request| {
+                let id = req
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
+            }),
+        )
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(CatchPanicLayer::custom(panic_response))
+        .with_state(state)
+}

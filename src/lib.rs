@@ -1,0 +1,29 @@
+//! prism: one domain (users, posts, comments, messages, products, orders)
+//! served over REST, GraphQL, gRPC, Server-Sent Events and WebSockets.
+//!
+//! # Layout
+//! - [`config`]: the typed configuration tree (flags, `PRISM_*`, TOML).
+//! - [`db`]: SQLite or PostgreSQL behind one enum; migrations for both.
+//! - [`domain`]: the entities, their rules and SQL — the only code that writes.
+//! - [`events`]: the transactional event log and its in-process fan-out, which
+//!   feeds every real-time surface.
+//! - [`auth`]: password hashing, tokens, the caller's identity, login limits.
+//! - [`state`]: application state and metrics shared by every protocol.
+//! - [`http`]: the REST edge (axum): routing, extractors, error mapping, docs.
+//! - [`app`]: startup and graceful shutdown.
+//! - [`demo`]: the demo data of `--demo`.
+
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod db;
+pub mod demo;
+pub mod domain;
+pub mod error;
+pub mod events;
+pub mod http;
+pub mod state;
+pub mod telemetry;
+
+pub use app::App;
+pub use config::Config;

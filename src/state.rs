@@ -1,0 +1,172 @@
+//! Application state shared by every protocol: the domain, configuration,
+//! token keys, and the counters behind `/stats`, `/admin/stats` and `/metrics`.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicI64, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use parking_lot::Mutex;
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    auth::{LoginLimiter, TokenKeys},
+    config::Config,
+    domain::Domain,
+};
+
+/// Everything a handler may need. Cheap to clone (all shared).
+#[derive(Clone, Debug)]
+pub struct AppState {
+    pub domain: Domain,
+    pub config: Arc<Config>,
+    pub keys: TokenKeys,
+    pub limiter: Arc<LoginLimiter>,
+    pub stats: Arc<Stats>,
+    pub metrics: Arc<Metrics>,
+    /// Cancelled when the server starts shutting down; long-lived streams end on it.
+    pub shutdown: CancellationToken,
+}
+
+/// How long a user counts as active after an authenticated request.
+const ACTIVE_WINDOW: Duration = Duration::from_secs(15 * 60);
+
+/// Live counters of the application (the seed's `AppState`, made concurrent).
+#[derive(Debug)]
+pub struct Stats {
+    pub started: Instant,
+    /// Requests seen by the HTTP middleware since start.
+    pub total_requests: AtomicU64,
+    /// Open WebSocket connections (all WebSocket endpoints).
+    pub websocket_connections: AtomicI64,
+    /// Open Server-Sent Events streams.
+    pub sse_connections: AtomicI64,
+    /// Open GraphQL subscriptions.
+    pub subscriptions: AtomicI64,
+    /// Users who made an authenticated request recently, with when.
+    active: Mutex<HashMap<i64, Instant>>,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            started: Instant::now(),
+            total_requests: AtomicU64::new(0),
+            websocket_connections: AtomicI64::new(0),
+            sse_connections: AtomicI64::new(0),
+            subscriptions: AtomicI64::new(0),
+            active: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl Stats {
+    pub fn saw_user(&self, user_id: i64) {
+        self.active.lock().insert(user_id, Instant::now());
+    }
+
+    /// Users active within the last fifteen minutes.
+    pub fn active_users(&self) -> usize {
+        let now = Instant::now();
+        let mut active = self.active.lock();
+        active.retain(|_, seen| now.duration_since(*seen) < ACTIVE_WINDOW);
+        active.len()
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.total_requests.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub method: String,
+    /// The matched route template (`/users/{user_id}`), never the raw path, so
+    /// the number of series stays bounded.
+    pub route: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub method: String,
+    pub route: String,
+}
+
+/// Prometheus metrics, rendered by `GET /metrics`.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub latency: Family<RouteLabels, Histogram>,
+    events_head: Gauge,
+    events_delivered: Gauge,
+    event_subscribers: Gauge,
+    cache_entries: Gauge,
+    sse_connections: Gauge,
+    websocket_connections: Gauge,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs to ~3.3 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let m = Metrics {
+            registry: Registry::with_prefix("prism"),
+            requests: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            events_head: Gauge::default(),
+            events_delivered: Gauge::default(),
+            event_subscribers: Gauge::default(),
+            cache_entries: Gauge::default(),
+            sse_connections: Gauge::default(),
+            websocket_connections: Gauge::default(),
+        };
+        let mut r = m.registry;
+        r.register("http_requests", "HTTP requests by route and status", m.requests.clone());
+        r.register("http_request_duration_seconds", "HTTP request latency by route", m.latency.clone());
+        r.register("event_log_head", "Highest event id delivered by this process", m.events_head.clone());
+        r.register("events_delivered", "Events delivered to subscribers since start", m.events_delivered.clone());
+        r.register("event_subscribers", "Live event-log subscriptions", m.event_subscribers.clone());
+        r.register("cache_entries", "Entities in the read cache", m.cache_entries.clone());
+        r.register("sse_connections", "Open Server-Sent Events streams", m.sse_connections.clone());
+        r.register("websocket_connections", "Open WebSocket connections", m.websocket_connections.clone());
+        Metrics { registry: r, ..m }
+    }
+}
+
+impl Metrics {
+    /// Renders the registry, refreshing the gauges that are read at scrape time.
+    pub fn render(&self, state: &AppState) -> String {
+        let events = state.domain.events();
+        self.events_head.set(events.head());
+        self.events_delivered.set(events.delivered_count() as i64);
+        self.event_subscribers.set(events.subscriber_count() as i64);
+        self.cache_entries.set(state.domain.cache_size() as i64);
+        self.sse_connections
+            .set(state.stats.sse_connections.load(Ordering::Relaxed));
+        self.websocket_connections
+            .set(state.stats.websocket_connections.load(Ordering::Relaxed));
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,292 @@
+//! The event log on SQLite and on PostgreSQL: the same tests against both.
+
+use std::{sync::Arc, time::Duration};
+
+use futures::{Stream, StreamExt};
+use prism::{
+    App, Config,
+    auth::{Principal, Role},
+    db::Db,
+    domain::{Domain, NewProduct, Price},
+    events::{self, Event, EventFilter, Item},
+};
+
+use crate::helpers::{WAIT, postgres_url};
+
+/// Where a test's data lives.
+#[derive(Clone)]
+enum Backend {
+    Sqlite(Arc<tempfile::TempDir>),
+    Postgres(String),
+}
+
+impl Backend {
+    fn sqlite() -> Backend {
+        Backend::Sqlite(Arc::new(tempfile::tempdir().unwrap()))
+    }
+
+    fn config(&self) -> Config {
+        match self {
+            Backend::Sqlite(dir) => Config::for_tests(dir.path()),
+            Backend::Postgres(url) => Config {
+                database_url: Some(url.clone()),
+                ..Config::for_tests(std::env::temp_dir())
+            },
+        }
+    }
+
+    /// A running instance (pump included) on this backend.
+    async fn instance(&self, tweak: impl FnOnce(&mut Config)) -> (App, Domain) {
+        let mut config = self.config();
+        tweak(&mut config);
+        let app = App::build(config).await.unwrap();
+        let domain = app.state().domain.clone();
+        (app, domain)
+    }
+}
+
+/// Runs a test body on SQLite and, when configured, on PostgreSQL.
+macro_rules! on_both_databases {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite() {
+                super::$name(super::Backend::sqlite()).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres() {
+                if let Some(url) = crate::helpers::postgres_url().await {
+                    super::$name(super::Backend::Postgres(url)).await;
+                }
+            }
+        }
+    )*};
+}
+
+on_both_databases!(
+    concurrent_writers_every_subscriber_sees_every_event_once_in_order,
+    resume_mid_stream_has_no_gap_or_duplicate,
+    stalled_subscriber_is_cut_off_without_delaying_others,
+    retention_truncates_and_resume_gets_reset,
+);
+
+fn admin() -> Principal {
+    Principal {
+        user_id: 1,
+        role: Role::Admin,
+    }
+}
+
+/// A write that records one event (`product.created`).
+async fn write(domain: &Domain, n: usize) -> i64 {
+    domain
+        .create_product(
+            &admin(),
+            NewProduct {
+                name: format!("p{n}"),
+                description: String::new(),
+                price: Price {
+                    amount: 1.0,
+                    currency: "USD".into(),
+                },
+                category: prism::domain::Category::Food,
+                tags: vec![],
+                metadata: Default::default(),
+            },
+        )
+        .await
+        .unwrap()
+        .id
+}
+
+/// Takes `n` events from a subscription, failing on a cut-off or a stall.
+async fn take_events(stream: impl Stream<Item = Item> + Unpin, n: usize) -> Vec<Arc<Event>> {
+    let mut stream = stream;
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        match tokio::time::timeout(WAIT, stream.next()).await {
+            Ok(Some(Item::Event(e))) => out.push(e),
+            Ok(other) => panic!("unexpected {other:?} after {} events", out.len()),
+            Err(_) => panic!("stalled after {} of {n} events", out.len()),
+        }
+    }
+    out
+}
+
+async fn all_event_ids(domain: &Domain, after: i64) -> Vec<i64> {
+    domain
+        .events()
+        .read_after(after, 100_000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect()
+}
+
+async fn concurrent_writers_every_subscriber_sees_every_event_once_in_order(backend: Backend) {
+    const WRITERS: usize = 4;
+    const PER_WRITER: usize = 25;
+    let (_app, domain) = backend.instance(|_| {}).await;
+    let start = all_event_ids(&domain, 0).await.last().copied().unwrap_or(0);
+    let subscribers: Vec<_> = (0..4)
+        .map(|_| {
+            let stream = Box::pin(domain.events().subscribe(Some(start), EventFilter::all()));
+            tokio::spawn(take_events(stream, WRITERS * PER_WRITER))
+        })
+        .collect();
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let domain = domain.clone();
+            tokio::spawn(async move {
+                for i in 0..PER_WRITER {
+                    write(&domain, w * 1000 + i).await;
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    let expected = all_event_ids(&domain, start).await;
+    assert_eq!(expected.len(), WRITERS * PER_WRITER);
+    for s in subscribers {
+        let got: Vec<i64> = s.await.unwrap().iter().map(|e| e.id).collect();
+        assert_eq!(got, expected, "a subscriber missed, repeated or reordered events");
+    }
+}
+
+async fn resume_mid_stream_has_no_gap_or_duplicate(backend: Backend) {
+    let (_app, domain) = backend.instance(|_| {}).await;
+    let start = all_event_ids(&domain, 0).await.last().copied().unwrap_or(0);
+    for i in 0..20 {
+        write(&domain, i).await;
+    }
+    let ids = all_event_ids(&domain, start).await;
+    let resume_from = ids[7];
+    let mut stream = Box::pin(domain.events().subscribe(Some(resume_from), EventFilter::all()));
+    let replayed: Vec<i64> = take_events(&mut stream, ids.len() - 8).await.iter().map(|e| e.id).collect();
+    assert_eq!(replayed, ids[8..]);
+    // The switch to live: the next write is the very next item.
+    let fresh = write(&domain, 99).await;
+    let live = take_events(&mut stream, 1).await;
+    assert_eq!(live[0].kind, "product.created");
+    assert_eq!(live[0].payload_as::<serde_json::Value>().unwrap()["id"], fresh);
+    assert!(live[0].id > *ids.last().unwrap());
+    // A filter sees only its types, but resumes past the others.
+    let mut orders = Box::pin(domain.events().subscribe(Some(start), EventFilter::parse("order.*")));
+    domain.insert_order(1, 5.0, prism::domain::OrderStatus::Pending).await.unwrap();
+    let got = take_events(&mut orders, 1).await;
+    assert_eq!(got[0].kind, "order.created");
+}
+
+async fn stalled_subscriber_is_cut_off_without_delaying_others(backend: Backend) {
+    const BUFFER: usize = 8;
+    let (_app, domain) = backend.instance(|c| c.event_buffer = BUFFER).await;
+    let mut stalled = Box::pin(domain.events().subscribe(None, EventFilter::all()));
+    let mut fast = Box::pin(domain.events().subscribe(None, EventFilter::all()));
+    // In lock-step: the fast subscriber gets each event while the stalled one
+    // never reads. Neither the writer nor the fast reader waits for it.
+    let mut last = 0;
+    for i in 0..(BUFFER * 3) {
+        write(&domain, i).await;
+        let got = take_events(&mut fast, 1).await;
+        assert!(got[0].id > last);
+        last = got[0].id;
+    }
+    match tokio::time::timeout(WAIT, stalled.next()).await.unwrap() {
+        Some(Item::CutOff { last_id }) => assert_eq!(last_id, None),
+        other => panic!("expected a cut-off, got {other:?}"),
+    }
+    assert!(tokio::time::timeout(WAIT, stalled.next()).await.unwrap().is_none());
+}
+
+async fn retention_truncates_and_resume_gets_reset(backend: Backend) {
+    let (_app, domain) = backend.instance(|c| c.event_retention = Duration::ZERO).await;
+    let start = all_event_ids(&domain, 0).await.last().copied().unwrap_or(0);
+    for i in 0..5 {
+        write(&domain, i).await;
+    }
+    let removed = domain.events().enforce_retention().await.unwrap();
+    assert!(removed >= 5);
+    let mut stream = Box::pin(domain.events().subscribe(Some(start + 1), EventFilter::all()));
+    match tokio::time::timeout(WAIT, stream.next()).await.unwrap() {
+        Some(Item::Reset) => {}
+        other => panic!("expected a reset, got {other:?}"),
+    }
+    let fresh = write(&domain, 6).await;
+    let got = take_events(&mut stream, 1).await;
+    assert_eq!(got[0].payload_as::<serde_json::Value>().unwrap()["id"], fresh);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_processes_see_each_others_events() {
+    let Some(url) = postgres_url().await else { return };
+    let backend = Backend::Postgres(url);
+    let (_a, a) = backend.instance(|_| {}).await;
+    let (_b, b) = backend.instance(|_| {}).await;
+    let mut on_b = Box::pin(b.events().subscribe(None, EventFilter::all()));
+    let mut on_a = Box::pin(a.events().subscribe(None, EventFilter::all()));
+    let written_on_a = write(&a, 1).await;
+    let got = take_events(&mut on_b, 1).await;
+    assert_eq!(got[0].payload_as::<serde_json::Value>().unwrap()["id"], written_on_a);
+    let written_on_b = write(&b, 2).await;
+    let got = take_events(&mut on_a, 2).await;
+    let ids: Vec<_> = got.iter().map(|e| e.payload_as::<serde_json::Value>().unwrap()["id"].clone()).collect();
+    assert_eq!(ids, [written_on_a, written_on_b]);
+}
+
+/// The outbox trap: transaction A draws the lower event id, B the higher, and
+/// B tries to commit first. prism's append takes the ordering lock before it
+/// draws an id, so B waits for A; a reader never sees B's id while A's is
+/// still to come, and loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_transactions_committing_out_of_id_order_lose_no_event() {
+    let Some(url) = postgres_url().await else { return };
+    let backend = Backend::Postgres(url.clone());
+    let (_app, domain) = backend.instance(|_| {}).await;
+    let (_reader_app, reader) = backend.instance(|_| {}).await;
+    let mut stream = Box::pin(reader.events().subscribe(None, EventFilter::all()));
+    let db = domain.db().clone();
+
+    let mut tx_a = db.begin().await.unwrap();
+    let id_a = events::append(&mut tx_a, "test.a", &serde_json::json!({"tx": "a"})).await.unwrap();
+
+    let b = tokio::spawn({
+        let db = db.clone();
+        async move {
+            let mut tx_b = db.begin().await.unwrap();
+            let id_b = events::append(&mut tx_b, "test.b", &serde_json::json!({"tx": "b"})).await.unwrap();
+            tx_b.commit().await.unwrap();
+            id_b
+        }
+    });
+    // Wait until B is blocked behind A's ordering lock: B has tried to go first.
+    let Db::Postgres(pool) = &db else { unreachable!() };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(!b.is_finished(), "B committed before A: ids would be visible out of order");
+        assert!(tokio::time::Instant::now() < deadline, "B never reached the lock");
+        tokio::task::yield_now().await;
+    }
+    tx_a.commit().await.unwrap();
+    let id_b = tokio::time::timeout(WAIT, b).await.unwrap().unwrap();
+    assert!(id_a < id_b);
+    let got: Vec<(i64, String)> = take_events(&mut stream, 2)
+        .await
+        .iter()
+        .map(|e| (e.id, e.kind.clone()))
+        .collect();
+    assert_eq!(got, [(id_a, "test.a".to_owned()), (id_b, "test.b".to_owned())]);
+}

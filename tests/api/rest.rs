@@ -1,0 +1,277 @@
+//! The application-level routes of SPEC §3, error shapes and limits.
+
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+
+use crate::helpers::{spawn_app, spawn_with, test_config};
+
+#[tokio::test]
+async fn index_names_every_protocol() {
+    let app = spawn_app().await;
+    let (status, body) = app.get_json("/").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["graphql"], "/graphql");
+    assert_eq!(body["events"], "/events");
+    assert_eq!(body["websocket"], "/ws");
+    assert_eq!(body["admin"], "/admin/docs");
+    assert_eq!(body["docs"], "/docs");
+    assert_eq!(body["ui"], "/ui");
+    assert!(body["grpc"].is_u64());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn health_readiness_and_metrics() {
+    let app = spawn_app().await;
+    let (status, body) = app.get_json("/healthz").await;
+    assert_eq!((status, body), (StatusCode::OK, json!({"status": "ok"})));
+    let (status, body) = app.get_json("/readyz").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["status"], "ready");
+    app.get("/users/1").await;
+    let r = app.get("/metrics").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let text = r.text().await.unwrap();
+    assert!(
+        text.contains(r#"prism_http_requests_total{method="GET",route="/users/{user_id}",status="200"} 1"#),
+        "{text}"
+    );
+    assert!(text.contains("prism_http_request_duration_seconds_bucket"));
+    assert!(text.contains("prism_event_log_head"));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn stats_count_requests_and_config_is_public() {
+    let app = spawn_app().await;
+    let (_, first) = app.get_json("/stats").await;
+    let (_, second) = app.get_json("/stats").await;
+    assert_eq!(
+        second["total_requests"].as_u64().unwrap(),
+        first["total_requests"].as_u64().unwrap() + 1
+    );
+    assert!(second["active_users"].is_u64());
+    assert!(second["cache_size"].is_u64());
+    let (status, config) = app.get_json("/config").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(config["max_upload_size"], 10_000_000);
+    assert!(config.get("jwt_secret").is_none());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_answer_in_json() {
+    let app = spawn_app().await;
+    let (status, body) = app.get_json("/no/such/thing").await;
+    assert_eq!((status, body), (StatusCode::NOT_FOUND, json!({"detail": "Not Found"})));
+    let (status, body) = app.send_json(Method::DELETE, "/stats", None, None).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(body, json!({"detail": "Method Not Allowed"}));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn request_id_is_generated_and_propagated() {
+    let app = spawn_app().await;
+    let r = app.get("/healthz").await;
+    assert!(r.headers().contains_key("x-request-id"));
+    let r = app
+        .client
+        .get(app.url("/healthz"))
+        .header("x-request-id", "abc-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "abc-123");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn bodies_over_the_limit_get_413_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.max_upload_size = 1_000;
+    let app = spawn_with(config).await;
+    let token = app.alice_token().await;
+    let big = json!({"name": "x".repeat(2_000), "email": "big@example.com"});
+    // Declared length over the limit.
+    let (status, body) = app
+        .send_json(Method::POST, "/users/", Some(&token), Some(big.clone()))
+        .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(body, json!({"detail": "Request body too large"}));
+    // Chunked, so no length is declared: the extractor's limit catches it.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        vec![Ok(serde_json::to_vec(&big).unwrap())];
+    let r = app
+        .client
+        .post(app.url("/users/"))
+        .bearer_auth(&token)
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let (_, users) = app.get_json("/users/").await;
+    assert!(users.as_array().unwrap().iter().all(|u| u["email"] != "big@example.com"));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_json_is_a_422() {
+    let app = spawn_app().await;
+    let token = app.alice_token().await;
+    let r = app
+        .client
+        .post(app.url("/users/"))
+        .bearer_auth(&token)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["detail"][0]["type"], "json_invalid");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn versioned_items_views() {
+    let app = spawn_app().await;
+    let (status, v1) = app.get_json("/api/v1/items").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(v1["version"], 1);
+    assert_eq!(v1["items"].as_array().unwrap().len(), 2);
+    assert_eq!(v1["items"][0]["name"], "Widget");
+    let (_, v2) = app.get_json("/api/v2/items?page=1&page_size=1").await;
+    assert_eq!(v2["version"], 2);
+    assert_eq!(v2["items"].as_array().unwrap().len(), 1);
+    assert_eq!(v2["metadata"], json!({"total": 2, "page": 1, "page_size": 1}));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn docs_are_served_from_the_binary() {
+    let app = spawn_app().await;
+    for (docs, spec, title) in [
+        ("/docs/", "/openapi.json", "prism"),
+        ("/users/docs/", "/users/openapi.json", "Users API"),
+        ("/products/docs/", "/products/openapi.json", "Products API"),
+        ("/admin/docs/", "/admin/openapi.json", "Admin Panel"),
+    ] {
+        let r = app.get(docs).await;
+        assert_eq!(r.status(), StatusCode::OK, "{docs}");
+        let html = r.text().await.unwrap();
+        assert!(html.contains("swagger-ui"), "{docs}: {html}");
+        assert!(!html.contains("https://"), "{docs} loads assets from a CDN");
+        let (status, openapi) = app.get_json(spec).await;
+        assert_eq!(status, StatusCode::OK, "{spec}");
+        assert!(openapi["openapi"].as_str().unwrap().starts_with("3.1"), "{spec}");
+        assert_eq!(openapi["info"]["title"], title);
+    }
+    let (_, users_spec) = app.get_json("/users/openapi.json").await;
+    assert!(users_spec["paths"]["/{user_id}"]["get"].is_object());
+    let initializer = app.get("/docs/swagger-initializer.js").await;
+    assert_eq!(initializer.status(), StatusCode::OK);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn posts_comments_messages_and_orders_over_rest() {
+    let app = spawn_app().await;
+    let alice = app.alice_token().await;
+    let (status, post) = app
+        .send_json(
+            Method::POST,
+            "/posts",
+            Some(&alice),
+            Some(json!({"title": "Hi", "content": "From REST"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{post}");
+    assert_eq!(post["author_id"], 1);
+    let id = post["id"].as_i64().unwrap();
+    let (status, c) = app
+        .send_json(
+            Method::POST,
+            &format!("/posts/{id}/comments"),
+            Some(&alice),
+            Some(json!({"content": "first"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(c["user_id"], 1);
+    let (_, comments) = app.get_json(&format!("/posts/{id}/comments")).await;
+    assert_eq!(comments.as_array().unwrap().len(), 1);
+    let (_, found) = app.get_json("/posts?q=from%20rest").await;
+    assert_eq!(found[0]["id"], id);
+    let (status, m) = app
+        .send_json(Method::POST, "/messages", Some(&alice), Some(json!({"content": "hello"})))
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(m["user_id"], 1);
+    assert!(m["timestamp"].as_str().unwrap().contains('T'));
+    let (status, o) = app
+        .send_json(Method::POST, "/orders", Some(&alice), Some(json!({"total": 12.5})))
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(o["status"], "pending");
+    let (_, orders) = app.get_json("/orders?user_id=1").await;
+    assert_eq!(orders.as_array().unwrap().len(), 2);
+    let (status, body) = app.get_json("/orders/999").await;
+    assert_eq!((status, body), (StatusCode::NOT_FOUND, json!({"detail": "Order not found"})));
+    let (_, order) = app.get_json("/orders/2").await;
+    assert_eq!(order["total"], 149.99);
+    assert_eq!(order["status"], "completed");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn owners_write_their_own_content_only() {
+    let app = spawn_app().await;
+    let bob = app.bob_token().await;
+    let alice = app.alice_token().await;
+    let admin = app.admin_token().await;
+    // Bob may not write as Alice, nor touch her post.
+    let (status, _) = app
+        .send_json(
+            Method::POST,
+            "/posts",
+            Some(&bob),
+            Some(json!({"title": "x", "content": "y", "author_id": 1})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, body) = app
+        .send_json(Method::PATCH, "/posts/1", Some(&bob), Some(json!({"title": "pwned"})))
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    let (status, _) = app.send_json(Method::DELETE, "/posts/1", Some(&bob), None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _) = app
+        .send_json(Method::POST, "/messages", Some(&bob), Some(json!({"content": "x", "user_id": 1})))
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (_, post) = app.get_json("/posts/1").await;
+    assert_eq!(post["title"], "First Post");
+    // Alice may; an admin may too.
+    let (status, post) = app
+        .send_json(Method::PATCH, "/posts/1", Some(&alice), Some(json!({"title": "Edited"})))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(post["title"], "Edited");
+    assert_eq!(post["content"], "Hello World");
+    let (status, _) = app.send_json(Method::DELETE, "/posts/3", Some(&admin), None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = app.get_json("/posts/3").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // Writes without a token are refused.
+    let r = app
+        .send(Method::POST, "/posts", None, Some(json!({"title": "x", "content": "y"})))
+        .await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(r.headers()["www-authenticate"], "Bearer");
+    app.stop().await;
+}
