@@ -52,7 +52,11 @@ impl App {
         )
         .await?;
         tracing::info!(database = db.kind(), "database ready");
-        let keys = TokenKeys::load(config.jwt_secret.as_deref(), &config.data_dir, config.token_ttl)?;
+        let keys = TokenKeys::load(
+            config.jwt_secret.as_deref(),
+            &config.data_dir,
+            config.token_ttl,
+        )?;
         let events = EventLog::open(
             db.clone(),
             config.event_buffer,
@@ -107,7 +111,10 @@ impl App {
     }
 
     /// Serves until `shutdown` resolves, then shuts down gracefully.
-    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
         let App {
             state,
             listener,
@@ -142,7 +149,10 @@ impl App {
             _ = shutdown => {}
         }
 
-        tracing::info!(timeout_secs = drain.as_secs(), "shutting down: draining in-flight requests");
+        tracing::info!(
+            timeout_secs = drain.as_secs(),
+            "shutting down: draining in-flight requests"
+        );
         streams_end.cancel();
         match tokio::time::timeout(drain, &mut server).await {
             Ok(Ok(Ok(()))) => tracing::info!("all requests finished"),

@@ -39,7 +39,11 @@ impl Role {
     }
 
     pub fn parse(s: &str) -> Role {
-        if s == "admin" { Role::Admin } else { Role::User }
+        if s == "admin" {
+            Role::Admin
+        } else {
+            Role::User
+        }
     }
 }
 
@@ -258,9 +262,15 @@ impl LoginLimiter {
         // Bound the memory an attacker can make us hold: forget stale entries
         // whenever the table grows large.
         if map.len() > 100_000 {
-            map.retain(|_, times| times.last().is_some_and(|t| now.duration_since(*t) < self.window));
+            map.retain(|_, times| {
+                times
+                    .last()
+                    .is_some_and(|t| now.duration_since(*t) < self.window)
+            });
         }
-        map.entry((ip, username.to_lowercase())).or_default().push(now);
+        map.entry((ip, username.to_lowercase()))
+            .or_default()
+            .push(now);
     }
 
     pub fn record_success(&self, ip: IpAddr, username: &str) {
@@ -301,7 +311,10 @@ mod tests {
             l.check(ip, "alice").unwrap();
             l.record_failure(ip, "alice");
         }
-        assert!(matches!(l.check(ip, "Alice"), Err(Error::RateLimited { .. })));
+        assert!(matches!(
+            l.check(ip, "Alice"),
+            Err(Error::RateLimited { .. })
+        ));
         // Other usernames and other clients are unaffected.
         l.check(ip, "bob").unwrap();
         l.check("10.0.0.1".parse().unwrap(), "alice").unwrap();

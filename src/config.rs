@@ -160,7 +160,9 @@ impl Settings {
                 .event_retention_hours
                 .map_or(d.event_retention, |h| Duration::from_secs(h * 3600)),
             event_buffer: self.event_buffer.unwrap_or(d.event_buffer),
-            event_poll: self.event_poll_ms.map_or(d.event_poll, Duration::from_millis),
+            event_poll: self
+                .event_poll_ms
+                .map_or(d.event_poll, Duration::from_millis),
             cache_capacity: self.cache_capacity.unwrap_or(d.cache_capacity),
             login_max_failures: self.login_max_failures.unwrap_or(d.login_max_failures),
             db_max_connections: self.db_max_connections.unwrap_or(d.db_max_connections),
@@ -229,7 +231,10 @@ impl Config {
             self.db_max_connections >= 2,
             "db_max_connections must be at least 2"
         );
-        anyhow::ensure!(self.max_upload_size >= 1, "max_upload_size must be at least 1");
+        anyhow::ensure!(
+            self.max_upload_size >= 1,
+            "max_upload_size must be at least 1"
+        );
         anyhow::ensure!(
             !self.token_ttl.is_zero(),
             "token_ttl_secs must be at least 1"

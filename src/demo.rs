@@ -26,15 +26,30 @@ pub async fn load(domain: &Domain, admin_password: Option<&str>) -> Result<Optio
         password: password.into(),
     };
     let alice = domain
-        .create_account("Alice", Some(30), account("alice", "alice@example.com", ALICE_PASSWORD), Role::User)
+        .create_account(
+            "Alice",
+            Some(30),
+            account("alice", "alice@example.com", ALICE_PASSWORD),
+            Role::User,
+        )
         .await?;
     let bob = domain
-        .create_account("Bob", Some(25), account("bob", "bob@example.com", BOB_PASSWORD), Role::User)
+        .create_account(
+            "Bob",
+            Some(25),
+            account("bob", "bob@example.com", BOB_PASSWORD),
+            Role::User,
+        )
         .await?;
     let generated = admin_password.is_none().then(|| random_token(12));
     let password = admin_password.or(generated.as_deref()).unwrap_or_default();
     domain
-        .create_account("admin", None, account("admin", "admin@example.com", password), Role::Admin)
+        .create_account(
+            "admin",
+            None,
+            account("admin", "admin@example.com", password),
+            Role::Admin,
+        )
         .await?;
 
     let system = Principal::system();
@@ -61,11 +76,27 @@ pub async fn load(domain: &Domain, admin_password: Option<&str>) -> Result<Optio
         ("Agreed, GraphQL is great", 2, bob.id),
         ("Welcome aboard", 3, alice.id),
     ] {
-        domain.create_comment(&system, post, content, Some(user)).await?;
+        domain
+            .create_comment(&system, post, content, Some(user))
+            .await?;
     }
     for (name, description, amount, category, tag, (key, value)) in [
-        ("Widget", "A widget", 9.99, Category::Electronics, "tools", ("color", "blue")),
-        ("Gadget", "A gadget", 19.99, Category::Books, "fun", ("size", "M")),
+        (
+            "Widget",
+            "A widget",
+            9.99,
+            Category::Electronics,
+            "tools",
+            ("color", "blue"),
+        ),
+        (
+            "Gadget",
+            "A gadget",
+            19.99,
+            Category::Books,
+            "fun",
+            ("size", "M"),
+        ),
     ] {
         domain
             .create_product(
@@ -84,8 +115,12 @@ pub async fn load(domain: &Domain, admin_password: Option<&str>) -> Result<Optio
             )
             .await?;
     }
-    domain.insert_order(alice.id, 99.99, OrderStatus::Pending).await?;
-    domain.insert_order(bob.id, 149.99, OrderStatus::Completed).await?;
+    domain
+        .insert_order(alice.id, 99.99, OrderStatus::Pending)
+        .await?;
+    domain
+        .insert_order(bob.id, 149.99, OrderStatus::Completed)
+        .await?;
     tracing::info!("demo data loaded");
     Ok(generated)
 }

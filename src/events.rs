@@ -172,7 +172,9 @@ pub enum Item {
     Reset,
     /// The subscriber fell behind (or the database failed) and was cut off; the
     /// stream ends. Resume from `last_id`.
-    CutOff { last_id: Option<i64> },
+    CutOff {
+        last_id: Option<i64>,
+    },
 }
 
 type Hook = Box<dyn Fn(&Event) + Send + Sync>;
@@ -210,7 +212,8 @@ impl std::fmt::Debug for EventLog {
 pub async fn append(tx: &mut Tx, kind: &str, payload: &impl Serialize) -> Result<i64> {
     let payload = serde_json::to_string(payload).map_err(Error::internal)?;
     let now = Utc::now();
-    let insert = "INSERT INTO events (event_type, payload, created_at) VALUES ($1, $2, $3) RETURNING id";
+    let insert =
+        "INSERT INTO events (event_type, payload, created_at) VALUES ($1, $2, $3) RETURNING id";
     let id: i64 = match tx {
         Tx::Sqlite(t) => {
             sqlx::query_scalar(insert)

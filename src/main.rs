@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand};
 use prism::{App, config::Settings};
 
 #[derive(Debug, Parser)]
-#[command(name = "prism", version, about = "One domain over REST, GraphQL, gRPC, SSE and WebSockets")]
+#[command(
+    name = "prism",
+    version,
+    about = "One domain over REST, GraphQL, gRPC, SSE and WebSockets"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -94,23 +94,44 @@ impl Stats {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    pub method: String,
+    pub method: &'static str,
     /// The matched route template (`/users/{user_id}`), never the raw path, so
     /// the number of series stays bounded.
-    pub route: String,
+    pub route: Arc<str>,
     pub status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
-    pub method: String,
-    pub route: String,
+    pub method: &'static str,
+    pub route: Arc<str>,
+}
+
+/// Route templates as shared strings, so recording a request's metrics does
+/// not allocate: there are only as many as the router has routes.
+#[derive(Debug, Default)]
+pub struct RouteNames(parking_lot::RwLock<std::collections::HashSet<Arc<str>>>);
+
+impl RouteNames {
+    pub fn intern(&self, route: &str) -> Arc<str> {
+        if let Some(r) = self.0.read().get(route) {
+            return r.clone();
+        }
+        let mut set = self.0.write();
+        if let Some(r) = set.get(route) {
+            return r.clone();
+        }
+        let r: Arc<str> = Arc::from(route);
+        set.insert(r.clone());
+        r
+    }
 }
 
 /// Prometheus metrics, rendered by `GET /metrics`.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    pub routes: RouteNames,
     pub requests: Family<RequestLabels, Counter>,
     pub latency: Family<RouteLabels, Histogram>,
     events_head: Gauge,
@@ -130,6 +151,7 @@ impl Default for Metrics {
     fn default() -> Self {
         let m = Metrics {
             registry: Registry::with_prefix("prism"),
+            routes: RouteNames::default(),
             requests: Family::default(),
             latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             events_head: Gauge::default(),
@@ -140,14 +162,46 @@ impl Default for Metrics {
             websocket_connections: Gauge::default(),
         };
         let mut r = m.registry;
-        r.register("http_requests", "HTTP requests by route and status", m.requests.clone());
-        r.register("http_request_duration_seconds", "HTTP request latency by route", m.latency.clone());
-        r.register("event_log_head", "Highest event id delivered by this process", m.events_head.clone());
-        r.register("events_delivered", "Events delivered to subscribers since start", m.events_delivered.clone());
-        r.register("event_subscribers", "Live event-log subscriptions", m.event_subscribers.clone());
-        r.register("cache_entries", "Entities in the read cache", m.cache_entries.clone());
-        r.register("sse_connections", "Open Server-Sent Events streams", m.sse_connections.clone());
-        r.register("websocket_connections", "Open WebSocket connections", m.websocket_connections.clone());
+        r.register(
+            "http_requests",
+            "HTTP requests by route and status",
+            m.requests.clone(),
+        );
+        r.register(
+            "http_request_duration_seconds",
+            "HTTP request latency by route",
+            m.latency.clone(),
+        );
+        r.register(
+            "event_log_head",
+            "Highest event id delivered by this process",
+            m.events_head.clone(),
+        );
+        r.register(
+            "events_delivered",
+            "Events delivered to subscribers since start",
+            m.events_delivered.clone(),
+        );
+        r.register(
+            "event_subscribers",
+            "Live event-log subscriptions",
+            m.event_subscribers.clone(),
+        );
+        r.register(
+            "cache_entries",
+            "Entities in the read cache",
+            m.cache_entries.clone(),
+        );
+        r.register(
+            "sse_connections",
+            "Open Server-Sent Events streams",
+            m.sse_connections.clone(),
+        );
+        r.register(
+            "websocket_connections",
+            "Open WebSocket connections",
+            m.websocket_connections.clone(),
+        );
         Metrics { registry: r, ..m }
     }
 }

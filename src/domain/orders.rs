@@ -107,7 +107,11 @@ impl Domain {
         by.ensure_self_or_admin(user_id, "place orders for yourself")?;
         match self.get_user(user_id).await {
             Err(Error::NotFound(_)) => {
-                return Err(Error::invalid("user_id", "value_error", "User does not exist"));
+                return Err(Error::invalid(
+                    "user_id",
+                    "value_error",
+                    "User does not exist",
+                ));
             }
             other => other?,
         };

@@ -111,7 +111,8 @@ impl NewProduct {
             ));
         }
         for (k, v) in &self.metadata {
-            c.length("metadata", k, 1, 100).length("metadata", v, 0, 1000);
+            c.length("metadata", k, 1, 100)
+                .length("metadata", v, 0, 1000);
         }
         c.finish()
     }
@@ -232,7 +233,12 @@ impl Domain {
     }
 
     /// Replaces every field of product `id`.
-    pub async fn update_product(&self, by: &Principal, id: i64, new: NewProduct) -> Result<Product> {
+    pub async fn update_product(
+        &self,
+        by: &Principal,
+        id: i64,
+        new: NewProduct,
+    ) -> Result<Product> {
         by.ensure_admin()?;
         new.validate()?;
         let mut tx = self.db.begin().await?;

@@ -30,10 +30,9 @@ pub struct User {
     pub created_at: DateTime<Utc>,
 }
 
-impl TryFrom<String> for Role {
-    type Error = std::convert::Infallible;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        Ok(Role::parse(&s))
+impl From<String> for Role {
+    fn from(s: String) -> Self {
+        Role::parse(&s)
     }
 }
 

@@ -48,8 +48,11 @@ impl Check {
     /// A finite number that is not negative.
     pub fn non_negative(&mut self, field: &str, value: f64) -> &mut Self {
         if !value.is_finite() {
-            self.0
-                .push(FieldError::new(field, "finite_number", "Input should be a finite number"));
+            self.0.push(FieldError::new(
+                field,
+                "finite_number",
+                "Input should be a finite number",
+            ));
         } else if value < 0.0 {
             self.0.push(ge_error(field, 0));
         }
@@ -146,7 +149,9 @@ mod tests {
             .range("age", 151, 0, 150)
             .finish()
             .unwrap_err();
-        let Error::Validation(fields) = err else { panic!() };
+        let Error::Validation(fields) = err else {
+            panic!()
+        };
         let names: Vec<_> = fields.iter().map(|f| f.field.as_str()).collect();
         assert_eq!(names, ["name", "email", "age"]);
     }
@@ -165,8 +170,16 @@ mod tests {
 
     #[test]
     fn counts_characters_not_bytes() {
-        Check::new().length("name", &"é".repeat(100), 1, 100).finish().unwrap();
-        assert!(Check::new().length("name", &"é".repeat(101), 1, 100).finish().is_err());
+        Check::new()
+            .length("name", &"é".repeat(100), 1, 100)
+            .finish()
+            .unwrap();
+        assert!(
+            Check::new()
+                .length("name", &"é".repeat(101), 1, 100)
+                .finish()
+                .is_err()
+        );
     }
 
     #[test]

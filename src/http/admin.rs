@@ -8,8 +8,7 @@ use serde_json::json;
 use utoipa::OpenApi;
 
 use super::{
-    BearerAuth,
-    Detail,
+    BearerAuth, Detail,
     error::ApiError,
     extract::{Auth, Json, Query},
     users::ListParams,

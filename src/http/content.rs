@@ -2,12 +2,7 @@
 //! the user and product sub-applications; these give REST clients the same
 //! writes GraphQL and gRPC have, under the same rules.
 
-use axum::{
-    Router,
-    extract::State,
-    http::StatusCode,
-    routing::get,
-};
+use axum::{Router, extract::State, http::StatusCode, routing::get};
 use serde::Deserialize;
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
@@ -63,7 +58,10 @@ async fn create_post(
     Auth(by): Auth,
     Json(new): Json<NewPost>,
 ) -> Result<(StatusCode, Json<Post>), ApiError> {
-    Ok((StatusCode::CREATED, Json(state.domain.create_post(&by, new).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(state.domain.create_post(&by, new).await?),
+    ))
 }
 
 /// Change a post's title or content (author or admin).
@@ -146,7 +144,9 @@ async fn list_messages(
     State(state): State<AppState>,
     Query(q): Query<ByUserQuery>,
 ) -> Result<Json<Vec<Message>>, ApiError> {
-    Ok(Json(state.domain.list_messages(q.user_id, q.page()?).await?))
+    Ok(Json(
+        state.domain.list_messages(q.user_id, q.page()?).await?,
+    ))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -202,13 +202,26 @@ async fn create_order(
     Auth(by): Auth,
     Json(new): Json<NewOrder>,
 ) -> Result<(StatusCode, Json<Order>), ApiError> {
-    Ok((StatusCode::CREATED, Json(state.domain.create_order(&by, new).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(state.domain.create_order(&by, new).await?),
+    ))
 }
 
 #[derive(OpenApi)]
 #[openapi(paths(
-    list_posts, get_post, create_post, update_post, delete_post, list_comments, create_comment,
-    list_messages, send_message, list_orders, get_order, create_order
+    list_posts,
+    get_post,
+    create_post,
+    update_post,
+    delete_post,
+    list_comments,
+    create_comment,
+    list_messages,
+    send_message,
+    list_orders,
+    get_order,
+    create_order
 ))]
 pub struct ContentApi;
 

@@ -35,6 +35,10 @@ impl ApiError {
     }
 }
 
+/// The cause of a 500, carried to the middleware that logs it with the request id.
+#[derive(Debug, Clone)]
+pub struct InternalCause(pub String);
+
 const PAYLOAD_TOO_LARGE: &str = "Request body too large";
 
 impl From<Error> for ApiError {
@@ -103,8 +107,10 @@ impl IntoResponse for ApiError {
                 detail(StatusCode::SERVICE_UNAVAILABLE, m)
             }
             Error::Internal(e) => {
-                tracing::error!(error = ?e, "internal error");
-                detail(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error")
+                // Logged once, by the edge middleware, with the request id.
+                let mut r = detail(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error");
+                r.extensions_mut().insert(InternalCause(format!("{e:#}")));
+                r
             }
         }
     }
@@ -134,7 +140,10 @@ pub fn path_rejection(r: PathRejection, first_param: Option<String>) -> Response
                         .to_owned(),
                 )
             } else {
-                ("value_error", format!("Input should be a valid {expected_type}"))
+                (
+                    "value_error",
+                    format!("Input should be a valid {expected_type}"),
+                )
             };
             return unprocessable(vec!["path".into(), key.into()], kind, msg);
         }

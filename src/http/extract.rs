@@ -174,10 +174,7 @@ fn data_error(source: &str, path: &str, message: &str) -> Response {
         return unprocessable(loc, "missing", "Field required");
     }
     let (kind, msg) = if message.contains("invalid digit") || message.contains("expected i") {
-        (
-            "int_parsing",
-            "Input should be a valid integer".to_owned(),
-        )
+        ("int_parsing", "Input should be a valid integer".to_owned())
     } else if message.contains("invalid float") || message.contains("expected f64") {
         ("float_parsing", "Input should be a valid number".to_owned())
     } else if message.starts_with("unknown variant") {

@@ -13,8 +13,7 @@ use serde_json::json;
 use utoipa::{IntoParams, OpenApi};
 
 use super::{
-    BearerAuth,
-    Detail, ValidationDetail,
+    BearerAuth, Detail, ValidationDetail,
     error::ApiError,
     extract::{Auth, Json, Path, Query},
 };
@@ -152,9 +151,8 @@ pub fn root() -> MethodRouter<AppState> {
 }
 
 pub fn router() -> Router<AppState> {
-    Router::new()
-        .route(
-            "/{product_id}",
-            get(get_product).put(update_product).delete(delete_product),
-        )
+    Router::new().route(
+        "/{product_id}",
+        get(get_product).put(update_product).delete(delete_product),
+    )
 }

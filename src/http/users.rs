@@ -10,8 +10,7 @@ use serde::Deserialize;
 use utoipa::{IntoParams, OpenApi};
 
 use super::{
-    BearerAuth,
-    Detail, ValidationDetail,
+    BearerAuth, Detail, ValidationDetail,
     error::ApiError,
     extract::{Auth, Input, Json, Path, Query},
 };
@@ -121,5 +120,8 @@ pub fn router() -> Router<AppState> {
         .route("/{user_id}", get(get_user))
         .route("/{user_id}/posts", get(user_posts))
         .route("/{user_id}/friends", get(user_friends))
-        .route("/{user_id}/friends/{friend_id}", axum::routing::put(add_friend))
+        .route(
+            "/{user_id}/friends/{friend_id}",
+            axum::routing::put(add_friend),
+        )
 }

@@ -44,7 +44,12 @@ async fn register_then_login_every_way() {
     // The token works for writes.
     let t = body["access_token"].as_str().unwrap();
     let (status, _) = app
-        .send_json(Method::POST, "/messages", Some(t), Some(json!({"content": "hi from carol"})))
+        .send_json(
+            Method::POST,
+            "/messages",
+            Some(t),
+            Some(json!({"content": "hi from carol"})),
+        )
         .await;
     assert_eq!(status, StatusCode::CREATED);
     app.stop().await;
@@ -61,7 +66,13 @@ async fn registration_rules() {
             Some(json!({"username": "alice", "email": "other@example.com", "password": "long-enough"})),
         )
         .await;
-    assert_eq!((status, body), (StatusCode::CONFLICT, json!({"detail": "Username already taken"})));
+    assert_eq!(
+        (status, body),
+        (
+            StatusCode::CONFLICT,
+            json!({"detail": "Username already taken"})
+        )
+    );
     let (status, body) = app
         .send_json(
             Method::POST,
@@ -70,7 +81,13 @@ async fn registration_rules() {
             Some(json!({"username": "alice2", "email": "alice@example.com", "password": "long-enough"})),
         )
         .await;
-    assert_eq!((status, body), (StatusCode::CONFLICT, json!({"detail": "Email already registered"})));
+    assert_eq!(
+        (status, body),
+        (
+            StatusCode::CONFLICT,
+            json!({"detail": "Email already registered"})
+        )
+    );
     let (status, body) = app
         .send_json(
             Method::POST,
@@ -101,10 +118,19 @@ async fn wrong_password_then_rate_limit() {
         assert_eq!(body, json!({"detail": "Incorrect username or password"}));
     }
     let r = app
-        .send(Method::POST, "/auth/login", None, Some(json!({"username": "bob", "password": "wrong"})))
+        .send(
+            Method::POST,
+            "/auth/login",
+            None,
+            Some(json!({"username": "bob", "password": "wrong"})),
+        )
         .await;
     assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
-    let retry: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!((1..=60).contains(&retry));
     // Even the right password waits out the window.
     let (status, _) = attempt(prism::demo::BOB_PASSWORD).await;
@@ -120,7 +146,13 @@ async fn wrong_password_then_rate_limit() {
             Some(json!({"username": "nobody", "password": "whatever1"})),
         )
         .await;
-    assert_eq!((status, body), (StatusCode::UNAUTHORIZED, json!({"detail": "Incorrect username or password"})));
+    assert_eq!(
+        (status, body),
+        (
+            StatusCode::UNAUTHORIZED,
+            json!({"detail": "Incorrect username or password"})
+        )
+    );
     app.stop().await;
 }
 
@@ -136,7 +168,12 @@ async fn tampered_and_foreign_tokens_are_refused() {
         .unwrap();
     for bad in [tampered, foreign] {
         let r = app
-            .send(Method::POST, "/messages", Some(&bad), Some(json!({"content": "x"})))
+            .send(
+                Method::POST,
+                "/messages",
+                Some(&bad),
+                Some(json!({"content": "x"})),
+            )
             .await;
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
         assert_eq!(r.headers()["www-authenticate"], "Bearer");

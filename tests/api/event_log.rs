@@ -153,7 +153,10 @@ async fn concurrent_writers_every_subscriber_sees_every_event_once_in_order(back
     assert_eq!(expected.len(), WRITERS * PER_WRITER);
     for s in subscribers {
         let got: Vec<i64> = s.await.unwrap().iter().map(|e| e.id).collect();
-        assert_eq!(got, expected, "a subscriber missed, repeated or reordered events");
+        assert_eq!(
+            got, expected,
+            "a subscriber missed, repeated or reordered events"
+        );
     }
 }
 
@@ -165,18 +168,36 @@ async fn resume_mid_stream_has_no_gap_or_duplicate(backend: Backend) {
     }
     let ids = all_event_ids(&domain, start).await;
     let resume_from = ids[7];
-    let mut stream = Box::pin(domain.events().subscribe(Some(resume_from), EventFilter::all()));
-    let replayed: Vec<i64> = take_events(&mut stream, ids.len() - 8).await.iter().map(|e| e.id).collect();
+    let mut stream = Box::pin(
+        domain
+            .events()
+            .subscribe(Some(resume_from), EventFilter::all()),
+    );
+    let replayed: Vec<i64> = take_events(&mut stream, ids.len() - 8)
+        .await
+        .iter()
+        .map(|e| e.id)
+        .collect();
     assert_eq!(replayed, ids[8..]);
     // The switch to live: the next write is the very next item.
     let fresh = write(&domain, 99).await;
     let live = take_events(&mut stream, 1).await;
     assert_eq!(live[0].kind, "product.created");
-    assert_eq!(live[0].payload_as::<serde_json::Value>().unwrap()["id"], fresh);
+    assert_eq!(
+        live[0].payload_as::<serde_json::Value>().unwrap()["id"],
+        fresh
+    );
     assert!(live[0].id > *ids.last().unwrap());
     // A filter sees only its types, but resumes past the others.
-    let mut orders = Box::pin(domain.events().subscribe(Some(start), EventFilter::parse("order.*")));
-    domain.insert_order(1, 5.0, prism::domain::OrderStatus::Pending).await.unwrap();
+    let mut orders = Box::pin(
+        domain
+            .events()
+            .subscribe(Some(start), EventFilter::parse("order.*")),
+    );
+    domain
+        .insert_order(1, 5.0, prism::domain::OrderStatus::Pending)
+        .await
+        .unwrap();
     let got = take_events(&mut orders, 1).await;
     assert_eq!(got[0].kind, "order.created");
 }
@@ -199,30 +220,46 @@ async fn stalled_subscriber_is_cut_off_without_delaying_others(backend: Backend)
         Some(Item::CutOff { last_id }) => assert_eq!(last_id, None),
         other => panic!("expected a cut-off, got {other:?}"),
     }
-    assert!(tokio::time::timeout(WAIT, stalled.next()).await.unwrap().is_none());
+    assert!(
+        tokio::time::timeout(WAIT, stalled.next())
+            .await
+            .unwrap()
+            .is_none()
+    );
 }
 
 async fn retention_truncates_and_resume_gets_reset(backend: Backend) {
-    let (_app, domain) = backend.instance(|c| c.event_retention = Duration::ZERO).await;
+    let (_app, domain) = backend
+        .instance(|c| c.event_retention = Duration::ZERO)
+        .await;
     let start = all_event_ids(&domain, 0).await.last().copied().unwrap_or(0);
     for i in 0..5 {
         write(&domain, i).await;
     }
     let removed = domain.events().enforce_retention().await.unwrap();
     assert!(removed >= 5);
-    let mut stream = Box::pin(domain.events().subscribe(Some(start + 1), EventFilter::all()));
+    let mut stream = Box::pin(
+        domain
+            .events()
+            .subscribe(Some(start + 1), EventFilter::all()),
+    );
     match tokio::time::timeout(WAIT, stream.next()).await.unwrap() {
         Some(Item::Reset) => {}
         other => panic!("expected a reset, got {other:?}"),
     }
     let fresh = write(&domain, 6).await;
     let got = take_events(&mut stream, 1).await;
-    assert_eq!(got[0].payload_as::<serde_json::Value>().unwrap()["id"], fresh);
+    assert_eq!(
+        got[0].payload_as::<serde_json::Value>().unwrap()["id"],
+        fresh
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_processes_see_each_others_events() {
-    let Some(url) = postgres_url().await else { return };
+    let Some(url) = postgres_url().await else {
+        return;
+    };
     let backend = Backend::Postgres(url);
     let (_a, a) = backend.instance(|_| {}).await;
     let (_b, b) = backend.instance(|_| {}).await;
@@ -230,10 +267,16 @@ async fn postgres_processes_see_each_others_events() {
     let mut on_a = Box::pin(a.events().subscribe(None, EventFilter::all()));
     let written_on_a = write(&a, 1).await;
     let got = take_events(&mut on_b, 1).await;
-    assert_eq!(got[0].payload_as::<serde_json::Value>().unwrap()["id"], written_on_a);
+    assert_eq!(
+        got[0].payload_as::<serde_json::Value>().unwrap()["id"],
+        written_on_a
+    );
     let written_on_b = write(&b, 2).await;
     let got = take_events(&mut on_a, 2).await;
-    let ids: Vec<_> = got.iter().map(|e| e.payload_as::<serde_json::Value>().unwrap()["id"].clone()).collect();
+    let ids: Vec<_> = got
+        .iter()
+        .map(|e| e.payload_as::<serde_json::Value>().unwrap()["id"].clone())
+        .collect();
     assert_eq!(ids, [written_on_a, written_on_b]);
 }
 
@@ -243,7 +286,9 @@ async fn postgres_processes_see_each_others_events() {
 /// still to come, and loses nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_transactions_committing_out_of_id_order_lose_no_event() {
-    let Some(url) = postgres_url().await else { return };
+    let Some(url) = postgres_url().await else {
+        return;
+    };
     let backend = Backend::Postgres(url.clone());
     let (_app, domain) = backend.instance(|_| {}).await;
     let (_reader_app, reader) = backend.instance(|_| {}).await;
@@ -251,19 +296,25 @@ async fn postgres_transactions_committing_out_of_id_order_lose_no_event() {
     let db = domain.db().clone();
 
     let mut tx_a = db.begin().await.unwrap();
-    let id_a = events::append(&mut tx_a, "test.a", &serde_json::json!({"tx": "a"})).await.unwrap();
+    let id_a = events::append(&mut tx_a, "test.a", &serde_json::json!({"tx": "a"}))
+        .await
+        .unwrap();
 
     let b = tokio::spawn({
         let db = db.clone();
         async move {
             let mut tx_b = db.begin().await.unwrap();
-            let id_b = events::append(&mut tx_b, "test.b", &serde_json::json!({"tx": "b"})).await.unwrap();
+            let id_b = events::append(&mut tx_b, "test.b", &serde_json::json!({"tx": "b"}))
+                .await
+                .unwrap();
             tx_b.commit().await.unwrap();
             id_b
         }
     });
     // Wait until B is blocked behind A's ordering lock: B has tried to go first.
-    let Db::Postgres(pool) = &db else { unreachable!() };
+    let Db::Postgres(pool) = &db else {
+        unreachable!()
+    };
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let waiting: i64 = sqlx::query_scalar(
@@ -276,8 +327,14 @@ async fn postgres_transactions_committing_out_of_id_order_lose_no_event() {
         if waiting > 0 {
             break;
         }
-        assert!(!b.is_finished(), "B committed before A: ids would be visible out of order");
-        assert!(tokio::time::Instant::now() < deadline, "B never reached the lock");
+        assert!(
+            !b.is_finished(),
+            "B committed before A: ids would be visible out of order"
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "B never reached the lock"
+        );
         tokio::task::yield_now().await;
     }
     tx_a.commit().await.unwrap();
@@ -288,5 +345,8 @@ async fn postgres_transactions_committing_out_of_id_order_lose_no_event() {
         .iter()
         .map(|e| (e.id, e.kind.clone()))
         .collect();
-    assert_eq!(got, [(id_a, "test.a".to_owned()), (id_b, "test.b".to_owned())]);
+    assert_eq!(
+        got,
+        [(id_a, "test.a".to_owned()), (id_b, "test.b".to_owned())]
+    );
 }

@@ -55,23 +55,43 @@ async fn get_product_and_not_found() {
     assert_eq!(p["description"], "A gadget");
     assert_eq!(p["metadata"], json!({"size": "M"}));
     let (status, body) = app.get_json("/products/99").await;
-    assert_eq!((status, body), (StatusCode::NOT_FOUND, json!({"detail": "Product 99 not found"})));
+    assert_eq!(
+        (status, body),
+        (
+            StatusCode::NOT_FOUND,
+            json!({"detail": "Product 99 not found"})
+        )
+    );
     app.stop().await;
 }
 
 #[tokio::test]
 async fn catalogue_writes_need_the_admin_role() {
     let app = spawn_app().await;
-    let (status, _) = app.send_json(Method::POST, "/products/", None, Some(gizmo())).await;
+    let (status, _) = app
+        .send_json(Method::POST, "/products/", None, Some(gizmo()))
+        .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     let alice = app.alice_token().await;
-    let (status, body) = app.send_json(Method::POST, "/products/", Some(&alice), Some(gizmo())).await;
-    assert_eq!((status, body), (StatusCode::FORBIDDEN, json!({"detail": "Admin role required"})));
-    let (status, _) = app.send_json(Method::DELETE, "/products/1", Some(&alice), None).await;
+    let (status, body) = app
+        .send_json(Method::POST, "/products/", Some(&alice), Some(gizmo()))
+        .await;
+    assert_eq!(
+        (status, body),
+        (
+            StatusCode::FORBIDDEN,
+            json!({"detail": "Admin role required"})
+        )
+    );
+    let (status, _) = app
+        .send_json(Method::DELETE, "/products/1", Some(&alice), None)
+        .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
 
     let admin = app.admin_token().await;
-    let (status, created) = app.send_json(Method::POST, "/products/", Some(&admin), Some(gizmo())).await;
+    let (status, created) = app
+        .send_json(Method::POST, "/products/", Some(&admin), Some(gizmo()))
+        .await;
     assert_eq!(status, StatusCode::CREATED);
     assert_eq!(created["id"], 3);
     assert_eq!(created["price"]["currency"], "EUR");
@@ -81,19 +101,32 @@ async fn catalogue_writes_need_the_admin_role() {
     assert_eq!(before["name"], "Gizmo");
     let mut changed = gizmo();
     changed["name"] = json!("Gizmo 2");
-    let (status, updated) = app.send_json(Method::PUT, "/products/3", Some(&admin), Some(changed.clone())).await;
+    let (status, updated) = app
+        .send_json(
+            Method::PUT,
+            "/products/3",
+            Some(&admin),
+            Some(changed.clone()),
+        )
+        .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(updated["name"], "Gizmo 2");
     let (_, after) = app.get_json("/products/3").await;
     assert_eq!(after["name"], "Gizmo 2");
-    let (status, _) = app.send_json(Method::PUT, "/products/77", Some(&admin), Some(changed)).await;
+    let (status, _) = app
+        .send_json(Method::PUT, "/products/77", Some(&admin), Some(changed))
+        .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
-    let (status, _) = app.send_json(Method::DELETE, "/products/3", Some(&admin), None).await;
+    let (status, _) = app
+        .send_json(Method::DELETE, "/products/3", Some(&admin), None)
+        .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     let (status, _) = app.get_json("/products/3").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    let (status, _) = app.send_json(Method::DELETE, "/products/3", Some(&admin), None).await;
+    let (status, _) = app
+        .send_json(Method::DELETE, "/products/3", Some(&admin), None)
+        .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     app.stop().await;
 }
@@ -105,21 +138,36 @@ async fn invalid_products_are_rejected_whole() {
     let mut bad = gizmo();
     bad["price"] = json!({"amount": -1, "currency": "dollars"});
     bad["name"] = json!("");
-    let (status, err) = app.send_json(Method::POST, "/products/", Some(&admin), Some(bad)).await;
+    let (status, err) = app
+        .send_json(Method::POST, "/products/", Some(&admin), Some(bad))
+        .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
-    let locs: Vec<_> = err["detail"].as_array().unwrap().iter().map(|d| d["loc"].clone()).collect();
+    let locs: Vec<_> = err["detail"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["loc"].clone())
+        .collect();
     assert_eq!(
         locs,
-        [json!(["body", "name"]), json!(["body", "price", "amount"]), json!(["body", "price", "currency"])]
+        [
+            json!(["body", "name"]),
+            json!(["body", "price", "amount"]),
+            json!(["body", "price", "currency"])
+        ]
     );
     let mut bad = gizmo();
     bad["category"] = json!("TOYS");
-    let (status, err) = app.send_json(Method::POST, "/products/", Some(&admin), Some(bad)).await;
+    let (status, err) = app
+        .send_json(Method::POST, "/products/", Some(&admin), Some(bad))
+        .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(err["detail"][0]["loc"], json!(["body", "category"]));
     let mut bad = gizmo();
     bad.as_object_mut().unwrap().remove("price");
-    let (status, err) = app.send_json(Method::POST, "/products/", Some(&admin), Some(bad)).await;
+    let (status, err) = app
+        .send_json(Method::POST, "/products/", Some(&admin), Some(bad))
+        .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(err["detail"][0]["loc"], json!(["body", "price"]));
     assert_eq!(err["detail"][0]["type"], "missing");
@@ -132,7 +180,9 @@ async fn invalid_products_are_rejected_whole() {
 /// refreshed there when the other changes it (the event log invalidates caches).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_cache_follows_writes_from_another_instance() {
-    let Some(url) = postgres_url().await else { return };
+    let Some(url) = postgres_url().await else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let config = |sub: &str| {
         let mut c = test_config(&dir.path().join(sub));
@@ -147,7 +197,9 @@ async fn postgres_cache_follows_writes_from_another_instance() {
     let admin = a.admin_token().await;
     let mut changed = cached.clone();
     changed["name"] = json!("Widget Pro");
-    let (status, _) = a.send_json(Method::PUT, "/products/1", Some(&admin), Some(changed)).await;
+    let (status, _) = a
+        .send_json(Method::PUT, "/products/1", Some(&admin), Some(changed))
+        .await;
     assert_eq!(status, StatusCode::OK);
     eventually("instance B to see the update", || async {
         let (_, p) = b.get_json("/products/1").await;

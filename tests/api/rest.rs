@@ -33,7 +33,9 @@ async fn health_readiness_and_metrics() {
     assert_eq!(r.status(), StatusCode::OK);
     let text = r.text().await.unwrap();
     assert!(
-        text.contains(r#"prism_http_requests_total{method="GET",route="/users/{user_id}",status="200"} 1"#),
+        text.contains(
+            r#"prism_http_requests_total{method="GET",route="/users/{user_id}",status="200"} 1"#
+        ),
         "{text}"
     );
     assert!(text.contains("prism_http_request_duration_seconds_bucket"));
@@ -63,7 +65,10 @@ async fn stats_count_requests_and_config_is_public() {
 async fn unknown_routes_and_methods_answer_in_json() {
     let app = spawn_app().await;
     let (status, body) = app.get_json("/no/such/thing").await;
-    assert_eq!((status, body), (StatusCode::NOT_FOUND, json!({"detail": "Not Found"})));
+    assert_eq!(
+        (status, body),
+        (StatusCode::NOT_FOUND, json!({"detail": "Not Found"}))
+    );
     let (status, body) = app.send_json(Method::DELETE, "/stats", None, None).await;
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(body, json!({"detail": "Method Not Allowed"}));
@@ -101,8 +106,7 @@ async fn bodies_over_the_limit_get_413_and_change_nothing() {
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(body, json!({"detail": "Request body too large"}));
     // Chunked, so no length is declared: the extractor's limit catches it.
-    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
-        vec![Ok(serde_json::to_vec(&big).unwrap())];
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = vec![Ok(serde_json::to_vec(&big).unwrap())];
     let r = app
         .client
         .post(app.url("/users/"))
@@ -114,7 +118,13 @@ async fn bodies_over_the_limit_get_413_and_change_nothing() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
     let (_, users) = app.get_json("/users/").await;
-    assert!(users.as_array().unwrap().iter().all(|u| u["email"] != "big@example.com"));
+    assert!(
+        users
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|u| u["email"] != "big@example.com")
+    );
     app.stop().await;
 }
 
@@ -148,7 +158,10 @@ async fn versioned_items_views() {
     let (_, v2) = app.get_json("/api/v2/items?page=1&page_size=1").await;
     assert_eq!(v2["version"], 2);
     assert_eq!(v2["items"].as_array().unwrap().len(), 1);
-    assert_eq!(v2["metadata"], json!({"total": 2, "page": 1, "page_size": 1}));
+    assert_eq!(
+        v2["metadata"],
+        json!({"total": 2, "page": 1, "page_size": 1})
+    );
     app.stop().await;
 }
 
@@ -168,7 +181,10 @@ async fn docs_are_served_from_the_binary() {
         assert!(!html.contains("https://"), "{docs} loads assets from a CDN");
         let (status, openapi) = app.get_json(spec).await;
         assert_eq!(status, StatusCode::OK, "{spec}");
-        assert!(openapi["openapi"].as_str().unwrap().starts_with("3.1"), "{spec}");
+        assert!(
+            openapi["openapi"].as_str().unwrap().starts_with("3.1"),
+            "{spec}"
+        );
         assert_eq!(openapi["info"]["title"], title);
     }
     let (_, users_spec) = app.get_json("/users/openapi.json").await;
@@ -208,20 +224,33 @@ async fn posts_comments_messages_and_orders_over_rest() {
     let (_, found) = app.get_json("/posts?q=from%20rest").await;
     assert_eq!(found[0]["id"], id);
     let (status, m) = app
-        .send_json(Method::POST, "/messages", Some(&alice), Some(json!({"content": "hello"})))
+        .send_json(
+            Method::POST,
+            "/messages",
+            Some(&alice),
+            Some(json!({"content": "hello"})),
+        )
         .await;
     assert_eq!(status, StatusCode::CREATED);
     assert_eq!(m["user_id"], 1);
     assert!(m["timestamp"].as_str().unwrap().contains('T'));
     let (status, o) = app
-        .send_json(Method::POST, "/orders", Some(&alice), Some(json!({"total": 12.5})))
+        .send_json(
+            Method::POST,
+            "/orders",
+            Some(&alice),
+            Some(json!({"total": 12.5})),
+        )
         .await;
     assert_eq!(status, StatusCode::CREATED);
     assert_eq!(o["status"], "pending");
     let (_, orders) = app.get_json("/orders?user_id=1").await;
     assert_eq!(orders.as_array().unwrap().len(), 2);
     let (status, body) = app.get_json("/orders/999").await;
-    assert_eq!((status, body), (StatusCode::NOT_FOUND, json!({"detail": "Order not found"})));
+    assert_eq!(
+        (status, body),
+        (StatusCode::NOT_FOUND, json!({"detail": "Order not found"}))
+    );
     let (_, order) = app.get_json("/orders/2").await;
     assert_eq!(order["total"], 149.99);
     assert_eq!(order["status"], "completed");
@@ -245,31 +274,55 @@ async fn owners_write_their_own_content_only() {
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     let (status, body) = app
-        .send_json(Method::PATCH, "/posts/1", Some(&bob), Some(json!({"title": "pwned"})))
+        .send_json(
+            Method::PATCH,
+            "/posts/1",
+            Some(&bob),
+            Some(json!({"title": "pwned"})),
+        )
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
-    let (status, _) = app.send_json(Method::DELETE, "/posts/1", Some(&bob), None).await;
+    let (status, _) = app
+        .send_json(Method::DELETE, "/posts/1", Some(&bob), None)
+        .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     let (status, _) = app
-        .send_json(Method::POST, "/messages", Some(&bob), Some(json!({"content": "x", "user_id": 1})))
+        .send_json(
+            Method::POST,
+            "/messages",
+            Some(&bob),
+            Some(json!({"content": "x", "user_id": 1})),
+        )
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     let (_, post) = app.get_json("/posts/1").await;
     assert_eq!(post["title"], "First Post");
     // Alice may; an admin may too.
     let (status, post) = app
-        .send_json(Method::PATCH, "/posts/1", Some(&alice), Some(json!({"title": "Edited"})))
+        .send_json(
+            Method::PATCH,
+            "/posts/1",
+            Some(&alice),
+            Some(json!({"title": "Edited"})),
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(post["title"], "Edited");
     assert_eq!(post["content"], "Hello World");
-    let (status, _) = app.send_json(Method::DELETE, "/posts/3", Some(&admin), None).await;
+    let (status, _) = app
+        .send_json(Method::DELETE, "/posts/3", Some(&admin), None)
+        .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     let (status, _) = app.get_json("/posts/3").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     // Writes without a token are refused.
     let r = app
-        .send(Method::POST, "/posts", None, Some(json!({"title": "x", "content": "y"})))
+        .send(
+            Method::POST,
+            "/posts",
+            None,
+            Some(json!({"title": "x", "content": "y"})),
+        )
         .await;
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(r.headers()["www-authenticate"], "Bearer");

@@ -22,7 +22,10 @@ async fn get_user_returns_alice() {
 async fn unknown_and_malformed_ids() {
     let app = spawn_app().await;
     let (status, body) = app.get_json("/users/999").await;
-    assert_eq!((status, body), (StatusCode::NOT_FOUND, json!({"detail": "User not found"})));
+    assert_eq!(
+        (status, body),
+        (StatusCode::NOT_FOUND, json!({"detail": "User not found"}))
+    );
     let (status, body) = app.get_json("/users/abc").await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(body["detail"][0]["loc"], json!(["path", "user_id"]));
@@ -40,7 +43,12 @@ async fn list_is_ordered_paged_and_capped() {
     for path in ["/users/", "/users"] {
         let (status, body) = app.get_json(path).await;
         assert_eq!(status, StatusCode::OK, "{path}");
-        let ids: Vec<i64> = body.as_array().unwrap().iter().map(|u| u["id"].as_i64().unwrap()).collect();
+        let ids: Vec<i64> = body
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u["id"].as_i64().unwrap())
+            .collect();
         assert_eq!(ids, [1, 2, 3]);
     }
     let (_, body) = app.get_json("/users/?limit=1&offset=1").await;
@@ -61,7 +69,12 @@ async fn list_is_ordered_paged_and_capped() {
 async fn posts_and_friends_of_a_user() {
     let app = spawn_app().await;
     let (_, posts) = app.get_json("/users/1/posts").await;
-    let titles: Vec<&str> = posts.as_array().unwrap().iter().map(|p| p["title"].as_str().unwrap()).collect();
+    let titles: Vec<&str> = posts
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["title"].as_str().unwrap())
+        .collect();
     assert_eq!(titles, ["First Post", "Second Post"]);
     assert_eq!(posts[0]["author_id"], 1);
     let (_, friends) = app.get_json("/users/1/friends").await;
@@ -76,14 +89,25 @@ async fn posts_and_friends_of_a_user() {
 async fn create_user_needs_a_token_and_valid_input() {
     let app = spawn_app().await;
     let body = json!({"name": "Charlie", "email": "charlie@example.com", "age": 28});
-    let r = app.send(Method::POST, "/users/", None, Some(body.clone())).await;
+    let r = app
+        .send(Method::POST, "/users/", None, Some(body.clone()))
+        .await;
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(r.headers()["www-authenticate"], "Bearer");
-    let r = app.send(Method::POST, "/users/", Some("not-a-token"), Some(body.clone())).await;
+    let r = app
+        .send(
+            Method::POST,
+            "/users/",
+            Some("not-a-token"),
+            Some(body.clone()),
+        )
+        .await;
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
 
     let token = app.alice_token().await;
-    let (status, created) = app.send_json(Method::POST, "/users/", Some(&token), Some(body.clone())).await;
+    let (status, created) = app
+        .send_json(Method::POST, "/users/", Some(&token), Some(body.clone()))
+        .await;
     assert_eq!(status, StatusCode::CREATED);
     assert_eq!(created["name"], "Charlie");
     assert_eq!(created["id"], 4);
@@ -100,7 +124,13 @@ async fn create_user_needs_a_token_and_valid_input() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
     // Query parameters still need the required fields.
-    let r = app.client.post(app.url("/users/?name=Eve")).bearer_auth(&token).send().await.unwrap();
+    let r = app
+        .client
+        .post(app.url("/users/?name=Eve"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
     let err: serde_json::Value = r.json().await.unwrap();
     assert_eq!(err["detail"][0]["loc"], json!(["query", "email"]));
@@ -115,7 +145,13 @@ async fn create_user_needs_a_token_and_valid_input() {
             Some(json!({"name": "C2", "email": "Charlie@Example.com"})),
         )
         .await;
-    assert_eq!((status, err), (StatusCode::CONFLICT, json!({"detail": "Email already registered"})));
+    assert_eq!(
+        (status, err),
+        (
+            StatusCode::CONFLICT,
+            json!({"detail": "Email already registered"})
+        )
+    );
 
     // Every broken rule is reported, and nothing is written.
     let (status, err) = app
@@ -127,8 +163,20 @@ async fn create_user_needs_a_token_and_valid_input() {
         )
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
-    let locs: Vec<_> = err["detail"].as_array().unwrap().iter().map(|d| d["loc"].clone()).collect();
-    assert_eq!(locs, [json!(["body", "name"]), json!(["body", "email"]), json!(["body", "age"])]);
+    let locs: Vec<_> = err["detail"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["loc"].clone())
+        .collect();
+    assert_eq!(
+        locs,
+        [
+            json!(["body", "name"]),
+            json!(["body", "email"]),
+            json!(["body", "age"])
+        ]
+    );
     let (_, all) = app.get_json("/users/").await;
     assert_eq!(all.as_array().unwrap().len(), 5);
     app.stop().await;
@@ -139,12 +187,21 @@ async fn friendships_are_made_by_one_of_the_two() {
     let app = spawn_app().await;
     let admin = app.admin_token().await;
     let bob = app.bob_token().await;
-    let (status, _) = app.send_json(Method::PUT, "/users/1/friends/3", Some(&bob), None).await;
+    let (status, _) = app
+        .send_json(Method::PUT, "/users/1/friends/3", Some(&bob), None)
+        .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    let (status, _) = app.send_json(Method::PUT, "/users/3/friends/2", Some(&admin), None).await;
+    let (status, _) = app
+        .send_json(Method::PUT, "/users/3/friends/2", Some(&admin), None)
+        .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     let (_, friends) = app.get_json("/users/2/friends").await;
-    let names: Vec<&str> = friends.as_array().unwrap().iter().map(|u| u["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = friends
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["Alice", "admin"]);
     app.stop().await;
 }

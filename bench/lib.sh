@@ -1,0 +1,40 @@
+# Shared helpers for the benchmark scripts (sourced, not run).
+
+# Writes stdin into docs/benchmarks.md between <!-- NAME:start --> and
+# <!-- NAME:end -->, appending the section when it is not there yet.
+write_section() {
+    local name=$1 file=docs/benchmarks.md
+    python3 - "$name" "$file" <<'PY'
+import sys, pathlib
+name, path = sys.argv[1], pathlib.Path(sys.argv[2])
+body = sys.stdin.read().rstrip() + "\n"
+start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+text = path.read_text() if path.exists() else "# Benchmarks\n\nEvery number here was measured by a script in `bench/`; rerun it to refresh its section.\n"
+block = f"{start}\n{body}{end}"
+if start in text and end in text:
+    before, rest = text.split(start, 1)
+    _, after = rest.split(end, 1)
+    text = before + block + after
+else:
+    text = text.rstrip() + "\n\n" + block + "\n"
+path.write_text(text)
+PY
+}
+
+machine() {
+    echo "$(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -srm), $(date -u +%Y-%m-%d)"
+}
+
+# Waits until a TCP port answers (at most 30 s).
+wait_port() {
+    for _ in $(seq 300); do
+        (echo > "/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    echo "port $1 never opened" >&2
+    return 1
+}
+
+ensure_wrk() {
+    command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+}
