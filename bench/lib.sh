@@ -4,7 +4,11 @@
 # <!-- NAME:end -->, appending the section when it is not there yet.
 write_section() {
     local name=$1 file=docs/benchmarks.md
-    python3 - "$name" "$file" <<'PY'
+    python3 -c "$WRITE_SECTION_PY" "$name" "$file"
+}
+
+# The section writer; kept in a variable so its standard input stays free for the text.
+WRITE_SECTION_PY=$(cat <<'PY'
 import sys, pathlib
 name, path = sys.argv[1], pathlib.Path(sys.argv[2])
 body = sys.stdin.read().rstrip() + "\n"
@@ -19,7 +23,7 @@ else:
     text = text.rstrip() + "\n\n" + block + "\n"
 path.write_text(text)
 PY
-}
+)
 
 machine() {
     echo "$(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -srm), $(date -u +%Y-%m-%d)"

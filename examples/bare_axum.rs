@@ -30,6 +30,8 @@ async fn user(Path(id): Path<i64>) -> Json<User> {
 async fn main() {
     let port = std::env::args().nth(1).unwrap_or_else(|| "18001".into());
     let app = Router::new().route("/users/{id}", get(user));
-    let listener = tokio::net::TcpListener::bind(format!("127.0.0.1:{port}")).await.unwrap();
+    let listener = tokio::net::TcpListener::bind(format!("127.0.0.1:{port}"))
+        .await
+        .unwrap();
     axum::serve(listener, app).await.unwrap();
 }

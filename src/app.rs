@@ -21,7 +21,7 @@ use crate::{
     domain::Domain,
     events::EventLog,
     http,
-    state::{AppState, Metrics, Stats},
+    state::{AppState, Metrics, Shared, Stats},
 };
 
 pub struct App {
@@ -83,7 +83,7 @@ impl App {
             .with_context(|| format!("cannot listen on {addr}"))?;
         let http_addr = listener.local_addr()?;
 
-        let state = AppState {
+        let state = AppState::new(Shared {
             domain,
             limiter: Arc::new(LoginLimiter::new(config.login_max_failures)),
             config: Arc::new(config),
@@ -91,7 +91,8 @@ impl App {
             stats: Arc::new(Stats::default()),
             metrics: Arc::new(Metrics::default()),
             shutdown: CancellationToken::new(),
-        };
+            sessions: TaskTracker::new(),
+        });
         Ok(App {
             state,
             listener,
@@ -162,6 +163,13 @@ impl App {
                 tracing::warn!("drain timed out; closing the remaining connections");
                 server.abort();
             }
+        }
+        state.sessions.close();
+        if tokio::time::timeout(drain, state.sessions.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some WebSocket sessions did not close in time");
         }
         stop_workers.cancel();
         workers.close();

@@ -108,6 +108,26 @@ pub struct Settings {
     /// Database connections in the pool [default: 8]
     #[arg(long, env = "PRISM_DB_MAX_CONNECTIONS")]
     pub db_max_connections: Option<u32>,
+
+    /// Largest WebSocket message accepted, in bytes; larger closes with 1009 [default: 1048576]
+    #[arg(long, env = "PRISM_MAX_WS_FRAME")]
+    pub max_ws_frame: Option<usize>,
+
+    /// Deepest GraphQL selection accepted [default: 15]
+    #[arg(long, env = "PRISM_GRAPHQL_MAX_DEPTH")]
+    pub graphql_max_depth: Option<usize>,
+
+    /// Highest GraphQL query complexity accepted (one point per field) [default: 2000]
+    #[arg(long, env = "PRISM_GRAPHQL_MAX_COMPLEXITY")]
+    pub graphql_max_complexity: Option<usize>,
+
+    /// Largest GraphQL query text accepted, in bytes [default: 100000]
+    #[arg(long, env = "PRISM_GRAPHQL_MAX_QUERY_BYTES")]
+    pub graphql_max_query_bytes: Option<usize>,
+
+    /// Answer GraphQL introspection queries (GraphiQL needs them) [default: true]
+    #[arg(long, env = "PRISM_GRAPHQL_INTROSPECTION")]
+    pub graphql_introspection: Option<bool>,
 }
 
 impl Settings {
@@ -166,6 +186,19 @@ impl Settings {
             cache_capacity: self.cache_capacity.unwrap_or(d.cache_capacity),
             login_max_failures: self.login_max_failures.unwrap_or(d.login_max_failures),
             db_max_connections: self.db_max_connections.unwrap_or(d.db_max_connections),
+            max_ws_frame: self.max_ws_frame.unwrap_or(d.max_ws_frame),
+            graphql: crate::graphql::Limits {
+                max_depth: self.graphql_max_depth.unwrap_or(d.graphql.max_depth),
+                max_complexity: self
+                    .graphql_max_complexity
+                    .unwrap_or(d.graphql.max_complexity),
+                max_query_bytes: self
+                    .graphql_max_query_bytes
+                    .unwrap_or(d.graphql.max_query_bytes),
+                introspection: self
+                    .graphql_introspection
+                    .unwrap_or(d.graphql.introspection),
+            },
         };
         cfg.validate()?;
         Ok(cfg)
@@ -195,6 +228,8 @@ pub struct Config {
     pub cache_capacity: usize,
     pub login_max_failures: u32,
     pub db_max_connections: u32,
+    pub max_ws_frame: usize,
+    pub graphql: crate::graphql::Limits,
 }
 
 impl Default for Config {
@@ -220,6 +255,8 @@ impl Default for Config {
             cache_capacity: 10_000,
             login_max_failures: 10,
             db_max_connections: 8,
+            max_ws_frame: 1 << 20,
+            graphql: crate::graphql::Limits::default(),
         }
     }
 }
@@ -294,6 +331,11 @@ impl Config {
             "cache_capacity": self.cache_capacity,
             "login_max_failures": self.login_max_failures,
             "db_max_connections": self.db_max_connections,
+            "max_ws_frame": self.max_ws_frame,
+            "graphql_max_depth": self.graphql.max_depth,
+            "graphql_max_complexity": self.graphql.max_complexity,
+            "graphql_max_query_bytes": self.graphql.max_query_bytes,
+            "graphql_introspection": self.graphql.introspection,
         })
     }
 }
@@ -317,6 +359,10 @@ mod tests {
         assert_eq!(c.log_format, LogFormat::Pretty);
         assert!(!c.demo);
         assert!(c.database_url.is_none());
+        assert_eq!(c.graphql.max_depth, 15);
+        assert_eq!(c.graphql.max_complexity, 2000);
+        assert_eq!(c.graphql.max_query_bytes, 100_000);
+        assert!(c.graphql.introspection);
     }
 
     #[test]

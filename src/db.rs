@@ -12,7 +12,15 @@
 //! at a time anyway, and queueing writers in-process avoids `SQLITE_BUSY` on lock
 //! upgrades, which a busy timeout cannot always cure.
 
-use std::{path::Path, str::FromStr, time::Duration};
+use std::{
+    path::Path,
+    str::FromStr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use anyhow::Context;
 use sqlx::{
@@ -23,7 +31,16 @@ use sqlx::{
 
 /// A handle on the database; cheap to clone.
 #[derive(Clone, Debug)]
-pub enum Db {
+pub struct Db {
+    pub pools: Pools,
+    /// Read statements issued through [`on_db!`]: how tests prove that a
+    /// GraphQL query's statement count does not grow with its result.
+    reads: Arc<AtomicU64>,
+}
+
+/// The connection pools of whichever database is in use.
+#[derive(Clone, Debug)]
+pub enum Pools {
     Sqlite {
         /// Readers: WAL lets them run beside the writer.
         read: SqlitePool,
@@ -40,15 +57,18 @@ pub enum Tx {
     Postgres(Transaction<'static, Postgres>),
 }
 
-/// Runs `$body` with `$pool` bound to the live read pool (`&SqlitePool` or `&PgPool`).
+/// Runs `$body` — one read statement — with `$pool` bound to the live read
+/// pool (`&SqlitePool` or `&PgPool`).
 #[macro_export]
 macro_rules! on_db {
-    ($db:expr, $pool:ident => $body:expr) => {
-        match $db {
-            $crate::db::Db::Sqlite { read: $pool, .. } => $body,
-            $crate::db::Db::Postgres($pool) => $body,
+    ($db:expr, $pool:ident => $body:expr) => {{
+        let db: &$crate::db::Db = $db;
+        db.count_read();
+        match &db.pools {
+            $crate::db::Pools::Sqlite { read: $pool, .. } => $body,
+            $crate::db::Pools::Postgres($pool) => $body,
         }
-    };
+    }};
 }
 
 /// Runs `$body` with `$conn` bound to the transaction's connection.
@@ -88,7 +108,7 @@ impl Db {
                     .run(&pool)
                     .await
                     .context("PostgreSQL migration failed")?;
-                Db::Postgres(pool)
+                Pools::Postgres(pool)
             }
             None => {
                 std::fs::create_dir_all(data_dir).with_context(|| {
@@ -119,24 +139,45 @@ impl Db {
                     .connect_with(opts)
                     .await
                     .context("cannot open the SQLite database for reading")?;
-                Db::Sqlite { read, write }
+                Pools::Sqlite { read, write }
             }
         };
-        Ok(db)
+        Ok(Db {
+            pools: db,
+            reads: Arc::default(),
+        })
     }
 
     pub fn kind(&self) -> &'static str {
-        match self {
-            Db::Sqlite { .. } => "sqlite",
-            Db::Postgres(_) => "postgres",
+        match self.pools {
+            Pools::Sqlite { .. } => "sqlite",
+            Pools::Postgres(_) => "postgres",
         }
+    }
+
+    /// The PostgreSQL pool, when that is the database in use.
+    pub fn postgres(&self) -> Option<&PgPool> {
+        match &self.pools {
+            Pools::Postgres(pool) => Some(pool),
+            Pools::Sqlite { .. } => None,
+        }
+    }
+
+    #[doc(hidden)]
+    pub fn count_read(&self) {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Read statements issued so far through [`on_db!`].
+    pub fn read_count(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
     }
 
     /// Starts a write transaction.
     pub async fn begin(&self) -> sqlx::Result<Tx> {
-        Ok(match self {
-            Db::Sqlite { write, .. } => Tx::Sqlite(write.begin().await?),
-            Db::Postgres(pool) => Tx::Postgres(pool.begin().await?),
+        Ok(match &self.pools {
+            Pools::Sqlite { write, .. } => Tx::Sqlite(write.begin().await?),
+            Pools::Postgres(pool) => Tx::Postgres(pool.begin().await?),
         })
     }
 
@@ -146,12 +187,12 @@ impl Db {
     }
 
     pub async fn close(&self) {
-        match self {
-            Db::Sqlite { read, write } => {
+        match &self.pools {
+            Pools::Sqlite { read, write } => {
                 read.close().await;
                 write.close().await;
             }
-            Db::Postgres(pool) => pool.close().await,
+            Pools::Postgres(pool) => pool.close().await,
         }
     }
 }
@@ -180,4 +221,25 @@ pub fn is_unique_violation(e: &sqlx::Error, constraint: &str, sqlite_columns: &s
 /// True when `e` is a foreign-key violation (the referenced row does not exist).
 pub fn is_foreign_key_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.is_foreign_key_violation())
+}
+
+/// Largest id list sent in one `IN (…)`: far below both databases' parameter
+/// limits (SQLite 32,766; PostgreSQL 65,535).
+pub const MAX_IN_LIST: usize = 500;
+
+/// `$first, $first+1, …` for `n` parameters: the same text on both databases.
+pub fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn placeholders_are_numbered() {
+        assert_eq!(super::placeholders(1, 3), "$1, $2, $3");
+        assert_eq!(super::placeholders(2, 1), "$2");
+    }
 }

@@ -332,9 +332,9 @@ impl EventLog {
 
     /// The pump: reads new events in id order and broadcasts them, until `stop`.
     pub async fn run_pump(self, stop: CancellationToken) {
-        let mut listener = match &self.inner.db {
-            Db::Postgres(pool) => connect_listener(pool).await,
-            Db::Sqlite { .. } => None,
+        let mut listener = match self.inner.db.postgres() {
+            Some(pool) => connect_listener(pool).await,
+            None => None,
         };
         let mut failures = 0u32;
         loop {
@@ -362,7 +362,7 @@ impl EventLog {
                 _ = self.inner.wake.notified() => {}
                 _ = wait => {}
                 _ = tokio::time::sleep(self.inner.poll) => {
-                    if listener.is_none() && let Db::Postgres(pool) = &self.inner.db {
+                    if listener.is_none() && let Some(pool) = self.inner.db.postgres() {
                         listener = connect_listener(pool).await;
                     }
                 }

@@ -10,6 +10,7 @@
 //! - [`auth`]: password hashing, tokens, the caller's identity, login limits.
 //! - [`state`]: application state and metrics shared by every protocol.
 //! - [`http`]: the REST edge (axum): routing, extractors, error mapping, docs.
+//! - [`graphql`]: the GraphQL schema, DataLoaders and transports (HTTP, WebSocket).
 //! - [`app`]: startup and graceful shutdown.
 //! - [`demo`]: the demo data of `--demo`.
 
@@ -21,6 +22,7 @@ pub mod demo;
 pub mod domain;
 pub mod error;
 pub mod events;
+pub mod graphql;
 pub mod http;
 pub mod state;
 pub mod telemetry;

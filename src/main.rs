@@ -19,7 +19,9 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the all-in-one server: REST, GraphQL, SSE, WebSockets and docs.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
+    /// Print the GraphQL schema (SDL).
+    Schema,
 }
 
 #[derive(Debug, clap::Args)]
@@ -47,6 +49,10 @@ fn main() -> anyhow::Result<()> {
                 let app = App::build(config).await?;
                 app.run_until_stopped(prism::app::shutdown_signal()).await
             })
+        }
+        Command::Schema => {
+            print!("{}", prism::graphql::sdl());
+            Ok(())
         }
     }
 }

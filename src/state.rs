@@ -21,7 +21,7 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     auth::{LoginLimiter, TokenKeys},
@@ -29,9 +29,27 @@ use crate::{
     domain::Domain,
 };
 
-/// Everything a handler may need. Cheap to clone (all shared).
+/// Everything a handler may need, behind one `Arc`: axum clones the state for
+/// every extractor of every request, so a clone must be one atomic increment.
 #[derive(Clone, Debug)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    pub fn new(shared: Shared) -> Self {
+        AppState(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The parts of [`AppState`].
+#[derive(Debug)]
+pub struct Shared {
     pub domain: Domain,
     pub config: Arc<Config>,
     pub keys: TokenKeys,
@@ -40,6 +58,9 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Cancelled when the server starts shutting down; long-lived streams end on it.
     pub shutdown: CancellationToken,
+    /// Upgraded connections (WebSockets) live outside the HTTP server's own
+    /// bookkeeping; shutdown waits for them here so their close frames go out.
+    pub sessions: TaskTracker,
 }
 
 /// How long a user counts as active after an authenticated request.

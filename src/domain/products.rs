@@ -162,8 +162,8 @@ impl Domain {
     ) -> Result<(Vec<Product>, i64)> {
         let cat = category.map(Category::as_str);
         // `$1 IS NULL` keeps one statement for "no filter" and "this category".
-        let (rows, total): (Vec<ProductRow>, i64) = on_db!(&self.db, pool => {
-            let rows = sqlx::query_as(
+        let rows: Vec<ProductRow> = on_db!(&self.db, pool => {
+            sqlx::query_as(
                 "SELECT id, name, description, price_amount, price_currency, category, tags, metadata \
                  FROM products WHERE ($1 IS NULL OR category = $1) ORDER BY id LIMIT $2 OFFSET $3",
             )
@@ -171,14 +171,13 @@ impl Domain {
             .bind(page.limit)
             .bind(page.offset)
             .fetch_all(pool)
-            .await?;
-            let total = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM products WHERE ($1 IS NULL OR category = $1)",
-            )
-            .bind(cat)
-            .fetch_one(pool)
-            .await?;
-            (rows, total)
+            .await?
+        });
+        let total: i64 = on_db!(&self.db, pool => {
+            sqlx::query_scalar("SELECT COUNT(*) FROM products WHERE ($1 IS NULL OR category = $1)")
+                .bind(cat)
+                .fetch_one(pool)
+                .await?
         });
         let products = rows
             .into_iter()

@@ -104,6 +104,68 @@ impl Domain {
         Ok(user)
     }
 
+    /// Users with the given ids (cache first, then one query for the rest);
+    /// unknown ids are left out.
+    pub async fn users_by_ids(&self, ids: &[i64]) -> Result<Vec<User>> {
+        let mut found = Vec::with_capacity(ids.len());
+        let mut missing = Vec::new();
+        for id in ids {
+            match self.users_cache.get(*id) {
+                Some(u) => found.push((*u).clone()),
+                None => missing.push(*id),
+            }
+        }
+        for chunk in missing.chunks(db::MAX_IN_LIST) {
+            let generation = self.users_cache.generation();
+            let sql = format!(
+                "SELECT id, name, email, age, role, created_at FROM users WHERE id IN ({})",
+                db::placeholders(1, chunk.len())
+            );
+            let rows: Vec<User> = on_db!(&self.db, pool => {
+                let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql));
+                for id in chunk {
+                    q = q.bind(*id);
+                }
+                q.fetch_all(pool).await?
+            });
+            for user in rows {
+                self.users_cache
+                    .put(user.id, Arc::new(user.clone()), generation);
+                found.push(user);
+            }
+        }
+        found.sort_by_key(|u| u.id);
+        Ok(found)
+    }
+
+    /// The friends of each of `ids`, as `(user_id, friend)` pairs in friend id order.
+    pub async fn friends_by_users(&self, ids: &[i64]) -> Result<Vec<(i64, User)>> {
+        #[derive(FromRow)]
+        struct Row {
+            owner: i64,
+            #[sqlx(flatten)]
+            friend: User,
+        }
+        let mut out = Vec::new();
+        for chunk in ids.chunks(db::MAX_IN_LIST) {
+            let sql = format!(
+                "SELECT f.user_id AS owner, u.id, u.name, u.email, u.age, u.role, u.created_at \
+                 FROM friendships f JOIN users u ON u.id = f.friend_id \
+                 WHERE f.user_id IN ({}) ORDER BY u.id",
+                db::placeholders(1, chunk.len())
+            );
+            let rows: Vec<Row> = on_db!(&self.db, pool => {
+                let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql));
+                for id in chunk {
+                    q = q.bind(*id);
+                }
+                q.fetch_all(pool).await?
+            });
+            out.extend(rows.into_iter().map(|r| (r.owner, r.friend)));
+        }
+        Ok(out)
+    }
+
     /// Creates a user without credentials. Any signed-in caller may do this.
     pub async fn create_user(&self, _by: &Principal, new: NewUser) -> Result<User> {
         new.validate()?;

@@ -292,6 +292,8 @@ pub fn router(state: AppState) -> Router {
         .merge(docs())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state.clone())
+        .merge(crate::graphql::router(state.clone(), state.config.graphql))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(from_fn_with_state(state.clone(), track))
         .layer(
@@ -309,5 +311,4 @@ pub fn router(state: AppState) -> Router {
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(RequestIds::default()))
         .layer(CatchPanicLayer::custom(panic_response))
-        .with_state(state)
 }

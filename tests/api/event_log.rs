@@ -6,7 +6,6 @@ use futures::{Stream, StreamExt};
 use prism::{
     App, Config,
     auth::{Principal, Role},
-    db::Db,
     domain::{Domain, NewProduct, Price},
     events::{self, Event, EventFilter, Item},
 };
@@ -312,9 +311,7 @@ async fn postgres_transactions_committing_out_of_id_order_lose_no_event() {
         }
     });
     // Wait until B is blocked behind A's ordering lock: B has tried to go first.
-    let Db::Postgres(pool) = &db else {
-        unreachable!()
-    };
+    let pool = db.postgres().unwrap();
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let waiting: i64 = sqlx::query_scalar(

@@ -3,7 +3,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use prism::{App, Config};
+use prism::{App, Config, state::AppState};
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 use tokio::{sync::oneshot, task::JoinHandle};
@@ -14,6 +14,7 @@ pub const WAIT: Duration = Duration::from_secs(15);
 
 pub struct TestApp {
     pub addr: SocketAddr,
+    pub state: AppState,
     pub client: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<anyhow::Result<()>>>,
@@ -42,12 +43,14 @@ pub async fn spawn_app() -> TestApp {
 pub async fn spawn_with(config: Config) -> TestApp {
     let app = App::build(config).await.expect("prism failed to start");
     let addr = app.http_addr();
+    let state = app.state().clone();
     let (stop, stopped) = oneshot::channel::<()>();
     let handle = tokio::spawn(app.run_until_stopped(async move {
         let _ = stopped.await;
     }));
     TestApp {
         addr,
+        state,
         client: reqwest::Client::builder().timeout(WAIT).build().unwrap(),
         stop: Some(stop),
         handle: Some(handle),
@@ -111,6 +114,37 @@ impl TestApp {
             .await;
         assert_eq!(status, StatusCode::OK, "login failed: {body}");
         body["access_token"].as_str().unwrap().to_owned()
+    }
+
+    /// Runs a GraphQL operation over HTTP POST; returns the whole response body.
+    pub async fn graphql(&self, query: &str, variables: Value, token: Option<&str>) -> Value {
+        let (status, body) = self
+            .send_json(
+                Method::POST,
+                "/graphql",
+                token,
+                Some(serde_json::json!({"query": query, "variables": variables})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body
+    }
+
+    /// A WebSocket to `path` offering `protocol`.
+    pub async fn websocket(&self, path: &str, protocol: Option<&str>) -> Ws {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut req = format!("ws://{}{}", self.addr, path)
+            .into_client_request()
+            .unwrap();
+        if let Some(p) = protocol {
+            req.headers_mut()
+                .insert("sec-websocket-protocol", p.parse().unwrap());
+        }
+        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req))
+            .await
+            .expect("WebSocket connect timed out")
+            .expect("WebSocket connect failed");
+        Ws(ws)
     }
 
     pub async fn admin_token(&self) -> String {
@@ -177,5 +211,56 @@ where
             "timed out waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A test WebSocket client: every receive has a timeout.
+pub struct Ws(
+    pub tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+);
+
+pub use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+impl Ws {
+    pub async fn send_json(&mut self, v: Value) {
+        use futures::SinkExt;
+        self.0
+            .send(WsMessage::Text(v.to_string().into()))
+            .await
+            .unwrap();
+    }
+
+    /// The next message of any kind (pings are skipped).
+    pub async fn next(&mut self) -> Option<WsMessage> {
+        use futures::StreamExt;
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.0.next())
+                .await
+                .expect("timed out waiting for a WebSocket message");
+            match msg {
+                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
+                Some(Ok(m)) => return Some(m),
+                Some(Err(_)) | None => return None,
+            }
+        }
+    }
+
+    /// The next text message, parsed as JSON.
+    pub async fn next_json(&mut self) -> Value {
+        match self.next().await {
+            Some(WsMessage::Text(t)) => serde_json::from_str(&t).unwrap(),
+            other => panic!("expected a text message, got {other:?}"),
+        }
+    }
+
+    /// The close code the server ends the connection with.
+    pub async fn close_code(&mut self) -> Option<u16> {
+        loop {
+            match self.next().await {
+                Some(WsMessage::Close(frame)) => return frame.map(|f| f.code.into()),
+                Some(_) => continue,
+                None => return None,
+            }
+        }
     }
 }

@@ -4,6 +4,7 @@
 mod admin;
 mod auth;
 mod event_log;
+mod graphql;
 mod helpers;
 mod lifecycle;
 mod products;

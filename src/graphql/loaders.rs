@@ -1,0 +1,138 @@
+//! DataLoaders for the nested fields (`Post.author`, `Post.comments`,
+//! `User.posts`, `User.friends`): one query answers the children of every
+//! parent, so a query's statement count does not grow with the number of
+//! parents.
+//!
+//! A DataLoader alone batches by timing: keys that arrive within its delay
+//! share a query, and a large list resolved slowly can spill into a second
+//! batch. So list resolvers also *prefetch*: they look ahead at the selection
+//! and load each selected relation for all parents with one `load_many`
+//! (recursively, one query per relation level) into the request's loader
+//! caches; the per-item resolvers then find their values cached, and a nested
+//! resolver's own prefetch finds its keys cached and costs nothing.
+
+use std::collections::HashMap;
+
+use async_graphql::{
+    Context, Lookahead, Result,
+    dataloader::{DataLoader, HashMapCache, Loader},
+};
+
+use super::error::gql_error;
+use crate::domain::{Comment, Domain, Post, User};
+
+/// Users by id.
+pub struct UserLoader(pub Domain);
+/// Posts by author id.
+pub struct PostsByAuthor(pub Domain);
+/// Comments by post id.
+pub struct CommentsByPost(pub Domain);
+/// Friends by user id.
+pub struct FriendsOf(pub Domain);
+
+impl Loader<i64> for UserLoader {
+    type Value = User;
+    type Error = async_graphql::Error;
+
+    async fn load(&self, keys: &[i64]) -> Result<HashMap<i64, User>, Self::Error> {
+        let users = self.0.users_by_ids(keys).await.map_err(gql_error)?;
+        Ok(users.into_iter().map(|u| (u.id, u)).collect())
+    }
+}
+
+impl Loader<i64> for PostsByAuthor {
+    type Value = Vec<Post>;
+    type Error = async_graphql::Error;
+
+    async fn load(&self, keys: &[i64]) -> Result<HashMap<i64, Vec<Post>>, Self::Error> {
+        let posts = self.0.posts_by_authors(keys).await.map_err(gql_error)?;
+        Ok(group(keys, posts, |p| p.author_id))
+    }
+}
+
+impl Loader<i64> for CommentsByPost {
+    type Value = Vec<Comment>;
+    type Error = async_graphql::Error;
+
+    async fn load(&self, keys: &[i64]) -> Result<HashMap<i64, Vec<Comment>>, Self::Error> {
+        let comments = self.0.comments_by_posts(keys).await.map_err(gql_error)?;
+        Ok(group(keys, comments, |c| c.post_id))
+    }
+}
+
+impl Loader<i64> for FriendsOf {
+    type Value = Vec<User>;
+    type Error = async_graphql::Error;
+
+    async fn load(&self, keys: &[i64]) -> Result<HashMap<i64, Vec<User>>, Self::Error> {
+        let pairs = self.0.friends_by_users(keys).await.map_err(gql_error)?;
+        let mut map: HashMap<i64, Vec<User>> = keys.iter().map(|k| (*k, Vec::new())).collect();
+        for (user_id, friend) in pairs {
+            map.entry(user_id).or_default().push(friend);
+        }
+        Ok(map)
+    }
+}
+
+/// Groups children by parent, giving every asked-for parent an entry (an empty
+/// list is an answer too, not a miss).
+fn group<T>(keys: &[i64], items: Vec<T>, parent: impl Fn(&T) -> i64) -> HashMap<i64, Vec<T>> {
+    let mut map: HashMap<i64, Vec<T>> = keys.iter().map(|k| (*k, Vec::new())).collect();
+    for item in items {
+        map.entry(parent(&item)).or_default().push(item);
+    }
+    map
+}
+
+/// A request's loaders, with per-request caches.
+pub type Cached<T> = DataLoader<T, HashMapCache>;
+
+pub fn cached<T: Loader<i64>>(loader: T) -> Cached<T> {
+    DataLoader::with_cache(loader, tokio::spawn, HashMapCache::default())
+}
+
+/// Loads and caches what `look` selects below these users.
+pub async fn prefetch_users(ctx: &Context<'_>, look: &Lookahead<'_>, ids: &[i64]) -> Result<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let posts = look.field("posts");
+    if posts.exists() {
+        let loader = ctx.data::<Cached<PostsByAuthor>>()?;
+        let by_author = loader.load_many(ids.iter().copied()).await?;
+        let all: Vec<Post> = by_author.into_values().flatten().collect();
+        Box::pin(prefetch_posts(ctx, &posts, &all)).await?;
+    }
+    let friends = look.field("friends");
+    if friends.exists() {
+        let loader = ctx.data::<Cached<FriendsOf>>()?;
+        let by_user = loader.load_many(ids.iter().copied()).await?;
+        let mut friend_ids: Vec<i64> = by_user.values().flatten().map(|u| u.id).collect();
+        friend_ids.sort_unstable();
+        friend_ids.dedup();
+        Box::pin(prefetch_users(ctx, &friends, &friend_ids)).await?;
+    }
+    Ok(())
+}
+
+/// Loads and caches what `look` selects below these posts.
+pub async fn prefetch_posts(ctx: &Context<'_>, look: &Lookahead<'_>, posts: &[Post]) -> Result<()> {
+    if posts.is_empty() {
+        return Ok(());
+    }
+    let author = look.field("author");
+    if author.exists() {
+        let mut ids: Vec<i64> = posts.iter().map(|p| p.author_id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let loader = ctx.data::<Cached<UserLoader>>()?;
+        loader.load_many(ids.iter().copied()).await?;
+        Box::pin(prefetch_users(ctx, &author, &ids)).await?;
+    }
+    if look.field("comments").exists() {
+        let ids: Vec<i64> = posts.iter().map(|p| p.id).collect();
+        let loader = ctx.data::<Cached<CommentsByPost>>()?;
+        loader.load_many(ids).await?;
+    }
+    Ok(())
+}
