@@ -21,6 +21,7 @@ use crate::{
     domain::Domain,
     events::EventLog,
     http,
+    realtime::ticker::Ticker,
     state::{AppState, Metrics, Shared, Stats},
 };
 
@@ -76,6 +77,15 @@ impl App {
         let stop_workers = CancellationToken::new();
         workers.spawn(events.clone().run_pump(stop_workers.clone()));
         workers.spawn(events.clone().run_retention(stop_workers.clone()));
+        let ticker = Ticker::new(config.ticker_interval);
+        workers.spawn(ticker.clone().run(stop_workers.clone()));
+        // Tasks interrupted by the last stop run again (a report is idempotent).
+        let jobs = TaskTracker::new();
+        for id in domain.unfinished_tasks().await? {
+            tracing::info!(task_id = %id, "resuming an interrupted task");
+            let domain = domain.clone();
+            jobs.spawn(async move { domain.run_task(&id).await });
+        }
 
         let addr = format!("{}:{}", config.host, config.port);
         let listener = TcpListener::bind(&addr)
@@ -92,6 +102,8 @@ impl App {
             metrics: Arc::new(Metrics::default()),
             shutdown: CancellationToken::new(),
             sessions: TaskTracker::new(),
+            jobs,
+            ticker,
         });
         Ok(App {
             state,

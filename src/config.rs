@@ -113,6 +113,22 @@ pub struct Settings {
     #[arg(long, env = "PRISM_MAX_WS_FRAME")]
     pub max_ws_frame: Option<usize>,
 
+    /// Seconds between `heartbeat` events on `/events/named` [default: 15]
+    #[arg(long, env = "PRISM_HEARTBEAT_SECS")]
+    pub heartbeat_secs: Option<u64>,
+
+    /// Seconds between keep-alive comments on every SSE stream [default: 15]
+    #[arg(long, env = "PRISM_SSE_KEEP_ALIVE_SECS")]
+    pub sse_keep_alive_secs: Option<u64>,
+
+    /// Milliseconds between ticks of `/events` [default: 1000]
+    #[arg(long, env = "PRISM_COUNTER_INTERVAL_MS")]
+    pub counter_interval_ms: Option<u64>,
+
+    /// Milliseconds between prices of the simulated stock ticker [default: 1000]
+    #[arg(long, env = "PRISM_TICKER_INTERVAL_MS")]
+    pub ticker_interval_ms: Option<u64>,
+
     /// Deepest GraphQL selection accepted [default: 15]
     #[arg(long, env = "PRISM_GRAPHQL_MAX_DEPTH")]
     pub graphql_max_depth: Option<usize>,
@@ -187,6 +203,18 @@ impl Settings {
             login_max_failures: self.login_max_failures.unwrap_or(d.login_max_failures),
             db_max_connections: self.db_max_connections.unwrap_or(d.db_max_connections),
             max_ws_frame: self.max_ws_frame.unwrap_or(d.max_ws_frame),
+            heartbeat_interval: self
+                .heartbeat_secs
+                .map_or(d.heartbeat_interval, Duration::from_secs),
+            sse_keep_alive: self
+                .sse_keep_alive_secs
+                .map_or(d.sse_keep_alive, Duration::from_secs),
+            counter_interval: self
+                .counter_interval_ms
+                .map_or(d.counter_interval, Duration::from_millis),
+            ticker_interval: self
+                .ticker_interval_ms
+                .map_or(d.ticker_interval, Duration::from_millis),
             graphql: crate::graphql::Limits {
                 max_depth: self.graphql_max_depth.unwrap_or(d.graphql.max_depth),
                 max_complexity: self
@@ -229,6 +257,10 @@ pub struct Config {
     pub login_max_failures: u32,
     pub db_max_connections: u32,
     pub max_ws_frame: usize,
+    pub heartbeat_interval: Duration,
+    pub sse_keep_alive: Duration,
+    pub counter_interval: Duration,
+    pub ticker_interval: Duration,
     pub graphql: crate::graphql::Limits,
 }
 
@@ -256,6 +288,10 @@ impl Default for Config {
             login_max_failures: 10,
             db_max_connections: 8,
             max_ws_frame: 1 << 20,
+            heartbeat_interval: Duration::from_secs(15),
+            sse_keep_alive: Duration::from_secs(15),
+            counter_interval: Duration::from_millis(1000),
+            ticker_interval: Duration::from_millis(1000),
             graphql: crate::graphql::Limits::default(),
         }
     }
@@ -332,6 +368,10 @@ impl Config {
             "login_max_failures": self.login_max_failures,
             "db_max_connections": self.db_max_connections,
             "max_ws_frame": self.max_ws_frame,
+            "heartbeat_secs": self.heartbeat_interval.as_secs(),
+            "sse_keep_alive_secs": self.sse_keep_alive.as_secs(),
+            "counter_interval_ms": self.counter_interval.as_millis() as u64,
+            "ticker_interval_ms": self.ticker_interval.as_millis() as u64,
             "graphql_max_depth": self.graphql.max_depth,
             "graphql_max_complexity": self.graphql.max_complexity,
             "graphql_max_query_bytes": self.graphql.max_query_bytes,
@@ -360,6 +400,9 @@ mod tests {
         assert!(!c.demo);
         assert!(c.database_url.is_none());
         assert_eq!(c.graphql.max_depth, 15);
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(15));
+        assert_eq!(c.sse_keep_alive, Duration::from_secs(15));
+        assert_eq!(c.max_ws_frame, 1 << 20);
         assert_eq!(c.graphql.max_complexity, 2000);
         assert_eq!(c.graphql.max_query_bytes, 100_000);
         assert!(c.graphql.introspection);

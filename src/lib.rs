@@ -11,6 +11,7 @@
 //! - [`state`]: application state and metrics shared by every protocol.
 //! - [`http`]: the REST edge (axum): routing, extractors, error mapping, docs.
 //! - [`graphql`]: the GraphQL schema, DataLoaders and transports (HTTP, WebSocket).
+//! - [`realtime`]: Server-Sent Events, WebSockets, background tasks, `/ui`.
 //! - [`app`]: startup and graceful shutdown.
 //! - [`demo`]: the demo data of `--demo`.
 
@@ -24,6 +25,7 @@ pub mod error;
 pub mod events;
 pub mod graphql;
 pub mod http;
+pub mod realtime;
 pub mod state;
 pub mod telemetry;
 

@@ -61,6 +61,10 @@ pub struct Shared {
     /// Upgraded connections (WebSockets) live outside the HTTP server's own
     /// bookkeeping; shutdown waits for them here so their close frames go out.
     pub sessions: TaskTracker,
+    /// Background jobs started by `POST /tasks`.
+    pub jobs: TaskTracker,
+    /// The simulated stock ticker shared by SSE and WebSocket clients.
+    pub ticker: crate::realtime::ticker::Ticker,
 }
 
 /// How long a user counts as active after an authenticated request.

@@ -87,3 +87,29 @@ impl Domain {
         Ok(message)
     }
 }
+
+/// A pub/sub broadcast (`POST /broadcast`), as stored in the event log.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct Broadcast {
+    pub message: String,
+    pub timestamp: DateTime<Utc>,
+}
+
+impl Domain {
+    /// Publishes a broadcast to every `/stream` subscriber. It is an event in
+    /// the log like any other, so a subscriber that reconnects gets the ones
+    /// it missed. Any signed-in user may broadcast.
+    pub async fn broadcast(&self, _by: &Principal, message: &str) -> Result<(i64, Broadcast)> {
+        Check::new()
+            .length("message", message, limits::CONTENT.0, limits::CONTENT.1)
+            .finish()?;
+        let b = Broadcast {
+            message: message.to_owned(),
+            timestamp: Utc::now(),
+        };
+        let mut tx = self.db.begin().await?;
+        let id = events::append(&mut tx, "broadcast", &b).await?;
+        self.commit(tx).await?;
+        Ok((id, b))
+    }
+}

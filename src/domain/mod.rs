@@ -12,6 +12,7 @@ pub mod messages;
 pub mod orders;
 pub mod posts;
 pub mod products;
+pub mod tasks;
 pub mod users;
 pub mod validate;
 
@@ -24,10 +25,11 @@ use crate::{
 };
 
 pub use cache::Cache;
-pub use messages::Message;
+pub use messages::{Broadcast, Message};
 pub use orders::{NewOrder, Order, OrderStatus};
 pub use posts::{Comment, NewPost, Post, PostPatch};
 pub use products::{Category, NewProduct, Price, Product};
+pub use tasks::{NewTask, Task, TaskEvent};
 pub use users::{NewUser, Registration, User};
 
 /// Items a list returns when the client names no `limit`.

@@ -89,6 +89,26 @@ impl Domain {
         })
     }
 
+    /// The orders of each of `user_ids`, in id order.
+    pub async fn orders_by_users(&self, user_ids: &[i64]) -> Result<Vec<Order>> {
+        let mut out = Vec::new();
+        for chunk in user_ids.chunks(crate::db::MAX_IN_LIST) {
+            let sql = format!(
+                "SELECT id, user_id, total, status, created_at FROM orders WHERE user_id IN ({}) ORDER BY id",
+                crate::db::placeholders(1, chunk.len())
+            );
+            let rows: Vec<Order> = on_db!(&self.db, pool => {
+                let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql));
+                for id in chunk {
+                    q = q.bind(*id);
+                }
+                q.fetch_all(pool).await?
+            });
+            out.extend(rows);
+        }
+        Ok(out)
+    }
+
     pub async fn get_order(&self, id: i64) -> Result<Order> {
         let order: Option<Order> = on_db!(&self.db, pool => {
             sqlx::query_as("SELECT id, user_id, total, status, created_at FROM orders WHERE id = $1")

@@ -9,8 +9,12 @@ pub mod loaders;
 pub mod schema;
 pub mod ws;
 
+use std::sync::Arc;
+
 use async_graphql::{
-    Data, Schema, ServerError, http::ALL_WEBSOCKET_PROTOCOLS, parser::types::OperationType,
+    Data, Schema, ServerError,
+    http::ALL_WEBSOCKET_PROTOCOLS,
+    parser::types::{ExecutableDocument, OperationType},
 };
 use axum::{
     Router,
@@ -99,6 +103,31 @@ pub struct GraphqlState {
     app: AppState,
     schema: PrismSchema,
     limits: Limits,
+    documents: Arc<Documents>,
+}
+
+/// Parsed query documents by query text. Clients send the same few queries
+/// over and over, and parsing is the largest single cost of a small query;
+/// a parsed document is cloned per request instead. When full the cache
+/// starts over, so unique queries cannot grow it without bound.
+#[derive(Default)]
+struct Documents(parking_lot::RwLock<std::collections::HashMap<Box<str>, ExecutableDocument>>);
+
+const DOCUMENT_CACHE: usize = 512;
+
+impl Documents {
+    fn parse(&self, query: &str) -> Result<ExecutableDocument, async_graphql::parser::Error> {
+        if let Some(doc) = self.0.read().get(query) {
+            return Ok(doc.clone());
+        }
+        let doc = async_graphql::parser::parse_query(query)?;
+        let mut map = self.0.write();
+        if map.len() >= DOCUMENT_CACHE {
+            map.clear();
+        }
+        map.insert(query.into(), doc.clone());
+        Ok(doc)
+    }
 }
 
 pub fn router(state: AppState, limits: Limits) -> Router {
@@ -110,6 +139,7 @@ pub fn router(state: AppState, limits: Limits) -> Router {
             app: state,
             schema,
             limits,
+            documents: Arc::default(),
         })
 }
 
@@ -230,9 +260,10 @@ async fn execute(
             "QUERY_TOO_LARGE",
         );
     }
-    // Parse first: GET may not run mutations, and a document that does not
-    // parse is a request error with no `data`.
-    let doc = match async_graphql::parser::parse_query(&params.query) {
+    // Parse first (from the cache when the query was seen before): GET may
+    // not run mutations, and a document that does not parse is a request
+    // error with no `data`.
+    let doc = match gs.documents.parse(&params.query) {
         Ok(doc) => doc,
         Err(e) => {
             return request_error(
@@ -274,6 +305,7 @@ async fn execute(
         return r;
     }
     let mut req = async_graphql::Request::new(params.query);
+    req.set_parsed_query(doc);
     if let Some(name) = params.operation_name {
         req = req.operation_name(name);
     }

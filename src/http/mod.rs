@@ -290,6 +290,7 @@ pub fn router(state: AppState) -> Router {
         .merge(mount("/products", products::root(), products::router()))
         .nest("/admin", admin::router())
         .merge(docs())
+        .merge(crate::realtime::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state.clone())

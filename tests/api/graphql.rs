@@ -724,3 +724,61 @@ async fn shutdown_completes_subscriptions_and_closes_with_1001() {
     }
     stopping.await.unwrap();
 }
+
+// ---- third-party clients (node) -------------------------------------------
+
+/// The directory of the Node.js clients, or `None` (with a notice) when their
+/// packages are not installed; under `CI=true` that is a failure instead.
+fn node_clients() -> Option<std::path::PathBuf> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js");
+    if dir.join("node_modules/graphql-http").exists()
+        && dir.join("node_modules/graphql-ws").exists()
+    {
+        return Some(dir);
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("tests/js/node_modules is missing: run `npm ci` in tests/js");
+    }
+    eprintln!("SKIPPED: third-party GraphQL clients (run `npm ci` in tests/js)");
+    None
+}
+
+async fn node(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new("node")
+            .args(args)
+            .current_dir(dir)
+            .output(),
+    )
+    .await
+    .expect("node timed out")
+    .expect("cannot run node");
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+#[tokio::test]
+async fn graphql_http_audit_suite_passes() {
+    let Some(dir) = node_clients() else { return };
+    let app = spawn_app().await;
+    let out = node(&dir, &["audit.mjs", &app.url("/graphql")]).await;
+    assert!(out.status.success(), "graphql-http audits failed");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_graphql_ws_client_library_subscribes() {
+    let Some(dir) = node_clients() else { return };
+    let app = spawn_app().await;
+    let token = app.alice_token().await;
+    let out = node(&dir, &["subscribe.mjs", &app.url(""), &token]).await;
+    assert!(out.status.success(), "graphql-ws client failed");
+    let delivered: Value = serde_json::from_slice(out.stdout.trim_ascii()).unwrap();
+    assert_eq!(
+        delivered["data"]["messageAdded"]["content"],
+        "from graphql-ws"
+    );
+    app.stop().await;
+}

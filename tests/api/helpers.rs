@@ -27,6 +27,10 @@ pub fn test_config(dir: &std::path::Path) -> Config {
     Config {
         demo: true,
         admin_password: Some(ADMIN_PASSWORD.into()),
+        // Fast clocks, so tests of timed streams wait milliseconds.
+        counter_interval: Duration::from_millis(50),
+        ticker_interval: Duration::from_millis(50),
+        heartbeat_interval: Duration::from_millis(200),
         ..Config::for_tests(dir)
     }
 }
@@ -41,6 +45,7 @@ pub async fn spawn_app() -> TestApp {
 
 /// prism with a given configuration.
 pub async fn spawn_with(config: Config) -> TestApp {
+    prism::telemetry::init_tap_only("warn,prism=info");
     let app = App::build(config).await.expect("prism failed to start");
     let addr = app.http_addr();
     let state = app.state().clone();
@@ -260,6 +265,97 @@ impl Ws {
                 Some(WsMessage::Close(frame)) => return frame.map(|f| f.code.into()),
                 Some(_) => continue,
                 None => return None,
+            }
+        }
+    }
+}
+
+/// One Server-Sent Event as a client sees it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SseEvent {
+    pub id: Option<String>,
+    pub event: Option<String>,
+    pub data: String,
+}
+
+impl SseEvent {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.data).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.data))
+    }
+}
+
+/// A minimal, strict SSE client over a streaming reqwest response.
+pub struct Sse {
+    pub response_headers: reqwest::header::HeaderMap,
+    body: std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    buf: String,
+}
+
+impl Sse {
+    pub async fn connect(app: &TestApp, path: &str, last_event_id: Option<&str>) -> Sse {
+        let mut req = app
+            .client
+            .get(app.url(path))
+            .timeout(Duration::from_secs(3600));
+        if let Some(id) = last_event_id {
+            req = req.header("last-event-id", id);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{path}");
+        Sse::from_response(r)
+    }
+
+    pub fn from_response(r: reqwest::Response) -> Sse {
+        Sse {
+            response_headers: r.headers().clone(),
+            body: Box::pin(r.bytes_stream()),
+            buf: String::new(),
+        }
+    }
+
+    /// The next event (comments skipped), or `None` when the stream ends.
+    pub async fn next(&mut self) -> Option<SseEvent> {
+        use futures::StreamExt;
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
+                let mut ev = SseEvent::default();
+                let mut data = Vec::new();
+                for line in block.lines() {
+                    if line.starts_with(':') || line.is_empty() {
+                        continue;
+                    }
+                    let (field, value) = line.split_once(':').unwrap_or((line, ""));
+                    let value = value.strip_prefix(' ').unwrap_or(value);
+                    match field {
+                        "id" => ev.id = Some(value.to_owned()),
+                        "event" => ev.event = Some(value.to_owned()),
+                        "data" => data.push(value.to_owned()),
+                        _ => {}
+                    }
+                }
+                if data.is_empty() && ev.event.is_none() {
+                    continue; // a comment-only block (keep-alive)
+                }
+                ev.data = data.join("\n");
+                return Some(ev);
+            }
+            let chunk = tokio::time::timeout(WAIT, self.body.next())
+                .await
+                .expect("timed out waiting for an SSE event");
+            match chunk {
+                Some(Ok(bytes)) => self.buf.push_str(&String::from_utf8_lossy(&bytes)),
+                Some(Err(_)) | None => return None,
+            }
+        }
+    }
+
+    /// The next event named `name` (others skipped).
+    pub async fn next_named(&mut self, name: &str) -> SseEvent {
+        loop {
+            let ev = self.next().await.expect("stream ended");
+            if ev.event.as_deref() == Some(name) {
+                return ev;
             }
         }
     }

@@ -8,5 +8,6 @@ mod graphql;
 mod helpers;
 mod lifecycle;
 mod products;
+mod realtime;
 mod rest;
 mod users;

@@ -1,0 +1,442 @@
+//! Server-Sent Events and WebSockets (SPEC §6), background tasks, and the
+//! `/ui` page.
+//!
+//! Every domain stream here is fed from the event log: `id:` is the event id,
+//! `Last-Event-ID` resumes (missed events replayed from the database, then
+//! live), and a client that falls behind is cut off and resumes, so it never
+//! slows the writer or other clients. Streams end when the server shuts down.
+
+pub mod ticker;
+pub mod ws;
+
+use std::{
+    convert::Infallible,
+    sync::{Arc, atomic::Ordering},
+};
+
+use axum::{
+    Router,
+    extract::State,
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{
+        Html, IntoResponse, Response,
+        sse::{Event as SseEvent, KeepAlive, Sse},
+    },
+    routing::{get, post},
+};
+use chrono::{SecondsFormat, Utc};
+use futures::{Stream, StreamExt, stream};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::{
+    domain::{NewTask, Task, TaskEvent},
+    events::{Event, EventFilter, Item},
+    http::{
+        error::ApiError,
+        extract::{Auth, Input, Json, Path, Query},
+    },
+    state::{AppState, Stats},
+};
+
+/// Keeps `sse_connections` right however a stream ends.
+struct Open(Arc<Stats>);
+
+impl Open {
+    fn new(stats: &Arc<Stats>) -> Self {
+        stats.sse_connections.fetch_add(1, Ordering::Relaxed);
+        Open(stats.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.sse_connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An SSE response with SPEC §6's headers and keep-alive comments; the stream
+/// ends on shutdown.
+fn sse(state: &AppState, events: impl Stream<Item = SseEvent> + Send + 'static) -> Response {
+    let open = Open::new(&state.stats);
+    let events = events
+        .take_until(state.shutdown.clone().cancelled_owned())
+        .map(move |e| {
+            let _counted = &open;
+            Ok::<_, Infallible>(e)
+        });
+    let mut r = Sse::new(events)
+        .keep_alive(
+            KeepAlive::new()
+                .interval(state.config.sse_keep_alive)
+                .text("keep-alive"),
+        )
+        .into_response();
+    let h = r.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    r
+}
+
+/// The resume point a reconnecting EventSource sends; anything that is not an
+/// id is ignored (live from now).
+fn last_event_id(headers: &HeaderMap) -> Option<i64> {
+    headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .filter(|id| *id >= 0)
+}
+
+fn reset_event() -> SseEvent {
+    SseEvent::default()
+        .event("reset")
+        .data(r#"{"reason":"history truncated"}"#)
+}
+
+/// Domain events as SSE, through `render` (which may skip an event). Ends when
+/// the subscriber is cut off; the client resumes with `Last-Event-ID`.
+fn log_stream(
+    state: &AppState,
+    after: Option<i64>,
+    filter: EventFilter,
+    render: impl Fn(&Event) -> Option<SseEvent> + Send + 'static,
+) -> impl Stream<Item = SseEvent> + Send + 'static {
+    state
+        .domain
+        .events()
+        .subscribe(after, filter)
+        .take_while(|item| futures::future::ready(!matches!(item, Item::CutOff { .. })))
+        .filter_map(move |item| {
+            futures::future::ready(match item {
+                Item::Event(e) => render(&e).map(|sse| sse.id(e.id.to_string())),
+                Item::Reset => Some(reset_event()),
+                Item::CutOff { .. } => None,
+            })
+        })
+}
+
+/// `GET /events`: a counter every second, `{"count": N, "timestamp": "…"}`.
+/// The count is the event id, so a reconnecting client continues from where
+/// it was instead of starting at 1.
+async fn counter(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let start = last_event_id(&headers).unwrap_or(0);
+    let tick = state.config.counter_interval;
+    let events = stream::unfold(start, move |count| async move {
+        tokio::time::sleep(tick).await;
+        let count = count + 1;
+        let data = json!({
+            "count": count,
+            "timestamp": Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true),
+        });
+        Some((
+            SseEvent::default()
+                .id(count.to_string())
+                .data(data.to_string()),
+            count,
+        ))
+    });
+    sse(&state, events)
+}
+
+/// The entity and id an event is about, for human-readable notifications.
+fn describe(e: &Event) -> String {
+    let (entity, verb) = e
+        .kind
+        .split_once('.')
+        .unwrap_or((e.kind.as_str(), "happened"));
+    let mut entity = entity.to_owned();
+    if let Some(first) = entity.get_mut(0..1) {
+        first.make_ascii_uppercase();
+    }
+    #[derive(Deserialize)]
+    struct Ids {
+        id: Option<serde_json::Value>,
+        order_id: Option<i64>,
+        task_id: Option<String>,
+        message: Option<String>,
+    }
+    match e.payload_as::<Ids>() {
+        Some(Ids {
+            message: Some(m), ..
+        }) if e.kind == "broadcast" => format!("Broadcast: {m}"),
+        Some(Ids {
+            order_id: Some(id), ..
+        }) => format!("{entity} {id} {verb}"),
+        Some(Ids {
+            task_id: Some(id), ..
+        }) => format!("{entity} {id} {verb}"),
+        Some(Ids { id: Some(id), .. }) => format!("{entity} {id} {verb}"),
+        _ => format!("{entity} {verb}"),
+    }
+}
+
+/// `GET /events/named`: `message` for every message sent, `notification` for
+/// every other domain event, and a `heartbeat` (`ping`).
+async fn named(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let domain = log_stream(&state, last_event_id(&headers), EventFilter::all(), |e| {
+        Some(if e.kind == "message.sent" {
+            SseEvent::default().event("message").data(e.payload.get())
+        } else {
+            let data = json!({
+                "type": "info",
+                "text": describe(e),
+                "event": e.kind,
+                "id": e.id,
+            });
+            SseEvent::default()
+                .event("notification")
+                .data(data.to_string())
+        })
+    });
+    let every = state.config.heartbeat_interval;
+    let heartbeat = stream::unfold((), move |()| async move {
+        tokio::time::sleep(every).await;
+        Some((SseEvent::default().event("heartbeat").data("ping"), ()))
+    });
+    sse(&state, stream::select(domain, heartbeat))
+}
+
+/// `GET /stream`: every broadcast, `{"message", "timestamp"}`, with no event
+/// name (the browser's default `message`).
+async fn broadcasts(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let events = log_stream(
+        &state,
+        last_event_id(&headers),
+        EventFilter::parse("broadcast"),
+        |e| Some(SseEvent::default().data(e.payload.get())),
+    );
+    sse(&state, events)
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub struct BroadcastIn {
+    pub message: String,
+}
+
+/// `POST /broadcast?message=…` (or a JSON body): publish to every `/stream`.
+async fn broadcast(
+    State(state): State<AppState>,
+    Auth(by): Auth,
+    Input(b): Input<BroadcastIn>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    state.domain.broadcast(&by, &b.message).await?;
+    Ok(Json(json!({"status": "broadcasted"})))
+}
+
+#[derive(Debug, Deserialize)]
+struct FeedQuery {
+    /// Comma-separated event types; `order.*` matches a prefix.
+    types: Option<String>,
+}
+
+/// `GET /events/feed?types=…`: every domain event, resumable.
+async fn feed(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<FeedQuery>,
+) -> Response {
+    let filter = EventFilter::parse(q.types.as_deref().unwrap_or(""));
+    let events = log_stream(&state, last_event_id(&headers), filter, |e| {
+        Some(
+            SseEvent::default()
+                .event(e.kind.as_str())
+                .data(e.json.as_str()),
+        )
+    });
+    sse(&state, events)
+}
+
+/// `POST /tasks` `{"kind": "report"}`: starts a background job; 202 with its id.
+async fn create_task(
+    State(state): State<AppState>,
+    Auth(by): Auth,
+    Json(new): Json<NewTask>,
+) -> Result<Response, ApiError> {
+    let task = state.domain.create_task(&by, new).await?;
+    let domain = state.domain.clone();
+    let id = task.task_id.clone();
+    state.jobs.spawn(async move { domain.run_task(&id).await });
+    let mut r = (
+        StatusCode::ACCEPTED,
+        Json(json!({"task_id": task.task_id, "status": task.status})),
+    )
+        .into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("/tasks/{}", task.task_id)) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(r)
+}
+
+/// `GET /tasks/{task_id}`: state, progress and (once completed) the result.
+async fn get_task(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Task>, ApiError> {
+    Ok(Json(state.domain.get_task(&id).await?))
+}
+
+fn progress_event(task_id: &str, progress: i32) -> SseEvent {
+    SseEvent::default().data(json!({"task_id": task_id, "progress": progress}).to_string())
+}
+
+fn completed_event(task_id: &str, status: &str) -> SseEvent {
+    SseEvent::default().data(json!({"task_id": task_id, "status": status}).to_string())
+}
+
+/// `GET /progress/{task_id}`: the task's progress, then `completed` (or
+/// `failed`), then the stream ends. Unknown tasks are 404.
+async fn progress(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    // Subscribe before reading the state, so no change falls in between.
+    let live = state
+        .domain
+        .events()
+        .subscribe(None, EventFilter::parse("task.*"));
+    let task = state.domain.get_task(&id).await?;
+    let mut first = vec![progress_event(&id, task.progress)];
+    if matches!(task.status.as_str(), "completed" | "failed") {
+        first.push(completed_event(&id, &task.status));
+        return Ok(sse(&state, stream::iter(first)));
+    }
+    let updates = stream::unfold(
+        (Box::pin(live), id, false),
+        |(mut live, id, done)| async move {
+            if done {
+                return None;
+            }
+            loop {
+                match live.next().await? {
+                    Item::Event(e) => {
+                        let Some(t) = e.payload_as::<TaskEvent>().filter(|t| t.task_id == id)
+                        else {
+                            continue;
+                        };
+                        if let Some(status) = e
+                            .kind
+                            .strip_prefix("task.")
+                            .filter(|s| matches!(*s, "completed" | "failed"))
+                        {
+                            let last = vec![progress_event(&id, 100), completed_event(&id, status)];
+                            return Some((stream::iter(last), (live, id, true)));
+                        }
+                        let next = vec![progress_event(&id, t.progress.unwrap_or(0))];
+                        return Some((stream::iter(next), (live, id, false)));
+                    }
+                    // Cut off: the client reconnects and starts from the
+                    // persisted progress.
+                    Item::CutOff { .. } => return None,
+                    Item::Reset => continue,
+                }
+            }
+        },
+    )
+    .flatten();
+    Ok(sse(&state, stream::iter(first).chain(updates)))
+}
+
+#[derive(Debug, Deserialize)]
+struct LogQuery {
+    /// The least severe level to send: trace, debug, info, warn or error.
+    level: Option<String>,
+}
+
+/// `GET /logs` (admin): this server's log records as they happen.
+async fn logs(
+    State(state): State<AppState>,
+    Auth(by): Auth,
+    Query(q): Query<LogQuery>,
+) -> Result<Response, ApiError> {
+    by.ensure_admin()?;
+    let min: tracing::Level = match q.level.as_deref() {
+        None => tracing::Level::TRACE,
+        Some(l) => l.parse().map_err(|_| {
+            ApiError::query(crate::error::Error::invalid(
+                "level",
+                "enum",
+                "Input should be trace, debug, info, warn or error",
+            ))
+        })?,
+    };
+    let rx = crate::telemetry::subscribe_logs();
+    let records = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(move |r| {
+        futures::future::ready(match r {
+            // Level order: ERROR < WARN < … < TRACE, so "at least as severe" is <=.
+            Ok(rec) if rec.level <= min => Some(SseEvent::default().data(rec.json.as_ref())),
+            _ => None,
+        })
+    });
+    Ok(sse(&state, records))
+}
+
+/// `GET /stock-prices`: the simulated ticker (shared with the WebSocket).
+async fn stock_prices(State(state): State<AppState>) -> Response {
+    let ticks =
+        tokio_stream::wrappers::BroadcastStream::new(state.ticker.subscribe()).filter_map(|t| {
+            futures::future::ready(t.ok().map(|json| SseEvent::default().data(json.as_ref())))
+        });
+    sse(&state, ticks)
+}
+
+async fn ui() -> Html<&'static str> {
+    Html(include_str!("ui.html"))
+}
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/events", get(counter))
+        .route("/events/named", get(named))
+        .route("/events/feed", get(feed))
+        .route("/stream", get(broadcasts))
+        .route("/broadcast", post(broadcast))
+        .route("/tasks", post(create_task))
+        .route("/tasks/{task_id}", get(get_task))
+        .route("/progress/{task_id}", get(progress))
+        .route("/logs", get(logs))
+        .route("/stock-prices", get(stock_prices))
+        .route("/ws", get(ws::echo))
+        .route("/ws/stock-prices", get(ws::stock_prices))
+        .route("/ui", get(ui))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_event_id_ignores_junk() {
+        let mut h = HeaderMap::new();
+        assert_eq!(last_event_id(&h), None);
+        h.insert("last-event-id", "42".parse().unwrap());
+        assert_eq!(last_event_id(&h), Some(42));
+        h.insert("last-event-id", "abc".parse().unwrap());
+        assert_eq!(last_event_id(&h), None);
+        h.insert("last-event-id", "-3".parse().unwrap());
+        assert_eq!(last_event_id(&h), None);
+    }
+
+    #[test]
+    fn notifications_name_the_entity() {
+        let event = |kind: &str, payload: &str| Event {
+            id: 7,
+            kind: kind.into(),
+            payload: serde_json::value::RawValue::from_string(payload.into()).unwrap(),
+            created_at: Utc::now(),
+            json: String::new(),
+        };
+        assert_eq!(
+            describe(&event("user.created", r#"{"id":3}"#)),
+            "User 3 created"
+        );
+        assert_eq!(
+            describe(&event("order.created", r#"{"order_id":2}"#)),
+            "Order 2 created"
+        );
+        assert_eq!(
+            describe(&event("broadcast", r#"{"message":"hi"}"#)),
+            "Broadcast: hi"
+        );
+    }
+}

@@ -1,0 +1,511 @@
+//! Server-Sent Events, WebSockets and background tasks (SPEC §6).
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::helpers::{Sse, TestApp, WsMessage, spawn_app, spawn_with, test_config};
+
+async fn broadcast(app: &TestApp, token: &str, message: &str) {
+    let r = app
+        .client
+        .post(app.url("/broadcast"))
+        .query(&[("message", message)])
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"status": "broadcasted"})
+    );
+}
+
+#[tokio::test]
+async fn sse_headers_and_the_counter() {
+    let app = spawn_app().await;
+    let mut sse = Sse::connect(&app, "/events", None).await;
+    let h = &sse.response_headers;
+    assert!(
+        h["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    assert_eq!(h["cache-control"], "no-cache");
+    assert_eq!(h["x-accel-buffering"], "no");
+    let first = sse.next().await.unwrap();
+    assert_eq!(first.id.as_deref(), Some("1"));
+    assert_eq!(first.json()["count"], 1);
+    assert!(first.json()["timestamp"].as_str().unwrap().contains('T'));
+    assert_eq!(sse.next().await.unwrap().json()["count"], 2);
+    // A reconnecting EventSource continues the count.
+    let mut again = Sse::connect(&app, "/events", Some("41")).await;
+    assert_eq!(again.next().await.unwrap().json()["count"], 42);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn named_events_carry_writes_from_every_protocol() {
+    let app = spawn_app().await;
+    let alice = app.alice_token().await;
+    let mut sse = Sse::connect(&app, "/events/named", None).await;
+    // REST write of another kind: a notification.
+    let (status, user) = app
+        .send_json(
+            Method::POST,
+            "/users/",
+            Some(&alice),
+            Some(json!({"name": "Dora", "email": "dora@example.com"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let n = sse.next_named("notification").await;
+    let body = n.json();
+    assert_eq!(body["type"], "info");
+    assert_eq!(body["text"], format!("User {} created", user["id"]));
+    assert_eq!(body["event"], "user.created");
+    assert_eq!(n.id.as_deref(), Some(body["id"].to_string().as_str()));
+    // A message over REST, then one over GraphQL: `message` events.
+    app.send_json(
+        Method::POST,
+        "/messages",
+        Some(&alice),
+        Some(json!({"content": "via REST"})),
+    )
+    .await;
+    let m = sse.next_named("message").await.json();
+    assert_eq!(m["content"], "via REST");
+    assert_eq!(m["user_id"], 1);
+    app.graphql(
+        r#"mutation { sendMessage(content: "via GraphQL", userId: 1) { id } }"#,
+        json!({}),
+        Some(&alice),
+    )
+    .await;
+    assert_eq!(
+        sse.next_named("message").await.json()["content"],
+        "via GraphQL"
+    );
+    // The heartbeat (200 ms in tests), data `ping` as in the seed.
+    let hb = sse.next_named("heartbeat").await;
+    assert_eq!(hb.data, "ping");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn broadcast_reaches_every_stream_subscriber() {
+    let app = spawn_app().await;
+    let alice = app.alice_token().await;
+    let r = app
+        .client
+        .post(app.url("/broadcast?message=x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let mut a = Sse::connect(&app, "/stream", None).await;
+    let mut b = Sse::connect(&app, "/stream", None).await;
+    broadcast(&app, &alice, "hello all").await;
+    // JSON body too.
+    let (status, _) = app
+        .send_json(
+            Method::POST,
+            "/broadcast",
+            Some(&alice),
+            Some(json!({"message": "second"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    for sse in [&mut a, &mut b] {
+        let first = sse.next().await.unwrap();
+        assert_eq!(first.event, None, "the browser's default `message` event");
+        assert!(first.id.is_some());
+        assert_eq!(first.json()["message"], "hello all");
+        assert!(first.json()["timestamp"].is_string());
+        assert_eq!(sse.next().await.unwrap().json()["message"], "second");
+    }
+    let (status, _) = app
+        .send_json(
+            Method::POST,
+            "/broadcast",
+            Some(&alice),
+            Some(json!({"message": ""})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn last_event_id_replays_exactly_what_was_missed() {
+    let app = spawn_app().await;
+    let alice = app.alice_token().await;
+    let mut sse = Sse::connect(&app, "/stream", None).await;
+    broadcast(&app, &alice, "one").await;
+    let one = sse.next().await.unwrap();
+    drop(sse);
+    broadcast(&app, &alice, "two").await;
+    broadcast(&app, &alice, "three").await;
+    let mut resumed = Sse::connect(&app, "/stream", one.id.as_deref()).await;
+    let two = resumed.next().await.unwrap();
+    let three = resumed.next().await.unwrap();
+    assert_eq!(
+        (
+            two.json()["message"].clone(),
+            three.json()["message"].clone()
+        ),
+        (json!("two"), json!("three"))
+    );
+    broadcast(&app, &alice, "four").await;
+    assert_eq!(resumed.next().await.unwrap().json()["message"], "four");
+    // An id that is not an id: live from now.
+    let mut fresh = Sse::connect(&app, "/stream", Some("not-a-number")).await;
+    broadcast(&app, &alice, "five").await;
+    assert_eq!(fresh.next().await.unwrap().json()["message"], "five");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn resuming_past_retention_gets_a_reset_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.event_retention = std::time::Duration::ZERO;
+    let app = spawn_with(config).await;
+    let alice = app.alice_token().await;
+    broadcast(&app, &alice, "old").await;
+    app.state.domain.events().enforce_retention().await.unwrap();
+    broadcast(&app, &alice, "new").await;
+    let mut sse = Sse::connect(&app, "/stream", Some("1")).await;
+    let reset = sse.next().await.unwrap();
+    assert_eq!(reset.event.as_deref(), Some("reset"));
+    assert_eq!(reset.json(), json!({"reason": "history truncated"}));
+    assert_eq!(sse.next().await.unwrap().json()["message"], "new");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_domain_feed_filters_by_type() {
+    let app = spawn_app().await;
+    let alice = app.alice_token().await;
+    let mut sse = Sse::connect(&app, "/events/feed?types=order.*", None).await;
+    app.send_json(
+        Method::POST,
+        "/messages",
+        Some(&alice),
+        Some(json!({"content": "not an order"})),
+    )
+    .await;
+    let (_, order) = app
+        .send_json(
+            Method::POST,
+            "/orders",
+            Some(&alice),
+            Some(json!({"total": 42.0})),
+        )
+        .await;
+    let ev = sse.next().await.unwrap();
+    assert_eq!(ev.event.as_deref(), Some("order.created"));
+    let body = ev.json();
+    assert_eq!(body["type"], "order.created");
+    assert_eq!(
+        body["payload"],
+        json!({"order_id": order["id"], "user_id": 1, "total": 42.0})
+    );
+    assert_eq!(ev.id.unwrap(), body["id"].to_string());
+    assert!(body["created_at"].is_string());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn tasks_run_for_real_and_stream_their_progress() {
+    let app = spawn_app().await;
+    let alice = app.alice_token().await;
+    let (status, _) = app
+        .send_json(
+            Method::POST,
+            "/tasks",
+            None,
+            Some(json!({"kind": "report"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = app
+        .send_json(
+            Method::POST,
+            "/tasks",
+            Some(&alice),
+            Some(json!({"kind": "nope"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    // Enough users that the report takes several steps.
+    for i in 0..60 {
+        app.send_json(
+            Method::POST,
+            "/users/",
+            Some(&alice),
+            Some(json!({"name": format!("u{i}"), "email": format!("u{i}@example.com")})),
+        )
+        .await;
+    }
+    let (status, started) = app
+        .send_json(
+            Method::POST,
+            "/tasks",
+            Some(&alice),
+            Some(json!({"kind": "report"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let id = started["task_id"].as_str().unwrap().to_owned();
+    let mut sse = Sse::connect(&app, &format!("/progress/{id}"), None).await;
+    let mut last = -1;
+    loop {
+        let ev = sse
+            .next()
+            .await
+            .expect("stream ended before completion")
+            .json();
+        assert_eq!(ev["task_id"], id);
+        if ev.get("status").is_some() {
+            assert_eq!(ev["status"], "completed");
+            break;
+        }
+        let p = ev["progress"].as_i64().unwrap();
+        assert!(p >= last && p <= 100, "progress went from {last} to {p}");
+        last = p;
+    }
+    assert_eq!(last, 100);
+    assert!(
+        sse.next().await.is_none(),
+        "the stream ends after completion"
+    );
+    let (status, task) = app.get_json(&format!("/tasks/{id}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(task["status"], "completed");
+    assert_eq!(task["result"]["users"], 63);
+    assert_eq!(task["result"]["posts"], 3);
+    assert_eq!(task["result"]["comments"], 4);
+    assert_eq!(task["result"]["orders"], 2);
+    assert_eq!(task["result"]["revenue"], 249.98);
+    // Reconnecting after the fact still tells the whole story.
+    let mut again = Sse::connect(&app, &format!("/progress/{id}"), None).await;
+    assert_eq!(again.next().await.unwrap().json()["progress"], 100);
+    assert_eq!(again.next().await.unwrap().json()["status"], "completed");
+    assert!(again.next().await.is_none());
+    // Unknown tasks are 404, not fake progress.
+    let (status, body) = app.get_json("/progress/no-such-task").await;
+    assert_eq!(
+        (status, body),
+        (StatusCode::NOT_FOUND, json!({"detail": "Task not found"}))
+    );
+    let (status, _) = app.get_json("/tasks/no-such-task").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn logs_stream_the_servers_own_records_to_admins() {
+    let app = spawn_app().await;
+    let (status, _) = app.get_json("/logs").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let alice = app.alice_token().await;
+    let r = app
+        .client
+        .get(app.url("/logs"))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let admin = app.admin_token().await;
+    let r = app
+        .client
+        .get(app.url("/logs?level=loud"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+
+    let r = app
+        .client
+        .get(app.url("/logs?level=info"))
+        .bearer_auth(&admin)
+        .timeout(std::time::Duration::from_secs(3600))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let mut sse = crate::helpers::Sse::from_response(r);
+    // Something this server logs: a failed login.
+    let marker = format!("nobody-{}", prism::auth::random_token(4));
+    app.send_json(
+        Method::POST,
+        "/auth/login",
+        None,
+        Some(json!({"username": marker, "password": "wrong-password"})),
+    )
+    .await;
+    loop {
+        let rec = sse.next().await.expect("log stream ended").json();
+        if rec["message"] == "failed login" && rec["fields"]["username"] == marker.as_str() {
+            assert_eq!(rec["level"], "info");
+            assert!(rec["target"].as_str().unwrap().starts_with("prism"));
+            assert!(rec["timestamp"].is_string());
+            break;
+        }
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn one_ticker_feeds_sse_and_websocket() {
+    let app = spawn_app().await;
+    let mut sse = Sse::connect(&app, "/stock-prices", None).await;
+    let mut ws = app.websocket("/ws/stock-prices", None).await;
+    let mut from_sse = std::collections::HashSet::new();
+    let mut from_ws = std::collections::HashSet::new();
+    for _ in 0..4 {
+        let t = sse.next().await.unwrap().json();
+        assert_eq!(t["symbol"], "AAPL");
+        let price = t["price"].as_f64().unwrap();
+        assert!((100.0..=200.0).contains(&price));
+        from_sse.insert(t.to_string());
+        from_ws.insert(ws.next_json().await.to_string());
+    }
+    assert!(
+        from_sse.intersection(&from_ws).count() >= 2,
+        "the two clients saw different prices: {from_sse:?} vs {from_ws:?}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn websocket_echo_limits_and_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.max_ws_frame = 64 * 1024;
+    let app = spawn_with(config).await;
+    let mut ws = app.websocket("/ws", None).await;
+    use futures::SinkExt;
+    ws.0.send(WsMessage::Text("hi".into())).await.unwrap();
+    assert_eq!(ws.next().await, Some(WsMessage::Text("Echo: hi".into())));
+    ws.0.send(WsMessage::Binary(vec![1u8, 2, 3].into()))
+        .await
+        .unwrap();
+    assert_eq!(
+        ws.next().await,
+        Some(WsMessage::Binary(vec![1u8, 2, 3].into()))
+    );
+    let admin = app.admin_token().await;
+    let stats: Value = app
+        .client
+        .get(app.url("/admin/stats"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(stats["websocket_connections"].as_i64().unwrap() >= 1);
+
+    // Over the limit: closed with 1009.
+    let mut big = app.websocket("/ws", None).await;
+    let _ = big
+        .0
+        .send(WsMessage::Text("x".repeat(100 * 1024).into()))
+        .await;
+    assert_eq!(big.close_code().await, Some(1009));
+
+    // Shutdown closes with 1001.
+    let stopping = tokio::spawn(app.stop());
+    assert_eq!(ws.close_code().await, Some(1001));
+    stopping.await.unwrap();
+}
+
+/// A client that stops reading is cut off once the server's buffers for it
+/// fill, while another client keeps receiving everything; the stalled one can
+/// resume from the last id it got.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_sse_client_is_dropped_and_others_keep_up() {
+    const MESSAGES: usize = 600; // ~6 MB: more than the socket buffers hold
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.event_buffer = 16;
+    let app = spawn_with(config).await;
+    let alice = app.alice_token().await;
+
+    // The stalled client: a tiny receive window, headers read, then silence.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(app.addr).await.unwrap();
+    stalled
+        .write_all(format!("GET /stream HTTP/1.1\r\nHost: {}\r\n\r\n", app.addr).as_bytes())
+        .await
+        .unwrap();
+    let mut head = [0u8; 256];
+    let n = tokio::time::timeout(crate::helpers::WAIT, stalled.read(&mut head))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 200"));
+
+    let mut fast = Sse::connect(&app, "/stream", None).await;
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        while got.len() < MESSAGES {
+            got.push(
+                fast.next()
+                    .await
+                    .expect("the fast client was cut off")
+                    .id
+                    .unwrap(),
+            );
+        }
+        got
+    });
+    let text = "x".repeat(10_000);
+    for _ in 0..MESSAGES {
+        broadcast(&app, &alice, &text).await;
+    }
+    let got = tokio::time::timeout(crate::helpers::WAIT, reader)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.len(), MESSAGES);
+
+    // The stalled client now reads what it was sent: the response body ends
+    // (the chunked terminator; the connection itself stays open for reuse)
+    // well before the last message.
+    let mut received = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    while !received.ends_with(b"\r\n0\r\n\r\n") {
+        let n = tokio::time::timeout(crate::helpers::WAIT, stalled.read(&mut buf))
+            .await
+            .expect("the stalled client's stream never ended: it was not cut off")
+            .unwrap();
+        assert!(n > 0, "connection closed");
+        received.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&received);
+    let ids: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: "))
+        .collect();
+    assert!(ids.len() < MESSAGES, "the stalled client was never cut off");
+    // It resumes from its last id and gets the rest.
+    let last_seen = ids.last().copied().unwrap_or("0");
+    let missing = got
+        .iter()
+        .filter(|id| id.parse::<i64>().unwrap() > last_seen.parse::<i64>().unwrap())
+        .count();
+    let mut resumed = Sse::connect(&app, "/stream", Some(last_seen)).await;
+    for _ in 0..missing {
+        resumed.next().await.expect("resume ended early");
+    }
+    app.stop().await;
+}
