@@ -5,11 +5,12 @@
 //!
 //! A DataLoader alone batches by timing: keys that arrive within its delay
 //! share a query, and a large list resolved slowly can spill into a second
-//! batch. So list resolvers also *prefetch*: they look ahead at the selection
-//! and load each selected relation for all parents with one `load_many`
-//! (recursively, one query per relation level) into the request's loader
-//! caches; the per-item resolvers then find their values cached, and a nested
-//! resolver's own prefetch finds its keys cached and costs nothing.
+//! batch, and every batch waits out the delay first. So list resolvers also
+//! *prefetch*: they look ahead at the selection and load each selected
+//! relation for all parents at once (recursively, one query per relation
+//! level) straight into the request's loader caches; the per-item resolvers
+//! then find their values cached, and a nested resolver's own prefetch finds
+//! its keys done ([`Prefetched`]) and costs nothing.
 
 use std::collections::HashMap;
 
@@ -91,6 +92,56 @@ pub fn cached<T: Loader<i64>>(loader: T) -> Cached<T> {
     DataLoader::with_cache(loader, tokio::spawn, HashMapCache::default())
 }
 
+/// Keys each relation has already been prefetched for in this request, so a
+/// nested resolver's prefetch skips what an outer one loaded.
+#[derive(Default)]
+pub struct Prefetched {
+    seen: parking_lot::Mutex<HashMap<&'static str, std::collections::HashSet<i64>>>,
+    /// Off for a WebSocket connection: its data outlives one operation, and a
+    /// cache there would serve later subscription events stale rows.
+    off: bool,
+}
+
+impl Prefetched {
+    pub fn off() -> Self {
+        Prefetched {
+            off: true,
+            ..Default::default()
+        }
+    }
+
+    /// The keys of `ids` not yet prefetched for `relation`, marking them now.
+    fn claim(&self, relation: &'static str, ids: &[i64]) -> Vec<i64> {
+        if self.off {
+            return Vec::new();
+        }
+        let mut seen = self.seen.lock();
+        let done = seen.entry(relation).or_default();
+        ids.iter().copied().filter(|id| done.insert(*id)).collect()
+    }
+}
+
+/// Calls the loader directly for the keys not prefetched yet and feeds its
+/// answers into the request's cache. Direct, because a DataLoader's own
+/// batching waits out its delay first; these keys are already a full batch.
+async fn prefetch<T>(
+    ctx: &Context<'_>,
+    relation: &'static str,
+    ids: &[i64],
+) -> Result<HashMap<i64, T::Value>>
+where
+    T: Loader<i64, Error = async_graphql::Error>,
+{
+    let missing = ctx.data::<Prefetched>()?.claim(relation, ids);
+    if missing.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let loader = ctx.data::<Cached<T>>()?;
+    let values = loader.loader().load(&missing).await?;
+    loader.feed_many(values.clone()).await;
+    Ok(values)
+}
+
 /// Loads and caches what `look` selects below these users.
 pub async fn prefetch_users(ctx: &Context<'_>, look: &Lookahead<'_>, ids: &[i64]) -> Result<()> {
     if ids.is_empty() {
@@ -98,15 +149,13 @@ pub async fn prefetch_users(ctx: &Context<'_>, look: &Lookahead<'_>, ids: &[i64]
     }
     let posts = look.field("posts");
     if posts.exists() {
-        let loader = ctx.data::<Cached<PostsByAuthor>>()?;
-        let by_author = loader.load_many(ids.iter().copied()).await?;
+        let by_author = prefetch::<PostsByAuthor>(ctx, "posts_by_author", ids).await?;
         let all: Vec<Post> = by_author.into_values().flatten().collect();
         Box::pin(prefetch_posts(ctx, &posts, &all)).await?;
     }
     let friends = look.field("friends");
     if friends.exists() {
-        let loader = ctx.data::<Cached<FriendsOf>>()?;
-        let by_user = loader.load_many(ids.iter().copied()).await?;
+        let by_user = prefetch::<FriendsOf>(ctx, "friends_of", ids).await?;
         let mut friend_ids: Vec<i64> = by_user.values().flatten().map(|u| u.id).collect();
         friend_ids.sort_unstable();
         friend_ids.dedup();
@@ -125,14 +174,12 @@ pub async fn prefetch_posts(ctx: &Context<'_>, look: &Lookahead<'_>, posts: &[Po
         let mut ids: Vec<i64> = posts.iter().map(|p| p.author_id).collect();
         ids.sort_unstable();
         ids.dedup();
-        let loader = ctx.data::<Cached<UserLoader>>()?;
-        loader.load_many(ids.iter().copied()).await?;
+        prefetch::<UserLoader>(ctx, "user", &ids).await?;
         Box::pin(prefetch_users(ctx, &author, &ids)).await?;
     }
     if look.field("comments").exists() {
         let ids: Vec<i64> = posts.iter().map(|p| p.id).collect();
-        let loader = ctx.data::<Cached<CommentsByPost>>()?;
-        loader.load_many(ids).await?;
+        prefetch::<CommentsByPost>(ctx, "comments_by_post", &ids).await?;
     }
     Ok(())
 }

@@ -72,15 +72,28 @@ pub fn sdl() -> String {
     Schema::build(Query, Mutation, Subscription).finish().sdl()
 }
 
-/// Per-request (or per-connection) data: who is calling, and DataLoaders of
-/// its own, so batches and their caches never mix callers.
-fn request_data(domain: &Domain, caller: Caller) -> Data {
+/// The data of one HTTP request (`cache`: loaders cache for the request) or
+/// of one WebSocket connection (no cache: the connection's data serves every
+/// operation and event on it, and a cache would serve later events stale
+/// rows). Either way the caller gets loaders of its own, so batches never mix
+/// callers.
+fn operation_data(domain: &Domain, caller: Caller, cache: bool) -> Data {
+    fn add<T: async_graphql::dataloader::Loader<i64>>(data: &mut Data, loader: T, cache: bool) {
+        let loader = loaders::cached(loader);
+        loader.enable_all_cache(cache);
+        data.insert(loader);
+    }
     let mut data = Data::default();
     data.insert(caller);
-    data.insert(loaders::cached(UserLoader(domain.clone())));
-    data.insert(loaders::cached(PostsByAuthor(domain.clone())));
-    data.insert(loaders::cached(CommentsByPost(domain.clone())));
-    data.insert(loaders::cached(FriendsOf(domain.clone())));
+    add(&mut data, UserLoader(domain.clone()), cache);
+    add(&mut data, PostsByAuthor(domain.clone()), cache);
+    add(&mut data, CommentsByPost(domain.clone()), cache);
+    add(&mut data, FriendsOf(domain.clone()), cache);
+    data.insert(if cache {
+        loaders::Prefetched::default()
+    } else {
+        loaders::Prefetched::off()
+    });
     data
 }
 
@@ -319,7 +332,7 @@ async fn execute(
             }
         }
     }
-    req.data = request_data(&gs.app.domain, caller);
+    req.data = operation_data(&gs.app.domain, caller, true);
     let resp = gs.schema.execute(req).await;
     // Errors without a path happened before execution (validation, variable
     // coercion, limits): a request error, 400 with no `data` under

@@ -19,7 +19,7 @@ use axum::{
 use futures::{SinkExt, StreamExt};
 use serde_json::Value;
 
-use super::{GraphqlState, connection_token, request_data, schema::Caller};
+use super::{GraphqlState, connection_token, operation_data, schema::Caller};
 
 /// How often the legacy protocol's `ka` is sent.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
@@ -82,7 +82,7 @@ async fn run(gs: GraphqlState, socket: WebSocket, protocol: Protocols) {
                 Err(_) => return Err(async_graphql::Error::new("Forbidden: invalid token")),
             },
         };
-        Ok(request_data(&app.domain, caller))
+        Ok(operation_data(&app.domain, caller, false))
     });
 
     let shutdown = gs.app.shutdown.clone();

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, WsMessage, spawn_app, spawn_with, test_config};
+use crate::helpers::{TestApp, WsMessage, node, node_clients, spawn_app, spawn_with, test_config};
 
 fn code(body: &Value) -> &str {
     body["errors"][0]["extensions"]["code"]
@@ -726,38 +726,6 @@ async fn shutdown_completes_subscriptions_and_closes_with_1001() {
 }
 
 // ---- third-party clients (node) -------------------------------------------
-
-/// The directory of the Node.js clients, or `None` (with a notice) when their
-/// packages are not installed; under `CI=true` that is a failure instead.
-fn node_clients() -> Option<std::path::PathBuf> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js");
-    if dir.join("node_modules/graphql-http").exists()
-        && dir.join("node_modules/graphql-ws").exists()
-    {
-        return Some(dir);
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("tests/js/node_modules is missing: run `npm ci` in tests/js");
-    }
-    eprintln!("SKIPPED: third-party GraphQL clients (run `npm ci` in tests/js)");
-    None
-}
-
-async fn node(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
-    let out = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::process::Command::new("node")
-            .args(args)
-            .current_dir(dir)
-            .output(),
-    )
-    .await
-    .expect("node timed out")
-    .expect("cannot run node");
-    println!("{}", String::from_utf8_lossy(&out.stdout));
-    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
-    out
-}
 
 #[tokio::test]
 async fn graphql_http_audit_suite_passes() {

@@ -360,3 +360,35 @@ impl Sse {
         }
     }
 }
+
+/// The directory of the Node.js clients, or `None` (with a notice) when their
+/// packages are not installed; under `CI=true` that is a failure instead.
+pub fn node_clients() -> Option<std::path::PathBuf> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js");
+    if dir.join("node_modules/graphql-http").exists()
+        && dir.join("node_modules/graphql-ws").exists()
+    {
+        return Some(dir);
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("tests/js/node_modules is missing: run `npm ci` in tests/js");
+    }
+    eprintln!("SKIPPED: third-party GraphQL clients (run `npm ci` in tests/js)");
+    None
+}
+
+pub async fn node(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new("node")
+            .args(args)
+            .current_dir(dir)
+            .output(),
+    )
+    .await
+    .expect("node timed out")
+    .expect("cannot run node");
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    out
+}

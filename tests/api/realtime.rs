@@ -4,7 +4,9 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::helpers::{Sse, TestApp, WsMessage, spawn_app, spawn_with, test_config};
+use crate::helpers::{
+    Sse, TestApp, WsMessage, node, node_clients, spawn_app, spawn_with, test_config,
+};
 
 async fn broadcast(app: &TestApp, token: &str, message: &str) {
     let r = app
@@ -507,5 +509,58 @@ async fn a_stalled_sse_client_is_dropped_and_others_keep_up() {
     for _ in 0..missing {
         resumed.next().await.expect("resume ended early");
     }
+    app.stop().await;
+}
+
+/// The `/ui` page in a real browser: headless Chromium shows the counter, a
+/// broadcast sent with the page's own form, a ticker price and a message from
+/// the GraphQL subscription. The screenshot is kept as a CI artifact.
+#[tokio::test]
+async fn the_ui_page_works_in_a_real_browser() {
+    let Some(dir) = node_clients() else { return };
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    if !std::path::Path::new(&chromium).exists() {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("Chromium is missing: apt-get install chromium");
+        }
+        eprintln!("SKIPPED: browser test (no {chromium})");
+        return;
+    }
+    let app = spawn_app().await;
+    let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
+    std::fs::create_dir_all(&target).unwrap();
+    let shot = target.join("ui-screenshot.png");
+    let _ = std::fs::remove_file(&shot);
+    let out = node(
+        &dir,
+        &[
+            "ui.mjs",
+            &app.url(""),
+            "alice",
+            prism::demo::ALICE_PASSWORD,
+            shot.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "the browser test failed");
+    let seen: Value = serde_json::from_slice(out.stdout.trim_ascii()).unwrap();
+    assert!(seen["counter"].as_str().unwrap().parse::<u64>().unwrap() >= 2);
+    assert!(seen["ticker"].as_str().unwrap().parse::<f64>().is_ok());
+    assert!(
+        seen["broadcast"]
+            .as_str()
+            .unwrap()
+            .starts_with("hello from the browser")
+    );
+    assert!(
+        seen["subscription"]
+            .as_str()
+            .unwrap()
+            .starts_with("chat from the browser")
+    );
+    assert!(
+        std::fs::metadata(&shot).unwrap().len() > 10_000,
+        "no screenshot"
+    );
     app.stop().await;
 }
