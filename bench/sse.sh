@@ -7,7 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
-ulimit -n 65536
+# Each client and each server connection is a descriptor: raise the soft limit as far as allowed.
+ulimit -n "$(ulimit -Hn)"
 cargo build --release --quiet --bin prism --example sse_fanout
 target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys;print(json.load(sys.stdin)["target_directory"])')
 work=$(mktemp -d)

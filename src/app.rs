@@ -29,6 +29,8 @@ pub struct App {
     state: AppState,
     listener: TcpListener,
     http_addr: SocketAddr,
+    grpc_listener: TcpListener,
+    grpc_addr: SocketAddr,
     /// Background workers (event pump, retention), stopped on shutdown.
     workers: TaskTracker,
     /// Cancels the workers; separate from `state.shutdown`, which ends client
@@ -45,7 +47,7 @@ impl std::fmt::Debug for App {
 }
 
 impl App {
-    pub async fn build(config: Config) -> anyhow::Result<App> {
+    pub async fn build(mut config: Config) -> anyhow::Result<App> {
         let db = Db::connect(
             config.database_url.as_deref(),
             &config.data_dir,
@@ -92,6 +94,13 @@ impl App {
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
         let http_addr = listener.local_addr()?;
+        let grpc = format!("{}:{}", config.host, config.grpc_port);
+        let grpc_listener = TcpListener::bind(&grpc)
+            .await
+            .with_context(|| format!("cannot listen on {grpc} for gRPC"))?;
+        let grpc_addr = grpc_listener.local_addr()?;
+        // Clients learn the real port from `GET /`, also when 0 was asked for.
+        config.grpc_port = grpc_addr.port();
 
         let state = AppState::new(Shared {
             domain,
@@ -109,6 +118,8 @@ impl App {
             state,
             listener,
             http_addr,
+            grpc_listener,
+            grpc_addr,
             workers,
             stop_workers,
         })
@@ -117,6 +128,11 @@ impl App {
     /// The address HTTP is served on (the real port when 0 was asked for).
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
+    }
+
+    /// The address gRPC is served on.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
     }
 
     pub fn state(&self) -> &AppState {
@@ -132,6 +148,8 @@ impl App {
             state,
             listener,
             http_addr,
+            grpc_listener,
+            grpc_addr,
             workers,
             stop_workers,
         } = self;
@@ -150,16 +168,44 @@ impl App {
         });
         let mut server = tokio::spawn(async move { server.await });
 
-        tokio::select! {
-            res = &mut server => {
-                // The server stopped on its own: that is an error (the listener failed).
-                stop_workers.cancel();
-                workers.close();
-                workers.wait().await;
-                state.domain.db().close().await;
-                return res.context("HTTP server task failed")?.context("HTTP server failed");
-            }
-            _ = shutdown => {}
+        let grpc_routes = crate::grpc::routes(state.clone()).await?;
+        tracing::info!(%grpc_addr, "gRPC listening on {grpc_addr}");
+        let mut grpc = tokio::spawn({
+            let streams_end = streams_end.clone();
+            tonic::transport::Server::builder()
+                .layer(tower::util::MapResponseLayer::new(
+                    crate::grpc::size_limit_status::<tonic::body::Body>,
+                ))
+                .add_routes(grpc_routes)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+                    async move { streams_end.cancelled().await },
+                )
+        });
+
+        let failed: Option<anyhow::Error> = tokio::select! {
+            res = &mut server => Some(match res {
+                Ok(Ok(())) => anyhow::anyhow!("HTTP server stopped unexpectedly"),
+                Ok(Err(e)) => anyhow::Error::from(e).context("HTTP server failed"),
+                Err(e) => anyhow::Error::from(e).context("HTTP server task failed"),
+            }),
+            res = &mut grpc => Some(match res {
+                Ok(Ok(())) => anyhow::anyhow!("gRPC server stopped unexpectedly"),
+                Ok(Err(e)) => anyhow::Error::from(e).context("gRPC server failed"),
+                Err(e) => anyhow::Error::from(e).context("gRPC server task failed"),
+            }),
+            _ = shutdown => None,
+        };
+        if let Some(e) = failed {
+            // A listener failed: stop everything else, then report it.
+            streams_end.cancel();
+            server.abort();
+            grpc.abort();
+            stop_workers.cancel();
+            workers.close();
+            workers.wait().await;
+            state.domain.db().close().await;
+            return Err(e);
         }
 
         tracing::info!(
@@ -167,13 +213,21 @@ impl App {
             "shutting down: draining in-flight requests"
         );
         streams_end.cancel();
-        match tokio::time::timeout(drain, &mut server).await {
-            Ok(Ok(Ok(()))) => tracing::info!("all requests finished"),
-            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "HTTP server error during shutdown"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "HTTP server task failed during shutdown"),
+        let both = async { tokio::join!(&mut server, &mut grpc) };
+        match tokio::time::timeout(drain, both).await {
+            Ok((http, grpc_result)) => {
+                if let Ok(Err(e)) = http {
+                    tracing::warn!(error = %e, "HTTP server error during shutdown");
+                }
+                if let Ok(Err(e)) = grpc_result {
+                    tracing::warn!(error = %e, "gRPC server error during shutdown");
+                }
+                tracing::info!("all requests finished");
+            }
             Err(_) => {
                 tracing::warn!("drain timed out; closing the remaining connections");
                 server.abort();
+                grpc.abort();
             }
         }
         state.sessions.close();

@@ -11,6 +11,7 @@
 //! - [`state`]: application state and metrics shared by every protocol.
 //! - [`http`]: the REST edge (axum): routing, extractors, error mapping, docs.
 //! - [`graphql`]: the GraphQL schema, DataLoaders and transports (HTTP, WebSocket).
+//! - [`grpc`]: the seed's gRPC services, prism's streaming ones, health, reflection.
 //! - [`realtime`]: Server-Sent Events, WebSockets, background tasks, `/ui`.
 //! - [`app`]: startup and graceful shutdown.
 //! - [`demo`]: the demo data of `--demo`.
@@ -24,6 +25,7 @@ pub mod domain;
 pub mod error;
 pub mod events;
 pub mod graphql;
+pub mod grpc;
 pub mod http;
 pub mod realtime;
 pub mod state;

@@ -14,6 +14,7 @@ pub const WAIT: Duration = Duration::from_secs(15);
 
 pub struct TestApp {
     pub addr: SocketAddr,
+    pub grpc_addr: SocketAddr,
     pub state: AppState,
     pub client: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
@@ -48,6 +49,7 @@ pub async fn spawn_with(config: Config) -> TestApp {
     prism::telemetry::init_tap_only("warn,prism=info");
     let app = App::build(config).await.expect("prism failed to start");
     let addr = app.http_addr();
+    let grpc_addr = app.grpc_addr();
     let state = app.state().clone();
     let (stop, stopped) = oneshot::channel::<()>();
     let handle = tokio::spawn(app.run_until_stopped(async move {
@@ -55,6 +57,7 @@ pub async fn spawn_with(config: Config) -> TestApp {
     }));
     TestApp {
         addr,
+        grpc_addr,
         state,
         client: reqwest::Client::builder().timeout(WAIT).build().unwrap(),
         stop: Some(stop),
@@ -133,6 +136,16 @@ impl TestApp {
             .await;
         assert_eq!(status, StatusCode::OK, "{body}");
         body
+    }
+
+    /// A gRPC channel to this server.
+    pub async fn grpc(&self) -> tonic::transport::Channel {
+        tonic::transport::Endpoint::from_shared(format!("http://{}", self.grpc_addr))
+            .unwrap()
+            .timeout(WAIT)
+            .connect()
+            .await
+            .expect("gRPC connect failed")
     }
 
     /// A WebSocket to `path` offering `protocol`.

@@ -5,6 +5,7 @@ mod admin;
 mod auth;
 mod event_log;
 mod graphql;
+mod grpc;
 mod helpers;
 mod lifecycle;
 mod products;

@@ -1,0 +1,537 @@
+//! gRPC (SPEC §5): the seed's `user.UserService` and `product.ProductService`,
+//! prism's own `prism.v1.Chat` (bidirectional) and `prism.v1.Events`
+//! (server-streaming), standard health checking and server reflection.
+//!
+//! Like every adapter, the services decode, call the domain, encode; domain
+//! errors map to status codes in one place ([`status`]). Writes need
+//! `authorization: Bearer <token>` metadata. Server streams are produced
+//! lazily (a page or an event at a time, as the client's flow control allows),
+//! so a slow client never makes the server buffer without bound.
+
+use std::pin::Pin;
+
+use futures::{Stream, StreamExt};
+use tonic::{Request, Response, Status, metadata::MetadataMap};
+
+use crate::{
+    auth::Principal,
+    domain::{self, Category, Domain, NewProduct, NewUser, Page, Price},
+    error::Error,
+    events::{EventFilter, Item},
+    state::AppState,
+};
+
+/// Generated code for the protos in `proto/`.
+pub mod pb {
+    pub mod user {
+        tonic::include_proto!("user");
+    }
+    pub mod product {
+        tonic::include_proto!("product");
+    }
+    pub mod prism {
+        tonic::include_proto!("prism.v1");
+    }
+    /// The descriptor set of all of them, for server reflection.
+    pub const DESCRIPTOR: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptor.bin"));
+}
+
+use pb::{
+    prism::{
+        ChatMessage, ChatSend, DomainEvent, SubscribeRequest, chat_server::Chat,
+        events_server::Events,
+    },
+    product::{
+        GetProductRequest, ListProductsRequest, Product as PbProduct, ProductList,
+        product_service_server::ProductService,
+    },
+    user::{
+        CreateUserRequest, StreamRequest, UserRequest, UserResponse,
+        user_service_server::UserService,
+    },
+};
+
+/// Largest message accepted or sent (RESOURCE_EXHAUSTED above).
+pub const MAX_MESSAGE: usize = 4 * 1024 * 1024;
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// The one mapping from domain errors to gRPC statuses.
+pub fn status(e: Error) -> Status {
+    match e {
+        Error::NotFound(m) => Status::not_found(m),
+        Error::Conflict(m) => Status::already_exists(m),
+        Error::Validation(fields) => Status::invalid_argument(
+            fields
+                .iter()
+                .map(|f| format!("{}: {}", f.field, f.msg))
+                .collect::<Vec<_>>()
+                .join("; "),
+        ),
+        Error::BadRequest(m) => Status::invalid_argument(m),
+        Error::Unauthenticated(m) => Status::unauthenticated(m),
+        Error::Forbidden(m) => Status::permission_denied(m),
+        Error::RateLimited { .. } => Status::resource_exhausted("Too many attempts"),
+        Error::Unavailable(m) => Status::unavailable(m),
+        Error::Internal(cause) => {
+            tracing::error!(error = %format!("{cause:#}"), "internal error in a gRPC call");
+            Status::internal("Internal error")
+        }
+    }
+}
+
+/// The caller named by `authorization: Bearer …` metadata.
+fn principal(state: &AppState, metadata: &MetadataMap) -> Result<Principal, Status> {
+    let value = metadata
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| Status::unauthenticated("Not authenticated"))?;
+    let token = match value.split_once(' ') {
+        Some((scheme, t)) if scheme.eq_ignore_ascii_case("bearer") => t.trim(),
+        _ => return Err(Status::unauthenticated("Not authenticated")),
+    };
+    let p = state.keys.verify(token).map_err(status)?;
+    state.stats.saw_user(p.user_id);
+    Ok(p)
+}
+
+fn id64(id: i32) -> i64 {
+    i64::from(id)
+}
+
+fn id32(id: i64) -> i32 {
+    i32::try_from(id).unwrap_or(i32::MAX)
+}
+
+fn user_response(u: &domain::User) -> UserResponse {
+    UserResponse {
+        id: id32(u.id),
+        name: u.name.clone(),
+        email: u.email.clone(),
+    }
+}
+
+fn category_from_pb(c: i32) -> Result<Category, Status> {
+    use pb::product::Category as C;
+    match C::try_from(c) {
+        Ok(C::Electronics) => Ok(Category::Electronics),
+        Ok(C::Clothing) => Ok(Category::Clothing),
+        Ok(C::Food) => Ok(Category::Food),
+        Ok(C::Books) => Ok(Category::Books),
+        Err(_) => Err(Status::invalid_argument(format!("Unknown category {c}"))),
+    }
+}
+
+fn category_to_pb(c: Category) -> i32 {
+    use pb::product::Category as C;
+    match c {
+        Category::Electronics => C::Electronics as i32,
+        Category::Clothing => C::Clothing as i32,
+        Category::Food => C::Food as i32,
+        Category::Books => C::Books as i32,
+    }
+}
+
+fn product_to_pb(p: &domain::Product) -> PbProduct {
+    PbProduct {
+        id: id32(p.id),
+        name: p.name.clone(),
+        description: p.description.clone(),
+        price: Some(pb::product::Price {
+            amount: p.price.amount,
+            currency: p.price.currency.clone(),
+        }),
+        category: category_to_pb(p.category),
+        tags: p.tags.clone(),
+        metadata: p
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    }
+}
+
+fn product_from_pb(p: PbProduct) -> Result<NewProduct, Status> {
+    let price = p.price.unwrap_or_default();
+    Ok(NewProduct {
+        name: p.name,
+        description: p.description,
+        price: Price {
+            amount: price.amount,
+            currency: price.currency,
+        },
+        category: category_from_pb(p.category)?,
+        tags: p.tags,
+        metadata: p.metadata.into_iter().collect(),
+    })
+}
+
+/// Implements every service over the shared application state.
+#[derive(Clone)]
+pub struct Services {
+    state: AppState,
+}
+
+impl Services {
+    pub fn new(state: AppState) -> Self {
+        Services { state }
+    }
+
+    fn domain(&self) -> &Domain {
+        &self.state.domain
+    }
+}
+
+#[tonic::async_trait]
+impl UserService for Services {
+    async fn get_user(&self, req: Request<UserRequest>) -> Result<Response<UserResponse>, Status> {
+        let user = self
+            .domain()
+            .get_user(id64(req.get_ref().id))
+            .await
+            .map_err(status)?;
+        Ok(Response::new(user_response(&user)))
+    }
+
+    async fn create_user(
+        &self,
+        req: Request<CreateUserRequest>,
+    ) -> Result<Response<UserResponse>, Status> {
+        let by = principal(&self.state, req.metadata())?;
+        let CreateUserRequest { name, email } = req.into_inner();
+        let user = self
+            .domain()
+            .create_user(
+                &by,
+                NewUser {
+                    name,
+                    email,
+                    age: None,
+                },
+            )
+            .await
+            .map_err(status)?;
+        Ok(Response::new(user_response(&user)))
+    }
+
+    type StreamUsersStream = BoxStream<UserResponse>;
+
+    /// Users in id order, `limit` of them (all when `limit <= 0`), read a page
+    /// at a time as the client consumes them.
+    async fn stream_users(
+        &self,
+        req: Request<StreamRequest>,
+    ) -> Result<Response<Self::StreamUsersStream>, Status> {
+        const PAGE: i64 = 100;
+        let limit = req.get_ref().limit;
+        let remaining = if limit <= 0 {
+            i64::MAX
+        } else {
+            i64::from(limit)
+        };
+        let domain = self.domain().clone();
+        let shutdown = self.state.shutdown.clone();
+        let pages = futures::stream::unfold((0i64, remaining), move |(offset, remaining)| {
+            let domain = domain.clone();
+            async move {
+                if remaining <= 0 {
+                    return None;
+                }
+                let take = remaining.min(PAGE);
+                match domain
+                    .list_users(Page {
+                        limit: take,
+                        offset,
+                    })
+                    .await
+                {
+                    Ok(users) if users.is_empty() => None,
+                    Ok(users) => {
+                        let n = users.len() as i64;
+                        let next = if n < take {
+                            (offset + n, 0)
+                        } else {
+                            (offset + n, remaining - n)
+                        };
+                        let items: Vec<Result<UserResponse, Status>> =
+                            users.iter().map(|u| Ok(user_response(u))).collect();
+                        Some((futures::stream::iter(items), next))
+                    }
+                    Err(e) => Some((futures::stream::iter(vec![Err(status(e))]), (offset, 0))),
+                }
+            }
+        })
+        .flatten()
+        .take_until(shutdown.cancelled_owned());
+        Ok(Response::new(Box::pin(pages)))
+    }
+}
+
+#[tonic::async_trait]
+impl ProductService for Services {
+    async fn get_product(
+        &self,
+        req: Request<GetProductRequest>,
+    ) -> Result<Response<PbProduct>, Status> {
+        let p = self
+            .domain()
+            .get_product(id64(req.get_ref().id))
+            .await
+            .map_err(status)?;
+        Ok(Response::new(product_to_pb(&p)))
+    }
+
+    /// 1-based pages: `page < 1` is page 1, `page_size` 0 is 20, capped at
+    /// 100; the category filter applies only when the field is present.
+    async fn list_products(
+        &self,
+        req: Request<ListProductsRequest>,
+    ) -> Result<Response<ProductList>, Status> {
+        let r = req.into_inner();
+        let category = r.category.map(category_from_pb).transpose()?;
+        let (window, _, _) = Page::numbered(Some(r.page.into()), Some(r.page_size.into()));
+        let (products, total) = self
+            .domain()
+            .list_products(category, window)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(ProductList {
+            products: products.iter().map(product_to_pb).collect(),
+            total_count: i32::try_from(total).unwrap_or(i32::MAX),
+        }))
+    }
+
+    async fn create_product(&self, req: Request<PbProduct>) -> Result<Response<PbProduct>, Status> {
+        let by = principal(&self.state, req.metadata())?;
+        let new = product_from_pb(req.into_inner())?;
+        let p = self
+            .domain()
+            .create_product(&by, new)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(product_to_pb(&p)))
+    }
+
+    async fn update_product(&self, req: Request<PbProduct>) -> Result<Response<PbProduct>, Status> {
+        let by = principal(&self.state, req.metadata())?;
+        let body = req.into_inner();
+        let id = id64(body.id);
+        let new = product_from_pb(body)?;
+        let p = self
+            .domain()
+            .update_product(&by, id, new)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(product_to_pb(&p)))
+    }
+
+    async fn delete_product(
+        &self,
+        req: Request<GetProductRequest>,
+    ) -> Result<Response<()>, Status> {
+        let by = principal(&self.state, req.metadata())?;
+        self.domain()
+            .delete_product(&by, id64(req.get_ref().id))
+            .await
+            .map_err(status)?;
+        Ok(Response::new(()))
+    }
+}
+
+#[tonic::async_trait]
+impl Chat for Services {
+    type ChatStream = BoxStream<ChatMessage>;
+
+    /// Receives the client's messages (each sent as the caller) and streams
+    /// every message sent through any protocol, as committed.
+    async fn chat(
+        &self,
+        req: Request<tonic::Streaming<ChatSend>>,
+    ) -> Result<Response<Self::ChatStream>, Status> {
+        // Listening is public; sending needs a token, checked at the first send.
+        let by = principal(&self.state, req.metadata());
+        let mut incoming = req.into_inner();
+        let domain = self.domain().clone();
+        let (errors_tx, errors_rx) = tokio::sync::mpsc::channel::<Status>(1);
+        let shutdown = self.state.shutdown.clone();
+        // The sending half runs beside the stream; it ends with the client's
+        // stream, the first error, or shutdown.
+        self.state.jobs.spawn({
+            let shutdown = shutdown.clone();
+            async move {
+                loop {
+                    let next = tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        n = incoming.next() => n,
+                    };
+                    let Some(Ok(send)) = next else { return };
+                    let result = match &by {
+                        Ok(p) => domain
+                            .send_message(p, &send.content, None)
+                            .await
+                            .map_err(status),
+                        Err(s) => Err(s.clone()),
+                    };
+                    if let Err(s) = result {
+                        let _ = errors_tx.send(s).await;
+                        return;
+                    }
+                }
+            }
+        });
+        let messages = self
+            .domain()
+            .events()
+            .subscribe(None, EventFilter::parse("message.sent"))
+            // Cut off for falling behind: the stream ends; the client reconnects.
+            .take_while(|item| futures::future::ready(!matches!(item, Item::CutOff { .. })))
+            .filter_map(|item| {
+                futures::future::ready(match item {
+                    Item::Event(e) => e.payload_as::<domain::Message>().map(|m| {
+                        Ok(ChatMessage {
+                            event_id: e.id,
+                            id: id32(m.id),
+                            content: m.content,
+                            user_id: id32(m.user_id),
+                            timestamp: m
+                                .timestamp
+                                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                        })
+                    }),
+                    _ => None,
+                })
+            });
+        let errors = tokio_stream::wrappers::ReceiverStream::new(errors_rx).map(Err);
+        // An error from the sending half ends the call with that status.
+        let merged = futures::stream::select(messages, errors)
+            .scan(false, |failed, item| {
+                let out = if *failed {
+                    None
+                } else {
+                    *failed = item.is_err();
+                    Some(item)
+                };
+                futures::future::ready(out)
+            })
+            .take_until(shutdown.cancelled_owned());
+        Ok(Response::new(Box::pin(merged)))
+    }
+}
+
+#[tonic::async_trait]
+impl Events for Services {
+    type SubscribeStream = BoxStream<DomainEvent>;
+
+    /// The event log from `after_id` (or from now), filtered by type. A
+    /// client that falls behind gets ABORTED with the id to resume from.
+    async fn subscribe(
+        &self,
+        req: Request<SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let r = req.into_inner();
+        let filter = EventFilter::parse(&r.types.join(","));
+        let events = self
+            .domain()
+            .events()
+            .subscribe(r.after_id, filter)
+            .scan(false, |ended, item| {
+                let out = if *ended {
+                    None
+                } else {
+                    Some(match item {
+                        Item::Event(e) => Ok(DomainEvent {
+                            id: e.id,
+                            r#type: e.kind.clone(),
+                            payload_json: e.payload.get().to_owned(),
+                            created_at: e
+                                .created_at
+                                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                            reset: false,
+                        }),
+                        Item::Reset => Ok(DomainEvent {
+                            reset: true,
+                            ..Default::default()
+                        }),
+                        Item::CutOff { last_id } => {
+                            *ended = true;
+                            Err(Status::aborted(format!(
+                                "Subscriber fell behind; resume with after_id = {}",
+                                last_id.unwrap_or(0)
+                            )))
+                        }
+                    })
+                };
+                futures::future::ready(out)
+            })
+            .take_until(self.state.shutdown.clone().cancelled_owned());
+        Ok(Response::new(Box::pin(events)))
+    }
+}
+
+/// tonic reports a request over the size limit as OUT_OF_RANGE; gRPC's own
+/// implementations (and SPEC §9) say RESOURCE_EXHAUSTED. The limit is checked
+/// before any handler runs, so the status is in the trailers-only response
+/// headers, where this rewrites it.
+pub fn size_limit_status<B>(mut response: axum::http::Response<B>) -> axum::http::Response<B> {
+    let headers = response.headers_mut();
+    let too_large = headers.get("grpc-status").is_some_and(|v| v == "11")
+        && headers
+            .get("grpc-message")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|m| {
+                m.contains("message%20length%20too%20large")
+                    || m.contains("message length too large")
+            });
+    if too_large {
+        headers.insert("grpc-status", axum::http::HeaderValue::from_static("8"));
+    }
+    response
+}
+
+/// The gRPC server's routes: every service with prism's message limits,
+/// health checking and reflection.
+pub async fn routes(state: AppState) -> anyhow::Result<tonic::service::Routes> {
+    use pb::{
+        prism::{chat_server::ChatServer, events_server::EventsServer},
+        product::product_service_server::ProductServiceServer,
+        user::user_service_server::UserServiceServer,
+    };
+    let services = Services::new(state);
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<UserServiceServer<Services>>()
+        .await;
+    health_reporter
+        .set_serving::<ProductServiceServer<Services>>()
+        .await;
+    health_reporter.set_serving::<ChatServer<Services>>().await;
+    health_reporter
+        .set_serving::<EventsServer<Services>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::DESCRIPTOR)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::DESCRIPTOR)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let mut routes = tonic::service::Routes::default();
+    routes = routes
+        .add_service(
+            UserServiceServer::new(services.clone())
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+        )
+        .add_service(
+            ProductServiceServer::new(services.clone())
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+        )
+        .add_service(ChatServer::new(services.clone()).max_decoding_message_size(MAX_MESSAGE))
+        .add_service(EventsServer::new(services).max_decoding_message_size(MAX_MESSAGE))
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(reflection_alpha);
+    Ok(routes)
+}

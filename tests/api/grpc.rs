@@ -1,0 +1,486 @@
+//! gRPC (SPEC §5) with a real tonic client: every RPC, every status code,
+//! pagination, the optional category filter, streaming, health, reflection,
+//! and cross-protocol visibility.
+
+use futures::StreamExt;
+use prism::grpc::pb::{
+    prism::{ChatSend, SubscribeRequest, chat_client::ChatClient, events_client::EventsClient},
+    product::{
+        Category, GetProductRequest, ListProductsRequest, Price, Product,
+        product_service_client::ProductServiceClient,
+    },
+    user::{CreateUserRequest, StreamRequest, UserRequest, user_service_client::UserServiceClient},
+};
+use reqwest::StatusCode;
+use serde_json::json;
+use tonic::{Code, Request};
+
+use crate::helpers::{WAIT, spawn_app};
+
+fn authed<T>(msg: T, token: &str) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
+fn gizmo() -> Product {
+    Product {
+        id: 0,
+        name: "Gizmo".into(),
+        description: "A gizmo".into(),
+        price: Some(Price {
+            amount: 5.5,
+            currency: "EUR".into(),
+        }),
+        category: Category::Food as i32,
+        tags: vec!["a".into()],
+        metadata: [("k".to_owned(), "v".to_owned())].into(),
+    }
+}
+
+#[tokio::test]
+async fn user_service_rpcs_and_statuses() {
+    let app = spawn_app().await;
+    let mut users = UserServiceClient::new(app.grpc().await);
+    let alice = users
+        .get_user(UserRequest { id: 1 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (alice.id, alice.name.as_str(), alice.email.as_str()),
+        (1, "Alice", "alice@example.com")
+    );
+
+    let missing = users.get_user(UserRequest { id: 999 }).await.unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    assert_eq!(missing.message(), "User not found");
+
+    let new = CreateUserRequest {
+        name: "Grace".into(),
+        email: "grace@example.com".into(),
+    };
+    let err = users.create_user(new.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let err = users
+        .create_user(authed(new.clone(), "forged"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+
+    let token = app.alice_token().await;
+    let created = users
+        .create_user(authed(new.clone(), &token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(created.name, "Grace");
+    // Visible over REST at once.
+    let (status, body) = app.get_json(&format!("/users/{}", created.id)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["email"], "grace@example.com");
+
+    let dup = users.create_user(authed(new, &token)).await.unwrap_err();
+    assert_eq!(dup.code(), Code::AlreadyExists);
+    let bad = users
+        .create_user(authed(
+            CreateUserRequest {
+                name: String::new(),
+                email: "nope".into(),
+            },
+            &token,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn stream_users_respects_the_limit_and_ends() {
+    let app = spawn_app().await;
+    let mut users = UserServiceClient::new(app.grpc().await);
+    for (limit, expected) in [
+        (2, vec![1, 2]),
+        (0, vec![1, 2, 3]),
+        (-5, vec![1, 2, 3]),
+        (10, vec![1, 2, 3]),
+    ] {
+        let stream = users
+            .stream_users(StreamRequest { limit })
+            .await
+            .unwrap()
+            .into_inner();
+        let ids: Vec<i32> =
+            tokio::time::timeout(WAIT, stream.map(|u| u.unwrap().id).collect::<Vec<_>>())
+                .await
+                .expect("stream did not end");
+        assert_eq!(ids, expected, "limit {limit}");
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn product_service_rpcs_paging_and_filters() {
+    let app = spawn_app().await;
+    let mut products = ProductServiceClient::new(app.grpc().await);
+    let widget = products
+        .get_product(GetProductRequest { id: 1 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(widget.name, "Widget");
+    assert_eq!(widget.price.as_ref().unwrap().amount, 9.99);
+    assert_eq!(widget.category, Category::Electronics as i32);
+    assert_eq!(widget.tags, ["tools"]);
+    assert_eq!(widget.metadata["color"], "blue");
+    let missing = products
+        .get_product(GetProductRequest { id: 42 })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    assert_eq!(missing.message(), "Product 42 not found");
+
+    let list = |page, page_size, category: Option<Category>| ListProductsRequest {
+        page,
+        page_size,
+        category: category.map(|c| c as i32),
+    };
+    let all = products
+        .list_products(list(0, 0, None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(all.total_count, 2);
+    assert_eq!(all.products.len(), 2);
+    // ELECTRONICS is 0, the default: present means filter, absent means none.
+    let electronics = products
+        .list_products(list(1, 10, Some(Category::Electronics)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            electronics.total_count,
+            electronics.products[0].name.as_str()
+        ),
+        (1, "Widget")
+    );
+    let books = products
+        .list_products(list(1, 10, Some(Category::Books)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(books.products[0].name, "Gadget");
+    let second = products
+        .list_products(list(2, 1, None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (second.total_count, second.products[0].name.as_str()),
+        (2, "Gadget")
+    );
+    let beyond = products
+        .list_products(list(9, 1, None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(beyond.products.is_empty());
+    let negative = products
+        .list_products(list(-3, 500, None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        negative.products.len(),
+        2,
+        "page < 1 is page 1; page_size capped, not refused"
+    );
+    let bad = products
+        .list_products(ListProductsRequest {
+            page: 1,
+            page_size: 1,
+            category: Some(17),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+
+    // Writes: token needed, admin role needed.
+    assert_eq!(
+        products.create_product(gizmo()).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+    let alice = app.alice_token().await;
+    assert_eq!(
+        products
+            .create_product(authed(gizmo(), &alice))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+    let admin = app.admin_token().await;
+    let created = products
+        .create_product(authed(gizmo(), &admin))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(created.id, 3);
+    let (_, rest) = app.get_json("/products/3").await;
+    assert_eq!(rest["name"], "Gizmo");
+    let mut changed = created.clone();
+    changed.name = "Gizmo 2".into();
+    let updated = products
+        .update_product(authed(changed.clone(), &admin))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(updated.name, "Gizmo 2");
+    changed.id = 99;
+    assert_eq!(
+        products
+            .update_product(authed(changed, &admin))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    let mut invalid = gizmo();
+    invalid.price = Some(Price {
+        amount: -1.0,
+        currency: "EUR".into(),
+    });
+    assert_eq!(
+        products
+            .create_product(authed(invalid, &admin))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
+    products
+        .delete_product(authed(GetProductRequest { id: 3 }, &admin))
+        .await
+        .unwrap();
+    assert_eq!(
+        products
+            .delete_product(authed(GetProductRequest { id: 3 }, &admin))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    assert_eq!(
+        products
+            .delete_product(authed(GetProductRequest { id: 1 }, &alice))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_messages_are_resource_exhausted() {
+    let app = spawn_app().await;
+    let mut products =
+        ProductServiceClient::new(app.grpc().await).max_encoding_message_size(64 << 20);
+    let admin = app.admin_token().await;
+    let mut huge = gizmo();
+    huge.description = "x".repeat(5 << 20);
+    let err = products
+        .create_product(authed(huge, &admin))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn chat_is_bidirectional_over_the_event_log() {
+    let app = spawn_app().await;
+    let token = app.alice_token().await;
+    let mut chat = ChatClient::new(app.grpc().await);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut incoming = chat
+        .chat(authed(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            &token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(ChatSend {
+        content: "over gRPC".into(),
+    })
+    .await
+    .unwrap();
+    let first = tokio::time::timeout(WAIT, incoming.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!((first.content.as_str(), first.user_id), ("over gRPC", 1));
+    // Messages from other protocols arrive on the same stream.
+    app.send_json(
+        reqwest::Method::POST,
+        "/messages",
+        Some(&token),
+        Some(json!({"content": "over REST"})),
+    )
+    .await;
+    let second = tokio::time::timeout(WAIT, incoming.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.content, "over REST");
+    assert!(second.event_id > first.event_id);
+    // And what the chat sent is in the domain.
+    let (_, messages) = app.get_json("/messages?user_id=1").await;
+    assert!(
+        messages
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["content"] == "over gRPC")
+    );
+
+    // Without a token, listening works but sending ends the call.
+    let (tx2, rx2) = tokio::sync::mpsc::channel(4);
+    let mut anon = chat
+        .chat(Request::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx2,
+        )))
+        .await
+        .unwrap()
+        .into_inner();
+    tx2.send(ChatSend {
+        content: "who am I".into(),
+    })
+    .await
+    .unwrap();
+    let err = tokio::time::timeout(WAIT, anon.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn event_feed_resumes_from_an_id() {
+    let app = spawn_app().await;
+    let token = app.alice_token().await;
+    let mut events = EventsClient::new(app.grpc().await);
+    let mut live = events
+        .subscribe(SubscribeRequest {
+            after_id: None,
+            types: vec!["order.*".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (_, order) = app
+        .send_json(
+            reqwest::Method::POST,
+            "/orders",
+            Some(&token),
+            Some(json!({"total": 7.5})),
+        )
+        .await;
+    let ev = tokio::time::timeout(WAIT, live.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(ev.r#type, "order.created");
+    let payload: serde_json::Value = serde_json::from_str(&ev.payload_json).unwrap();
+    assert_eq!(payload["order_id"], order["id"]);
+    // Replay from the start of the log: the demo's two orders, then this one.
+    let mut replay = events
+        .subscribe(SubscribeRequest {
+            after_id: Some(0),
+            types: vec!["order.created".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let e = tokio::time::timeout(WAIT, replay.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        ids.push(e.id);
+    }
+    assert!(ids.windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(*ids.last().unwrap(), ev.id);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn health_and_reflection_answer() {
+    let app = spawn_app().await;
+    let channel = app.grpc().await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    for service in ["", "user.UserService", "product.ProductService"] {
+        let r = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            r.status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            "{service}"
+        );
+    }
+
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = reflection
+        .server_reflection_info(futures::stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = tokio::time::timeout(WAIT, responses.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection response");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for expected in [
+        "user.UserService",
+        "product.ProductService",
+        "prism.v1.Chat",
+        "prism.v1.Events",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} missing from {names:?}"
+        );
+    }
+    let (_, index) = app.get_json("/").await;
+    assert_eq!(index["grpc"], app.grpc_addr.port());
+    app.stop().await;
+}
