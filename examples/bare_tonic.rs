@@ -20,13 +20,19 @@ impl UserService for Bare {
         }))
     }
 
-    async fn create_user(&self, _: Request<CreateUserRequest>) -> Result<Response<UserResponse>, Status> {
+    async fn create_user(
+        &self,
+        _: Request<CreateUserRequest>,
+    ) -> Result<Response<UserResponse>, Status> {
         Err(Status::unimplemented("bare baseline"))
     }
 
     type StreamUsersStream = futures::stream::Empty<Result<UserResponse, Status>>;
 
-    async fn stream_users(&self, _: Request<StreamRequest>) -> Result<Response<Self::StreamUsersStream>, Status> {
+    async fn stream_users(
+        &self,
+        _: Request<StreamRequest>,
+    ) -> Result<Response<Self::StreamUsersStream>, Status> {
         Err(Status::unimplemented("bare baseline"))
     }
 }

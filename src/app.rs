@@ -19,18 +19,44 @@ use crate::{
     db::Db,
     demo,
     domain::Domain,
-    events::EventLog,
+    events::{EventFilter, EventLog},
     http,
     realtime::ticker::Ticker,
     state::{AppState, Metrics, Shared, Stats},
 };
 
+/// Which program this process is: the all-in-one server or one microservice
+/// (SPEC §1, §8). All share the domain code; they differ in what they serve
+/// and which background workers they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `prism serve`: everything.
+    Serve,
+    /// `prism users-service`: users and accounts over HTTP; consumes `order.created`.
+    Users,
+    /// `prism orders-service`: orders over HTTP; publishes `order.created`.
+    Orders,
+    /// `prism products-service`: the catalogue over gRPC.
+    Products,
+}
+
+impl Role {
+    fn serves_http(self) -> bool {
+        self != Role::Products
+    }
+
+    fn serves_grpc(self) -> bool {
+        matches!(self, Role::Serve | Role::Products)
+    }
+}
+
 pub struct App {
+    role: Role,
     state: AppState,
-    listener: TcpListener,
-    http_addr: SocketAddr,
-    grpc_listener: TcpListener,
-    grpc_addr: SocketAddr,
+    listener: Option<TcpListener>,
+    http_addr: Option<SocketAddr>,
+    grpc_listener: Option<TcpListener>,
+    grpc_addr: Option<SocketAddr>,
     /// Background workers (event pump, retention), stopped on shutdown.
     workers: TaskTracker,
     /// Cancels the workers; separate from `state.shutdown`, which ends client
@@ -47,7 +73,12 @@ impl std::fmt::Debug for App {
 }
 
 impl App {
-    pub async fn build(mut config: Config) -> anyhow::Result<App> {
+    /// The all-in-one server (`prism serve`).
+    pub async fn build(config: Config) -> anyhow::Result<App> {
+        Self::build_as(Role::Serve, config).await
+    }
+
+    pub async fn build_as(role: Role, mut config: Config) -> anyhow::Result<App> {
         let db = Db::connect(
             config.database_url.as_deref(),
             &config.data_dir,
@@ -69,7 +100,8 @@ impl App {
         .await?;
         let domain = Domain::new(db, events.clone(), config.cache_capacity);
         if config.demo
-            && let Some(password) = demo::load(&domain, config.admin_password.as_deref()).await?
+            && let Some(password) =
+                demo::load(role, &domain, config.admin_password.as_deref()).await?
         {
             // Shown once, on the operator's terminal; it is not stored anywhere in clear.
             tracing::warn!(username = "admin", password = %password, "generated the demo admin password; it will not be shown again");
@@ -80,27 +112,66 @@ impl App {
         workers.spawn(events.clone().run_pump(stop_workers.clone()));
         workers.spawn(events.clone().run_retention(stop_workers.clone()));
         let ticker = Ticker::new(config.ticker_interval);
-        workers.spawn(ticker.clone().run(stop_workers.clone()));
-        // Tasks interrupted by the last stop run again (a report is idempotent).
         let jobs = TaskTracker::new();
-        for id in domain.unfinished_tasks().await? {
-            tracing::info!(task_id = %id, "resuming an interrupted task");
-            let domain = domain.clone();
-            jobs.spawn(async move { domain.run_task(&id).await });
+        if role == Role::Serve {
+            workers.spawn(ticker.clone().run(stop_workers.clone()));
+            // Tasks interrupted by the last stop run again (a report is idempotent).
+            for id in domain.unfinished_tasks().await? {
+                tracing::info!(task_id = %id, "resuming an interrupted task");
+                let domain = domain.clone();
+                jobs.spawn(async move { domain.run_task(&id).await });
+            }
+        }
+        match (role, &config.nats_url) {
+            (Role::Serve, Some(url)) => {
+                workers.spawn(crate::relay::run_relay(
+                    domain.clone(),
+                    url.clone(),
+                    EventFilter::all(),
+                    stop_workers.clone(),
+                ));
+            }
+            (Role::Orders, Some(url)) => {
+                workers.spawn(crate::relay::run_relay(
+                    domain.clone(),
+                    url.clone(),
+                    EventFilter::parse("order.*"),
+                    stop_workers.clone(),
+                ));
+            }
+            (Role::Users, nats) => {
+                workers.spawn(crate::relay::run_order_consumer(
+                    domain.clone(),
+                    nats.clone(),
+                    config.orders_url.clone(),
+                    stop_workers.clone(),
+                ));
+            }
+            _ => {}
         }
 
-        let addr = format!("{}:{}", config.host, config.port);
-        let listener = TcpListener::bind(&addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr}"))?;
-        let http_addr = listener.local_addr()?;
-        let grpc = format!("{}:{}", config.host, config.grpc_port);
-        let grpc_listener = TcpListener::bind(&grpc)
-            .await
-            .with_context(|| format!("cannot listen on {grpc} for gRPC"))?;
-        let grpc_addr = grpc_listener.local_addr()?;
-        // Clients learn the real port from `GET /`, also when 0 was asked for.
-        config.grpc_port = grpc_addr.port();
+        let (listener, http_addr) = if role.serves_http() {
+            let addr = format!("{}:{}", config.host, config.port);
+            let l = TcpListener::bind(&addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?;
+            let a = l.local_addr()?;
+            (Some(l), Some(a))
+        } else {
+            (None, None)
+        };
+        let (grpc_listener, grpc_addr) = if role.serves_grpc() {
+            let grpc = format!("{}:{}", config.host, config.grpc_port);
+            let l = TcpListener::bind(&grpc)
+                .await
+                .with_context(|| format!("cannot listen on {grpc} for gRPC"))?;
+            let a = l.local_addr()?;
+            // Clients learn the real port from `GET /`, also when 0 was asked for.
+            config.grpc_port = a.port();
+            (Some(l), Some(a))
+        } else {
+            (None, None)
+        };
 
         let state = AppState::new(Shared {
             domain,
@@ -115,6 +186,7 @@ impl App {
             ticker,
         });
         Ok(App {
+            role,
             state,
             listener,
             http_addr,
@@ -126,13 +198,14 @@ impl App {
     }
 
     /// The address HTTP is served on (the real port when 0 was asked for).
+    /// Panics for the products service, which serves gRPC only.
     pub fn http_addr(&self) -> SocketAddr {
-        self.http_addr
+        self.http_addr.expect("this service serves no HTTP")
     }
 
-    /// The address gRPC is served on.
+    /// The address gRPC is served on. Panics for services without gRPC.
     pub fn grpc_addr(&self) -> SocketAddr {
-        self.grpc_addr
+        self.grpc_addr.expect("this service serves no gRPC")
     }
 
     pub fn state(&self) -> &AppState {
@@ -145,6 +218,7 @@ impl App {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let App {
+            role,
             state,
             listener,
             http_addr,
@@ -155,43 +229,63 @@ impl App {
         } = self;
         let drain = state.config.shutdown_timeout;
         let streams_end = state.shutdown.clone();
-        let app = http::router(state.clone());
-        tracing::info!(%http_addr, "HTTP listening on http://{http_addr}");
-
-        let server = axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown({
-            let streams_end = streams_end.clone();
-            async move { streams_end.cancelled().await }
-        });
-        let mut server = tokio::spawn(async move { server.await });
-
-        let grpc_routes = crate::grpc::routes(state.clone()).await?;
-        tracing::info!(%grpc_addr, "gRPC listening on {grpc_addr}");
-        let mut grpc = tokio::spawn({
-            let streams_end = streams_end.clone();
-            tonic::transport::Server::builder()
-                .layer(tower::util::MapResponseLayer::new(
-                    crate::grpc::size_limit_status::<tonic::body::Body>,
-                ))
-                .add_routes(grpc_routes)
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
-                    async move { streams_end.cancelled().await },
+        let mut server = match (listener, http_addr) {
+            (Some(listener), Some(http_addr)) => {
+                let app = http::router_for(role, state.clone());
+                tracing::info!(%http_addr, "HTTP listening on http://{http_addr}");
+                let server = axum::serve(
+                    listener,
+                    app.into_make_service_with_connect_info::<SocketAddr>(),
                 )
-        });
+                .with_graceful_shutdown({
+                    let streams_end = streams_end.clone();
+                    async move { streams_end.cancelled().await }
+                });
+                tokio::spawn(async move { server.await.map_err(anyhow::Error::from) })
+            }
+            _ => tokio::spawn({
+                let streams_end = streams_end.clone();
+                async move {
+                    streams_end.cancelled().await;
+                    Ok(())
+                }
+            }),
+        };
+
+        let mut grpc = match (grpc_listener, grpc_addr) {
+            (Some(grpc_listener), Some(grpc_addr)) => {
+                let grpc_routes = crate::grpc::routes(state.clone(), role).await?;
+                tracing::info!(%grpc_addr, "gRPC listening on {grpc_addr}");
+                let streams_end = streams_end.clone();
+                let server = tonic::transport::Server::builder()
+                    .layer(tower::util::MapResponseLayer::new(
+                        crate::grpc::size_limit_status::<tonic::body::Body>,
+                    ))
+                    .add_routes(grpc_routes)
+                    .serve_with_incoming_shutdown(
+                        tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+                        async move { streams_end.cancelled().await },
+                    );
+                tokio::spawn(async move { server.await.map_err(anyhow::Error::from) })
+            }
+            _ => tokio::spawn({
+                let streams_end = streams_end.clone();
+                async move {
+                    streams_end.cancelled().await;
+                    Ok(())
+                }
+            }),
+        };
 
         let failed: Option<anyhow::Error> = tokio::select! {
             res = &mut server => Some(match res {
                 Ok(Ok(())) => anyhow::anyhow!("HTTP server stopped unexpectedly"),
-                Ok(Err(e)) => anyhow::Error::from(e).context("HTTP server failed"),
+                Ok(Err(e)) => e.context("HTTP server failed"),
                 Err(e) => anyhow::Error::from(e).context("HTTP server task failed"),
             }),
             res = &mut grpc => Some(match res {
                 Ok(Ok(())) => anyhow::anyhow!("gRPC server stopped unexpectedly"),
-                Ok(Err(e)) => anyhow::Error::from(e).context("gRPC server failed"),
+                Ok(Err(e)) => e.context("gRPC server failed"),
                 Err(e) => anyhow::Error::from(e).context("gRPC server task failed"),
             }),
             _ = shutdown => None,

@@ -113,6 +113,18 @@ pub struct Settings {
     #[arg(long, env = "PRISM_MAX_WS_FRAME")]
     pub max_ws_frame: Option<usize>,
 
+    /// Base URL of the users service (orders-service calls it) [default: http://127.0.0.1:8001]
+    #[arg(long, env = "PRISM_USERS_URL")]
+    pub users_url: Option<String>,
+
+    /// Base URL of the orders service (users-service follows its events without NATS) [default: http://127.0.0.1:8002]
+    #[arg(long, env = "PRISM_ORDERS_URL")]
+    pub orders_url: Option<String>,
+
+    /// The gateway's service registry (TOML); without it, the local default topology
+    #[arg(long, env = "PRISM_REGISTRY")]
+    pub registry: Option<PathBuf>,
+
     /// Seconds between `heartbeat` events on `/events/named` [default: 15]
     #[arg(long, env = "PRISM_HEARTBEAT_SECS")]
     pub heartbeat_secs: Option<u64>,
@@ -203,6 +215,9 @@ impl Settings {
             login_max_failures: self.login_max_failures.unwrap_or(d.login_max_failures),
             db_max_connections: self.db_max_connections.unwrap_or(d.db_max_connections),
             max_ws_frame: self.max_ws_frame.unwrap_or(d.max_ws_frame),
+            users_url: self.users_url.unwrap_or(d.users_url),
+            orders_url: self.orders_url.unwrap_or(d.orders_url),
+            registry: self.registry,
             heartbeat_interval: self
                 .heartbeat_secs
                 .map_or(d.heartbeat_interval, Duration::from_secs),
@@ -257,6 +272,9 @@ pub struct Config {
     pub login_max_failures: u32,
     pub db_max_connections: u32,
     pub max_ws_frame: usize,
+    pub users_url: String,
+    pub orders_url: String,
+    pub registry: Option<PathBuf>,
     pub heartbeat_interval: Duration,
     pub sse_keep_alive: Duration,
     pub counter_interval: Duration,
@@ -288,6 +306,9 @@ impl Default for Config {
             login_max_failures: 10,
             db_max_connections: 8,
             max_ws_frame: 1 << 20,
+            users_url: "http://127.0.0.1:8001".into(),
+            orders_url: "http://127.0.0.1:8002".into(),
+            registry: None,
             heartbeat_interval: Duration::from_secs(15),
             sse_keep_alive: Duration::from_secs(15),
             counter_interval: Duration::from_millis(1000),

@@ -4,7 +4,8 @@
 use std::collections::BTreeMap;
 
 use crate::{
-    auth::{Principal, Role, random_token},
+    app::Role,
+    auth::{self, Principal, random_token},
     domain::{Category, Domain, NewPost, NewProduct, OrderStatus, Price, Registration},
     error::Result,
 };
@@ -13,9 +14,39 @@ use crate::{
 pub const ALICE_PASSWORD: &str = "alice-password";
 pub const BOB_PASSWORD: &str = "bob-password";
 
-/// Loads the demo data unless the database already has users. Returns the
+/// Loads the demo data a role owns, into an empty database: everything for
+/// `prism serve`; users and accounts for the users service; the catalogue for
+/// the products service; the two orders for the orders service. Returns the
 /// admin password when it was generated (so the caller can show it once).
-pub async fn load(domain: &Domain, admin_password: Option<&str>) -> Result<Option<String>> {
+pub async fn load(
+    role: Role,
+    domain: &Domain,
+    admin_password: Option<&str>,
+) -> Result<Option<String>> {
+    match role {
+        Role::Serve | Role::Users => {}
+        Role::Products => {
+            if domain
+                .list_products(None, crate::domain::Page::default())
+                .await?
+                .1
+                == 0
+            {
+                products(domain).await?;
+            }
+            return Ok(None);
+        }
+        Role::Orders => {
+            if domain
+                .list_orders(None, crate::domain::Page::default())
+                .await?
+                .is_empty()
+            {
+                orders(domain).await?;
+            }
+            return Ok(None);
+        }
+    }
     if domain.count_users().await? > 0 {
         tracing::info!("database is not empty; demo data not loaded");
         return Ok(None);
@@ -30,7 +61,7 @@ pub async fn load(domain: &Domain, admin_password: Option<&str>) -> Result<Optio
             "Alice",
             Some(30),
             account("alice", "alice@example.com", ALICE_PASSWORD),
-            Role::User,
+            auth::Role::User,
         )
         .await?;
     let bob = domain
@@ -38,7 +69,7 @@ pub async fn load(domain: &Domain, admin_password: Option<&str>) -> Result<Optio
             "Bob",
             Some(25),
             account("bob", "bob@example.com", BOB_PASSWORD),
-            Role::User,
+            auth::Role::User,
         )
         .await?;
     let generated = admin_password.is_none().then(|| random_token(12));
@@ -48,12 +79,16 @@ pub async fn load(domain: &Domain, admin_password: Option<&str>) -> Result<Optio
             "admin",
             None,
             account("admin", "admin@example.com", password),
-            Role::Admin,
+            auth::Role::Admin,
         )
         .await?;
 
     let system = Principal::system();
     domain.add_friend(&system, alice.id, bob.id).await?;
+    if role == Role::Users {
+        tracing::info!("demo users loaded");
+        return Ok(generated);
+    }
     for (title, content, author) in [
         ("First Post", "Hello World", alice.id),
         ("Second Post", "GraphQL is great", alice.id),
@@ -80,6 +115,14 @@ pub async fn load(domain: &Domain, admin_password: Option<&str>) -> Result<Optio
             .create_comment(&system, post, content, Some(user))
             .await?;
     }
+    products(domain).await?;
+    orders(domain).await?;
+    tracing::info!("demo data loaded");
+    Ok(generated)
+}
+
+async fn products(domain: &Domain) -> Result<()> {
+    let system = Principal::system();
     for (name, description, amount, category, tag, (key, value)) in [
         (
             "Widget",
@@ -115,12 +158,14 @@ pub async fn load(domain: &Domain, admin_password: Option<&str>) -> Result<Optio
             )
             .await?;
     }
+    Ok(())
+}
+
+/// The demo orders, for users 1 (Alice) and 2 (Bob).
+async fn orders(domain: &Domain) -> Result<()> {
+    domain.insert_order(1, 99.99, OrderStatus::Pending).await?;
     domain
-        .insert_order(alice.id, 99.99, OrderStatus::Pending)
+        .insert_order(2, 149.99, OrderStatus::Completed)
         .await?;
-    domain
-        .insert_order(bob.id, 149.99, OrderStatus::Completed)
-        .await?;
-    tracing::info!("demo data loaded");
-    Ok(generated)
+    Ok(())
 }

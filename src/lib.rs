@@ -13,8 +13,11 @@
 //! - [`graphql`]: the GraphQL schema, DataLoaders and transports (HTTP, WebSocket).
 //! - [`grpc`]: the seed's gRPC services, prism's streaming ones, health, reflection.
 //! - [`realtime`]: Server-Sent Events, WebSockets, background tasks, `/ui`.
-//! - [`app`]: startup and graceful shutdown.
+//! - [`gateway`]: the API gateway over the microservices (registry, breakers, retries).
+//! - [`relay`]: events between processes: the outbox relay to NATS JetStream and consumers.
+//! - [`app`]: startup and graceful shutdown of every role.
 //! - [`demo`]: the demo data of `--demo`.
+//! - [`up`]: `prism up`, the whole microservice topology in one command.
 
 pub mod app;
 pub mod auth;
@@ -24,12 +27,15 @@ pub mod demo;
 pub mod domain;
 pub mod error;
 pub mod events;
+pub mod gateway;
 pub mod graphql;
 pub mod grpc;
 pub mod http;
 pub mod realtime;
+pub mod relay;
 pub mod state;
 pub mod telemetry;
+pub mod up;
 
 pub use app::App;
 pub use config::Config;

@@ -3,7 +3,12 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use prism::{App, config::Settings};
+use prism::{
+    App,
+    app::Role,
+    config::{Config, Settings},
+    gateway::{GatewayApp, registry::Registry},
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -18,14 +23,25 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the all-in-one server: REST, GraphQL, SSE, WebSockets and docs.
-    Serve(Box<ServeArgs>),
+    /// Run the all-in-one server: REST, GraphQL, gRPC, SSE, WebSockets and docs.
+    Serve(Box<Args>),
+    /// Run the users microservice (HTTP, default port 8001).
+    UsersService(Box<Args>),
+    /// Run the orders microservice (HTTP, default port 8002); it calls the users service.
+    OrdersService(Box<Args>),
+    /// Run the products microservice (gRPC product.ProductService, default port 50052).
+    ProductsService(Box<Args>),
+    /// Run the API gateway over the microservices (default port 8000).
+    Gateway(Box<Args>),
+    /// Run the whole microservice topology on this machine: users, orders,
+    /// products and the gateway, as child processes with prefixed logs.
+    Up(Box<Args>),
     /// Print the GraphQL schema (SDL).
     Schema,
 }
 
 #[derive(Debug, clap::Args)]
-struct ServeArgs {
+struct Args {
     /// A TOML file with any of the settings below (flags and PRISM_* variables win)
     #[arg(long, env = "PRISM_CONFIG")]
     config: Option<PathBuf>,
@@ -34,21 +50,52 @@ struct ServeArgs {
     settings: Settings,
 }
 
+impl Args {
+    /// The configuration, with this command's default ports.
+    fn resolve(self, port: u16, grpc_port: u16) -> anyhow::Result<Config> {
+        let file = match &self.config {
+            Some(path) => Settings::from_toml_file(path)?,
+            None => Settings::default(),
+        };
+        let mut settings = self.settings.overlay(file)?;
+        settings.port.get_or_insert(port);
+        settings.grpc_port.get_or_insert(grpc_port);
+        settings.resolve()
+    }
+}
+
+fn run(config: Config, f: impl AsyncFnOnce(Config) -> anyhow::Result<()>) -> anyhow::Result<()> {
+    prism::telemetry::init(config.log_format, &config.log_level);
+    tokio::runtime::Runtime::new()?.block_on(f(config))
+}
+
+fn service(role: Role, config: Config) -> anyhow::Result<()> {
+    run(config, async move |config| {
+        let app = App::build_as(role, config).await?;
+        app.run_until_stopped(prism::app::shutdown_signal()).await
+    })
+}
+
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Serve(args) => {
-            let file = match &args.config {
-                Some(path) => Settings::from_toml_file(path)?,
-                None => Settings::default(),
-            };
-            let config = args.settings.overlay(file)?.resolve()?;
-            prism::telemetry::init(config.log_format, &config.log_level);
-            let runtime = tokio::runtime::Runtime::new()?;
-            runtime.block_on(async {
-                let app = App::build(config).await?;
+    match Cli::parse().command {
+        Command::Serve(args) => service(Role::Serve, args.resolve(8000, 50051)?),
+        Command::UsersService(args) => service(Role::Users, args.resolve(8001, 0)?),
+        Command::OrdersService(args) => service(Role::Orders, args.resolve(8002, 0)?),
+        Command::ProductsService(args) => service(Role::Products, args.resolve(0, 50052)?),
+        Command::Gateway(args) => {
+            let config = args.resolve(8000, 0)?;
+            run(config, async move |config| {
+                let registry = match &config.registry {
+                    Some(path) => Registry::from_file(path)?,
+                    None => Registry::local_default(),
+                };
+                let app = GatewayApp::build(&config, &registry).await?;
                 app.run_until_stopped(prism::app::shutdown_signal()).await
             })
+        }
+        Command::Up(args) => {
+            let config = args.resolve(8000, 50052)?;
+            run(config, async move |config| prism::up::run(config).await)
         }
         Command::Schema => {
             print!("{}", prism::graphql::sdl());

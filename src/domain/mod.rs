@@ -8,6 +8,7 @@
 //! drops an entry when any process records a change to it).
 
 pub mod cache;
+pub mod consumers;
 pub mod messages;
 pub mod orders;
 pub mod posts;

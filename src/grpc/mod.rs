@@ -490,7 +490,10 @@ pub fn size_limit_status<B>(mut response: axum::http::Response<B>) -> axum::http
 
 /// The gRPC server's routes: every service with prism's message limits,
 /// health checking and reflection.
-pub async fn routes(state: AppState) -> anyhow::Result<tonic::service::Routes> {
+pub async fn routes(
+    state: AppState,
+    role: crate::app::Role,
+) -> anyhow::Result<tonic::service::Routes> {
     use pb::{
         prism::{chat_server::ChatServer, events_server::EventsServer},
         product::product_service_server::ProductServiceServer,
@@ -498,16 +501,20 @@ pub async fn routes(state: AppState) -> anyhow::Result<tonic::service::Routes> {
     };
     let services = Services::new(state);
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<UserServiceServer<Services>>()
-        .await;
+    // The products service serves the catalogue alone; `prism serve` everything.
+    let everything = role == crate::app::Role::Serve;
     health_reporter
         .set_serving::<ProductServiceServer<Services>>()
         .await;
-    health_reporter.set_serving::<ChatServer<Services>>().await;
-    health_reporter
-        .set_serving::<EventsServer<Services>>()
-        .await;
+    if everything {
+        health_reporter
+            .set_serving::<UserServiceServer<Services>>()
+            .await;
+        health_reporter.set_serving::<ChatServer<Services>>().await;
+        health_reporter
+            .set_serving::<EventsServer<Services>>()
+            .await;
+    }
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::DESCRIPTOR)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -516,22 +523,24 @@ pub async fn routes(state: AppState) -> anyhow::Result<tonic::service::Routes> {
         .register_encoded_file_descriptor_set(pb::DESCRIPTOR)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let mut routes = tonic::service::Routes::default();
-    routes = routes
-        .add_service(
-            UserServiceServer::new(services.clone())
-                .max_decoding_message_size(MAX_MESSAGE)
-                .max_encoding_message_size(MAX_MESSAGE),
-        )
+    let mut routes = tonic::service::Routes::default()
         .add_service(
             ProductServiceServer::new(services.clone())
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE),
         )
-        .add_service(ChatServer::new(services.clone()).max_decoding_message_size(MAX_MESSAGE))
-        .add_service(EventsServer::new(services).max_decoding_message_size(MAX_MESSAGE))
         .add_service(health)
         .add_service(reflection)
         .add_service(reflection_alpha);
+    if everything {
+        routes = routes
+            .add_service(
+                UserServiceServer::new(services.clone())
+                    .max_decoding_message_size(MAX_MESSAGE)
+                    .max_encoding_message_size(MAX_MESSAGE),
+            )
+            .add_service(ChatServer::new(services.clone()).max_decoding_message_size(MAX_MESSAGE))
+            .add_service(EventsServer::new(services).max_decoding_message_size(MAX_MESSAGE));
+    }
     Ok(routes)
 }

@@ -13,6 +13,8 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::error::{ApiError, bytes_rejection, path_rejection, unprocessable};
+use axum::extract::FromRef;
+
 use crate::{auth::Principal, error::Error, state::AppState};
 
 /// A JSON request body.
@@ -101,10 +103,15 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for Path<T>
 #[derive(Debug)]
 pub struct Auth(pub Principal);
 
-impl FromRequestParts<AppState> for Auth {
+impl<S> FromRequestParts<S> for Auth
+where
+    S: Send + Sync,
+    AppState: axum::extract::FromRef<S>,
+{
     type Rejection = Response;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Response> {
+        let state = AppState::from_ref(state);
         let token = bearer_token(&parts.headers).ok_or_else(|| {
             ApiError::from(Error::Unauthenticated("Not authenticated".into())).into_response()
         })?;

@@ -10,6 +10,7 @@ pub mod content;
 pub mod error;
 pub mod extract;
 pub mod products;
+pub mod services;
 pub mod users;
 
 use std::{
@@ -261,7 +262,7 @@ fn docs() -> Router<AppState> {
 
 /// Mounts a sub-application at `prefix`. Its root answers at both `/prefix`
 /// and `/prefix/`, as a FastAPI mount does (the seed's clients call `/users/`).
-fn mount(
+pub fn mount(
     prefix: &str,
     root: axum::routing::MethodRouter<AppState>,
     sub: Router<AppState>,
@@ -272,16 +273,46 @@ fn mount(
         .nest(prefix, sub)
 }
 
-/// The whole HTTP application. Tests can drive it without a socket.
-pub fn router(state: AppState) -> Router {
-    let max_body = state.config.max_upload_size;
+/// Health, readiness, metrics and stats: every HTTP service has them.
+fn ops() -> Router<AppState> {
     Router::new()
-        .route("/", get(index))
         .route("/stats", get(stats))
         .route("/config", get(public_config))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+}
+
+/// The HTTP application of a role (see [`crate::app::Role`]).
+pub fn router_for(role: crate::app::Role, state: AppState) -> Router {
+    use crate::app::Role;
+    match role {
+        Role::Serve | Role::Products => router(state),
+        Role::Users => edge(
+            ops()
+                .merge(services::users_service())
+                .fallback(not_found)
+                .method_not_allowed_fallback(method_not_allowed)
+                .with_state(state.clone()),
+            state,
+        ),
+        Role::Orders => edge(
+            ops()
+                .merge(crate::realtime::feed_router())
+                .fallback(not_found)
+                .method_not_allowed_fallback(method_not_allowed)
+                .with_state(state.clone())
+                .merge(services::orders_service(state.clone())),
+            state,
+        ),
+    }
+}
+
+/// The whole HTTP application of `prism serve`. Tests can drive it without a socket.
+pub fn router(state: AppState) -> Router {
+    let routes = Router::new()
+        .route("/", get(index))
+        .merge(ops())
         .route("/api/v1/items", get(products::items_v1))
         .route("/api/v2/items", get(products::items_v2))
         .merge(auth::router())
@@ -294,7 +325,15 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state.clone())
-        .merge(crate::graphql::router(state.clone(), state.config.graphql))
+        .merge(crate::graphql::router(state.clone(), state.config.graphql));
+    edge(routes, state)
+}
+
+/// The middleware every HTTP service shares: request ids, tracing, request
+/// counting and metrics, body limits, and panics turned into 500s.
+fn edge(routes: Router, state: AppState) -> Router {
+    let max_body = state.config.max_upload_size;
+    routes
         .layer(DefaultBodyLimit::max(max_body))
         .layer(from_fn_with_state(state.clone(), track))
         .layer(

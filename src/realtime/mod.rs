@@ -384,6 +384,11 @@ async fn ui() -> Html<&'static str> {
     Html(include_str!("ui.html"))
 }
 
+/// Only the domain event feed: what the orders service offers its consumers.
+pub fn feed_router() -> Router<AppState> {
+    Router::new().route("/events/feed", get(feed))
+}
+
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/events", get(counter))

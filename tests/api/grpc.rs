@@ -498,7 +498,9 @@ async fn python_grpcio_stubs_interoperate() {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             panic!("grpcio is missing: pip install -r tests/python/requirements.txt");
         }
-        eprintln!("SKIPPED: Python gRPC interoperability (pip install -r tests/python/requirements.txt)");
+        eprintln!(
+            "SKIPPED: Python gRPC interoperability (pip install -r tests/python/requirements.txt)"
+        );
         return;
     }
     let app = spawn_app().await;
@@ -509,7 +511,13 @@ async fn python_grpcio_stubs_interoperate() {
         let out = tokio::time::timeout(
             std::time::Duration::from_secs(120),
             tokio::process::Command::new("python3")
-                .args(["tests/python/interop.py", protos, &app.grpc_addr.to_string(), &admin, &alice])
+                .args([
+                    "tests/python/interop.py",
+                    protos,
+                    &app.grpc_addr.to_string(),
+                    &admin,
+                    &alice,
+                ])
                 .current_dir(root)
                 .output(),
         )
@@ -518,7 +526,10 @@ async fn python_grpcio_stubs_interoperate() {
         .unwrap();
         println!("{}", String::from_utf8_lossy(&out.stdout));
         eprintln!("{}", String::from_utf8_lossy(&out.stderr));
-        assert!(out.status.success(), "Python grpcio interop failed with stubs from {protos}");
+        assert!(
+            out.status.success(),
+            "Python grpcio interop failed with stubs from {protos}"
+        );
     }
     app.stop().await;
 }
@@ -528,13 +539,18 @@ async fn shutdown_ends_server_streams() {
     let app = spawn_app().await;
     let mut events = EventsClient::new(app.grpc().await);
     let mut live = events
-        .subscribe(SubscribeRequest { after_id: None, types: vec![] })
+        .subscribe(SubscribeRequest {
+            after_id: None,
+            types: vec![],
+        })
         .await
         .unwrap()
         .into_inner();
     let stopping = tokio::spawn(app.stop());
     // The stream completes cleanly rather than hanging or erroring.
-    let end = tokio::time::timeout(WAIT, live.next()).await.expect("stream did not end");
+    let end = tokio::time::timeout(WAIT, live.next())
+        .await
+        .expect("stream did not end");
     assert!(end.is_none(), "expected the end of the stream, got {end:?}");
     stopping.await.unwrap();
 }

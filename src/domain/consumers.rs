@@ -1,0 +1,145 @@
+//! Bookkeeping for event consumers and relays: stream positions, applied
+//! events (idempotence: a redelivered event changes nothing), and the users
+//! service's order statistics built from other services' `order.created`.
+
+use serde::Serialize;
+
+use super::Domain;
+use crate::{error::Result, on_db, on_tx};
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct OrderStats {
+    pub user_id: i64,
+    pub orders: i64,
+    pub total: f64,
+}
+
+impl Domain {
+    /// Where `consumer` is in its stream (0 before the first event).
+    pub async fn offset(&self, consumer: &str) -> Result<i64> {
+        let v: Option<i64> = on_db!(&self.db, pool => {
+            sqlx::query_scalar("SELECT last_id FROM event_offsets WHERE consumer = $1")
+                .bind(consumer)
+                .fetch_optional(pool)
+                .await?
+        });
+        Ok(v.unwrap_or(0))
+    }
+
+    pub async fn set_offset(&self, consumer: &str, last_id: i64) -> Result<()> {
+        let mut tx = self.db.begin().await?;
+        on_tx!(&mut tx, c => {
+            sqlx::query(
+                "INSERT INTO event_offsets (consumer, last_id) VALUES ($1, $2) \
+                 ON CONFLICT (consumer) DO UPDATE SET last_id = excluded.last_id",
+            )
+            .bind(consumer)
+            .bind(last_id)
+            .execute(c)
+            .await?
+            .rows_affected()
+        });
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Applies one `order.created` from another service, at most once per
+    /// `event_key`; with `position` (a stream name and id), also moves that
+    /// position in the same transaction. Returns whether it was new.
+    pub async fn apply_order_created(
+        &self,
+        consumer: &str,
+        event_key: &str,
+        user_id: i64,
+        total: f64,
+        position: Option<(&str, i64)>,
+    ) -> Result<bool> {
+        let mut tx = self.db.begin().await?;
+        let fresh = on_tx!(&mut tx, c => {
+            sqlx::query(
+                "INSERT INTO processed_events (consumer, event_key) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            )
+            .bind(consumer)
+            .bind(event_key)
+            .execute(c)
+            .await?
+            .rows_affected()
+        }) == 1;
+        if fresh {
+            on_tx!(&mut tx, c => {
+                sqlx::query(
+                    "INSERT INTO user_order_stats (user_id, orders, total) VALUES ($1, 1, $2) \
+                     ON CONFLICT (user_id) DO UPDATE SET orders = user_order_stats.orders + 1, \
+                     total = user_order_stats.total + excluded.total",
+                )
+                .bind(user_id)
+                .bind(total)
+                .execute(c)
+                .await?
+                .rows_affected()
+            });
+        }
+        if let Some((stream, last_id)) = position {
+            on_tx!(&mut tx, c => {
+                sqlx::query(
+                    "INSERT INTO event_offsets (consumer, last_id) VALUES ($1, $2) \
+                     ON CONFLICT (consumer) DO UPDATE SET last_id = excluded.last_id",
+                )
+                .bind(stream)
+                .bind(last_id)
+                .execute(c)
+                .await?
+                .rows_affected()
+            });
+        }
+        tx.commit().await?;
+        Ok(fresh)
+    }
+
+    pub async fn order_stats(&self, user_id: i64) -> Result<OrderStats> {
+        let row: Option<(i64, f64)> = on_db!(&self.db, pool => {
+            sqlx::query_as("SELECT orders, total FROM user_order_stats WHERE user_id = $1")
+                .bind(user_id)
+                .fetch_optional(pool)
+                .await?
+        });
+        let (orders, total) = row.unwrap_or((0, 0.0));
+        Ok(OrderStats {
+            user_id,
+            orders,
+            total: (total * 100.0).round() / 100.0,
+        })
+    }
+
+    /// A random id of this database, made on first use: relays name events
+    /// `<origin>:<id>`, so whichever process relays an event, the broker sees
+    /// the same message id and drops duplicates.
+    pub async fn origin(&self) -> Result<i64> {
+        let existing: Option<i64> = on_db!(&self.db, pool => {
+            sqlx::query_scalar("SELECT value FROM prism_meta WHERE key = 'origin'")
+                .fetch_optional(pool)
+                .await?
+        });
+        if let Some(v) = existing {
+            return Ok(v);
+        }
+        let mut b = [0u8; 8];
+        let _ = getrandom::fill(&mut b);
+        let candidate = (i64::from_le_bytes(b) & i64::MAX).max(1);
+        let mut tx = self.db.begin().await?;
+        on_tx!(&mut tx, c => {
+            sqlx::query("INSERT INTO prism_meta (key, value) VALUES ('origin', $1) ON CONFLICT (key) DO NOTHING")
+                .bind(candidate)
+                .execute(c)
+                .await?
+                .rows_affected()
+        });
+        tx.commit().await?;
+        let v: i64 = on_db!(&self.db, pool => {
+            sqlx::query_scalar("SELECT value FROM prism_meta WHERE key = 'origin'")
+                .fetch_one(pool)
+                .await?
+        });
+        Ok(v)
+    }
+}

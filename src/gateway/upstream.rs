@@ -1,0 +1,403 @@
+//! One upstream service: its instances, their health and circuit breakers,
+//! load balancing, and the call loop — per-try timeout, an overall deadline,
+//! retries with backoff only for idempotent calls and retryable failures,
+//! within the retry budget.
+
+use std::{
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    breaker::{Breaker, State},
+    registry::ServiceSpec,
+    retry::{Budget, backoff, unit_random},
+};
+
+/// Why a call to an upstream did not produce an answer, and whether it may be
+/// retried (pingora's habit: an error knows where it came from and whether a
+/// retry is allowed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// No healthy instance is registered or reachable.
+    NoInstance,
+    /// Every healthy instance's circuit is open: failing fast.
+    CircuitOpen,
+    /// A try took longer than the upstream's timeout.
+    Timeout,
+    /// The overall deadline passed.
+    DeadlineExceeded,
+    /// Could not connect, or the connection broke.
+    Connect(String),
+    /// The upstream answered that it is unavailable (502/503/504, gRPC UNAVAILABLE).
+    Unavailable(String),
+}
+
+impl Failure {
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            Failure::Timeout | Failure::Connect(_) | Failure::Unavailable(_)
+        )
+    }
+
+    /// The HTTP status a client of the gateway sees.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            Failure::Timeout | Failure::DeadlineExceeded => 504,
+            _ => 503,
+        }
+    }
+}
+
+/// Context that travels with one client request through every try.
+#[derive(Debug, Clone)]
+pub struct CallCtx {
+    pub deadline: Instant,
+    pub request_id: String,
+    /// W3C trace id (32 hex digits) of the client's trace, or a new one.
+    pub trace_id: String,
+    /// The client's trace sampling flag, passed on.
+    pub sampled: bool,
+}
+
+impl CallCtx {
+    /// A `traceparent` for one outgoing call: same trace, a new span.
+    pub fn traceparent(&self) -> String {
+        let span = crate::auth::random_token(8);
+        format!(
+            "00-{}-{span}-{}",
+            self.trace_id,
+            if self.sampled { "01" } else { "00" }
+        )
+    }
+
+    pub fn remaining(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
+}
+
+#[derive(Debug)]
+pub struct Instance {
+    pub url: String,
+    healthy: AtomicBool,
+    breaker: Breaker,
+    /// Tries sent to this instance (tests and `/healthz` read it).
+    pub tries: AtomicU64,
+    grpc: std::sync::OnceLock<tonic::transport::Channel>,
+}
+
+impl Instance {
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// A lazily connected gRPC channel to this instance.
+    pub fn channel(&self) -> Result<tonic::transport::Channel, Failure> {
+        if let Some(c) = self.grpc.get() {
+            return Ok(c.clone());
+        }
+        let c = tonic::transport::Endpoint::from_shared(self.url.clone())
+            .map_err(|e| Failure::Connect(e.to_string()))?
+            .connect_timeout(Duration::from_secs(1))
+            .connect_lazy();
+        Ok(self.grpc.get_or_init(|| c).clone())
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct InstanceStatus {
+    pub url: String,
+    pub healthy: bool,
+    pub circuit: &'static str,
+    pub tries: u64,
+}
+
+#[derive(Debug)]
+pub struct Upstream {
+    pub name: String,
+    spec: ServiceSpec,
+    instances: Vec<Arc<Instance>>,
+    next: AtomicUsize,
+    budget: Budget,
+    /// Whether instances speak gRPC (health-checked with grpc.health.v1).
+    grpc: bool,
+    http: reqwest::Client,
+}
+
+impl Upstream {
+    pub fn new(name: &str, spec: ServiceSpec, grpc: bool, http: reqwest::Client) -> Self {
+        let instances = spec
+            .instances
+            .iter()
+            .map(|url| {
+                Arc::new(Instance {
+                    url: url.trim_end_matches('/').to_owned(),
+                    // Optimistic until the first check: a fresh gateway serves at once.
+                    healthy: AtomicBool::new(true),
+                    breaker: Breaker::new(spec.breaker_policy()),
+                    tries: AtomicU64::new(0),
+                    grpc: std::sync::OnceLock::new(),
+                })
+            })
+            .collect();
+        Upstream {
+            name: name.to_owned(),
+            budget: Budget::new(spec.retry_ratio, 10),
+            spec,
+            instances,
+            next: AtomicUsize::new(0),
+            grpc,
+            http,
+        }
+    }
+
+    pub fn status(&self) -> Vec<InstanceStatus> {
+        let now = Instant::now();
+        self.instances
+            .iter()
+            .map(|i| InstanceStatus {
+                url: i.url.clone(),
+                healthy: i.healthy(),
+                circuit: i.breaker.state(now).as_str(),
+                tries: i.tries.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    pub fn instances(&self) -> &[Arc<Instance>] {
+        &self.instances
+    }
+
+    /// Round robin over healthy instances whose circuit lets a call through.
+    fn pick(&self, now: Instant) -> Result<(Arc<Instance>, super::breaker::Permit), Failure> {
+        let n = self.instances.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut any_healthy = false;
+        for k in 0..n {
+            let inst = &self.instances[(start + k) % n];
+            if !inst.healthy() {
+                continue;
+            }
+            any_healthy = true;
+            if let Some(permit) = inst.breaker.try_acquire(now) {
+                return Ok((inst.clone(), permit));
+            }
+        }
+        Err(if any_healthy {
+            Failure::CircuitOpen
+        } else {
+            Failure::NoInstance
+        })
+    }
+
+    /// Runs `attempt` against instances until it succeeds, a failure may not
+    /// be retried (or the request is not idempotent), the retries or the retry
+    /// budget run out, or the deadline passes. `attempt` gets the instance and
+    /// the time it may take.
+    pub async fn call<T, F, Fut>(
+        &self,
+        ctx: &CallCtx,
+        idempotent: bool,
+        mut attempt: F,
+    ) -> Result<T, Failure>
+    where
+        F: FnMut(Arc<Instance>, Duration) -> Fut,
+        Fut: Future<Output = Result<T, Failure>>,
+    {
+        self.budget.record_request(Instant::now());
+        let mut tries = 0u32;
+        loop {
+            let remaining = ctx.remaining();
+            if remaining.is_zero() {
+                return Err(Failure::DeadlineExceeded);
+            }
+            let (instance, permit) = self.pick(Instant::now())?;
+            instance.tries.fetch_add(1, Ordering::Relaxed);
+            let budget = self.spec.timeout().min(remaining);
+            let outcome =
+                match tokio::time::timeout(budget, attempt(instance.clone(), budget)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(if budget < self.spec.timeout() {
+                        Failure::DeadlineExceeded
+                    } else {
+                        Failure::Timeout
+                    }),
+                };
+            instance
+                .breaker
+                .record(permit, outcome.is_ok(), Instant::now());
+            let failure = match outcome {
+                Ok(v) => return Ok(v),
+                Err(f) => f,
+            };
+            tracing::debug!(upstream = %self.name, instance = %instance.url, ?failure, tries, "upstream try failed");
+            if !idempotent || !failure.retryable() || tries >= self.spec.retries {
+                return Err(failure);
+            }
+            if !self.budget.try_retry(Instant::now()) {
+                tracing::warn!(upstream = %self.name, "retry budget exhausted");
+                return Err(failure);
+            }
+            let pause = backoff(
+                tries,
+                Duration::from_millis(self.spec.backoff_ms),
+                Duration::from_secs(1),
+                unit_random(),
+            );
+            if pause >= ctx.remaining() {
+                return Err(failure);
+            }
+            tokio::time::sleep(pause).await;
+            tries += 1;
+        }
+    }
+
+    /// An HTTP request to the service; 502/503/504 answers count as failures
+    /// (retryable), anything else is the service's answer.
+    pub async fn http(
+        &self,
+        ctx: &CallCtx,
+        method: reqwest::Method,
+        path_and_query: &str,
+        headers: &[(&str, String)],
+        body: Option<(bytes::Bytes, String)>,
+    ) -> Result<HttpAnswer, Failure> {
+        let idempotent = matches!(
+            method,
+            reqwest::Method::GET
+                | reqwest::Method::HEAD
+                | reqwest::Method::PUT
+                | reqwest::Method::DELETE
+        );
+        self.call(ctx, idempotent, |instance, timeout| {
+            let mut req = self
+                .http
+                .request(
+                    method.clone(),
+                    format!("{}{}", instance.url, path_and_query),
+                )
+                .timeout(timeout)
+                .header("x-request-id", &ctx.request_id)
+                .header("traceparent", ctx.traceparent())
+                // The time left, so the upstream need not work past it.
+                .header(
+                    "x-request-timeout-ms",
+                    ctx.remaining().as_millis().to_string(),
+                );
+            for (k, v) in headers {
+                req = req.header(*k, v);
+            }
+            if let Some((bytes, content_type)) = &body {
+                req = req.header("content-type", content_type).body(bytes.clone());
+            }
+            async move {
+                let resp = req.send().await.map_err(|e| {
+                    if e.is_timeout() {
+                        Failure::Timeout
+                    } else {
+                        Failure::Connect(e.to_string())
+                    }
+                })?;
+                let status = resp.status().as_u16();
+                if matches!(status, 502..=504) {
+                    return Err(Failure::Unavailable(format!(
+                        "{} answered {status}",
+                        instance.url
+                    )));
+                }
+                let content_type = resp
+                    .headers()
+                    .get("content-type")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("application/json")
+                    .to_owned();
+                let body = resp
+                    .bytes()
+                    .await
+                    .map_err(|e| Failure::Connect(e.to_string()))?;
+                Ok(HttpAnswer {
+                    status,
+                    content_type,
+                    body,
+                })
+            }
+        })
+        .await
+    }
+
+    /// Checks every instance until `stop`: `GET /healthz` for HTTP services,
+    /// grpc.health.v1 for gRPC ones. An unhealthy instance gets no traffic.
+    pub async fn run_health_checks(self: Arc<Self>, every: Duration, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let checks = self.instances.iter().map(|i| self.check(i));
+            futures::future::join_all(checks).await;
+        }
+    }
+
+    async fn check(&self, instance: &Arc<Instance>) {
+        let timeout = Duration::from_millis(800);
+        let ok = if self.grpc {
+            match instance.channel() {
+                Ok(channel) => {
+                    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+                    let req = tonic_health::pb::HealthCheckRequest {
+                        service: String::new(),
+                    };
+                    matches!(
+                        tokio::time::timeout(timeout, client.check(req)).await,
+                        Ok(Ok(r)) if r.get_ref().status
+                            == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+                    )
+                }
+                Err(_) => false,
+            }
+        } else {
+            let url = format!("{}/healthz", instance.url);
+            matches!(
+                self.http.get(url).timeout(timeout).send().await,
+                Ok(r) if r.status().is_success()
+            )
+        };
+        let was = instance.healthy.swap(ok, Ordering::Relaxed);
+        if was != ok {
+            tracing::info!(upstream = %self.name, instance = %instance.url, healthy = ok, "instance health changed");
+        }
+    }
+
+    /// Circuit state of every instance (for `/healthz`).
+    pub fn circuits(&self) -> Vec<State> {
+        let now = Instant::now();
+        self.instances
+            .iter()
+            .map(|i| i.breaker.state(now))
+            .collect()
+    }
+}
+
+/// An upstream's HTTP answer, passed on to the client.
+#[derive(Debug, Clone)]
+pub struct HttpAnswer {
+    pub status: u16,
+    pub content_type: String,
+    pub body: bytes::Bytes,
+}
+
+impl HttpAnswer {
+    pub fn json(&self) -> Option<serde_json::Value> {
+        serde_json::from_slice(&self.body).ok()
+    }
+}

@@ -1,0 +1,164 @@
+//! The HTTP surfaces of the microservices (SPEC §8): the users service
+//! (users, accounts, and the order statistics it builds from `order.created`)
+//! and the orders service (orders, which embed their user, fetched from the
+//! users service, and its event feed).
+
+use axum::{
+    Router,
+    extract::State,
+    http::{HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use serde_json::json;
+use std::time::Duration;
+
+use super::{
+    error::ApiError,
+    extract::{Auth, Json, Path, Query},
+    users::ListParams,
+};
+use crate::{
+    domain::{NewOrder, consumers::OrderStats},
+    error::Error,
+    state::AppState,
+};
+
+/// `GET /users/{user_id}/order-stats`: what the users service learned from
+/// the orders service's `order.created` events.
+async fn order_stats(
+    State(state): State<AppState>,
+    Path(user_id): Path<i64>,
+) -> Result<Json<OrderStats>, ApiError> {
+    state.domain.get_user(user_id).await?;
+    Ok(Json(state.domain.order_stats(user_id).await?))
+}
+
+pub fn users_service() -> Router<AppState> {
+    Router::new()
+        .merge(super::mount(
+            "/users",
+            super::users::root(),
+            super::users::router(),
+        ))
+        .route("/users/{user_id}/order-stats", get(order_stats))
+        .merge(super::auth::router())
+}
+
+/// What the orders service needs beyond the app: where the users are.
+#[derive(Clone)]
+pub struct OrdersCtx {
+    app: AppState,
+    users_url: String,
+    http: reqwest::Client,
+}
+
+impl axum::extract::FromRef<OrdersCtx> for AppState {
+    fn from_ref(ctx: &OrdersCtx) -> AppState {
+        ctx.app.clone()
+    }
+}
+
+/// The user of an order, from the users service: `Ok(None)` when it does not
+/// exist, `Err` when the service cannot say.
+async fn fetch_user(
+    ctx: &OrdersCtx,
+    user_id: i64,
+    headers: &HeaderMap,
+) -> Result<Option<serde_json::Value>, Error> {
+    let mut req = ctx
+        .http
+        .get(format!(
+            "{}/users/{user_id}",
+            ctx.users_url.trim_end_matches('/')
+        ))
+        .timeout(Duration::from_secs(2));
+    for name in ["x-request-id", "traceparent"] {
+        if let Some(v) = headers.get(name) {
+            req = req.header(name, v.clone());
+        }
+    }
+    let r = req
+        .send()
+        .await
+        .map_err(|_| Error::Unavailable("User service unavailable".into()))?;
+    match r.status().as_u16() {
+        200 => Ok(r.json().await.ok()),
+        404 => Ok(None),
+        _ => Err(Error::Unavailable("User service unavailable".into())),
+    }
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct OrdersQuery {
+    user_id: Option<i64>,
+    limit: Option<i64>,
+    offset: Option<i64>,
+}
+
+async fn list_orders(
+    State(ctx): State<OrdersCtx>,
+    Query(q): Query<OrdersQuery>,
+) -> Result<Response, ApiError> {
+    let page = ListParams {
+        limit: q.limit,
+        offset: q.offset,
+    }
+    .page()?;
+    Ok(Json(ctx.app.domain.list_orders(q.user_id, page).await?).into_response())
+}
+
+/// An order with its `"user"` embedded (null when the users service cannot
+/// be reached: the order itself is still known).
+async fn get_order(
+    State(ctx): State<OrdersCtx>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+) -> Result<Response, ApiError> {
+    let order = ctx.app.domain.get_order(id).await?;
+    let user = match fetch_user(&ctx, order.user_id, &headers).await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::warn!(error = %e, "order served without its user");
+            None
+        }
+    };
+    let mut body = serde_json::to_value(&order).map_err(Error::internal)?;
+    body["user"] = user.unwrap_or(serde_json::Value::Null);
+    Ok(Json(body).into_response())
+}
+
+/// Places an order after checking with the users service that its user exists.
+async fn create_order(
+    State(ctx): State<OrdersCtx>,
+    Auth(by): Auth,
+    headers: HeaderMap,
+    Json(new): Json<NewOrder>,
+) -> Result<Response, ApiError> {
+    let user_id = new.user_id.unwrap_or(by.user_id);
+    crate::domain::validate::Check::new()
+        .non_negative("total", new.total)
+        .finish()?;
+    by.ensure_self_or_admin(user_id, "place orders for yourself")?;
+    if fetch_user(&ctx, user_id, &headers).await?.is_none() {
+        return Err(Error::invalid("user_id", "value_error", "User does not exist").into());
+    }
+    let order = ctx
+        .app
+        .domain
+        .insert_order(user_id, new.total, new.status.unwrap_or_default())
+        .await?;
+    Ok((StatusCode::CREATED, Json(json!(order))).into_response())
+}
+
+pub fn orders_service(state: AppState) -> Router {
+    let ctx = OrdersCtx {
+        users_url: state.config.users_url.clone(),
+        http: reqwest::Client::new(),
+        app: state.clone(),
+    };
+    Router::new()
+        .route("/orders", get(list_orders).post(create_order))
+        .route("/orders/{order_id}", get(get_order))
+        .with_state(ctx)
+}

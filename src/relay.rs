@@ -1,0 +1,265 @@
+//! Moving events between processes, reliably.
+//!
+//! **Relay** ([`run_relay`]): publishes this database's event log to NATS
+//! JetStream (`prism.events.<type>` in the stream `PRISM_EVENTS`). It reads
+//! from a stored position, publishes each event with the message id
+//! `<origin>:<event id>` and waits for JetStream's ack before moving the
+//! position, so a broker outage or a crash loses nothing: the relay resumes
+//! from the last acknowledged event, and whatever it publishes twice the
+//! broker drops as a duplicate within its window (consumers also apply each
+//! event at most once).
+//!
+//! **Consumer** ([`run_order_consumer`]): the users service applies
+//! `order.created` to its per-user statistics, from JetStream (a durable pull
+//! consumer, acked after the change commits) or — without a broker — straight
+//! from the orders service's `/events/feed`, resuming with `Last-Event-ID`
+//! from the position it stores with each change.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use futures::StreamExt;
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    domain::Domain,
+    events::{EventFilter, Item},
+};
+
+pub const STREAM: &str = "PRISM_EVENTS";
+const RELAY_POSITION: &str = "nats-relay";
+
+async fn pause(stop: &CancellationToken, d: Duration) -> bool {
+    tokio::select! {
+        _ = stop.cancelled() => false,
+        _ = tokio::time::sleep(d) => true,
+    }
+}
+
+async fn jetstream_context(url: &str) -> Result<jetstream::Context, async_nats::Error> {
+    let client = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(3))
+        .connect(url)
+        .await?;
+    let js = jetstream::new(client);
+    js.get_or_create_stream(jetstream::stream::Config {
+        name: STREAM.into(),
+        subjects: vec!["prism.events.>".into()],
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await?;
+    Ok(js)
+}
+
+/// Publishes every event matching `filter` to JetStream until `stop`.
+pub async fn run_relay(domain: Domain, url: String, filter: EventFilter, stop: CancellationToken) {
+    let mut backoff = Duration::from_millis(200);
+    while !stop.is_cancelled() {
+        match relay_session(&domain, &url, &filter, &stop).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "event relay interrupted; resuming from the last acknowledged event");
+                if !pause(&stop, backoff).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn relay_session(
+    domain: &Domain,
+    url: &str,
+    filter: &EventFilter,
+    stop: &CancellationToken,
+) -> Result<(), async_nats::Error> {
+    let js = jetstream_context(url).await?;
+    let origin = domain.origin().await?;
+    tracing::info!(url, "event relay connected to NATS JetStream");
+    // A live subscription only as a wake-up; the log itself is read below.
+    let mut wake = Box::pin(domain.events().subscribe(None, EventFilter::all()));
+    loop {
+        let after = domain.offset(RELAY_POSITION).await?;
+        let batch = domain.events().read_after(after, 200).await?;
+        if batch.is_empty() {
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                item = wake.next() => {
+                    if matches!(item, None | Some(Item::CutOff { .. })) {
+                        wake = Box::pin(domain.events().subscribe(None, EventFilter::all()));
+                    }
+                }
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            continue;
+        }
+        for event in batch {
+            if filter.matches(&event.kind) {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Nats-Msg-Id", format!("{origin}:{}", event.id).as_str());
+                let ack = js
+                    .publish_with_headers(
+                        format!("prism.events.{}", event.kind),
+                        headers,
+                        event.json.clone().into(),
+                    )
+                    .await?;
+                tokio::time::timeout(Duration::from_secs(5), ack)
+                    .await
+                    .map_err(|_| "JetStream did not acknowledge in time")??;
+            }
+            domain.set_offset(RELAY_POSITION, event.id).await?;
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct WireEvent {
+    id: i64,
+    payload: OrderCreated,
+}
+
+#[derive(Deserialize)]
+struct OrderCreated {
+    user_id: i64,
+    total: f64,
+}
+
+/// Applies `order.created` events to the users service's statistics until
+/// `stop`: from JetStream when `nats_url` is set, else from `orders_url`'s feed.
+pub async fn run_order_consumer(
+    domain: Domain,
+    nats_url: Option<String>,
+    orders_url: String,
+    stop: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(200);
+    while !stop.is_cancelled() {
+        let result = match &nats_url {
+            Some(url) => consume_jetstream(&domain, url, &stop).await,
+            None => consume_feed(&domain, &orders_url, &stop).await,
+        };
+        match result {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "order consumer interrupted; resuming");
+                if !pause(&stop, backoff).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+const CONSUMER: &str = "users-service";
+
+async fn consume_jetstream(
+    domain: &Domain,
+    url: &str,
+    stop: &CancellationToken,
+) -> Result<(), async_nats::Error> {
+    let js = jetstream_context(url).await?;
+    let stream = js.get_stream(STREAM).await?;
+    let consumer: jetstream::consumer::PullConsumer = stream
+        .get_or_create_consumer(
+            CONSUMER,
+            jetstream::consumer::pull::Config {
+                durable_name: Some(CONSUMER.into()),
+                filter_subject: "prism.events.order.created".into(),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(10),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let mut messages = consumer.messages().await?;
+    tracing::info!("users service consuming order.created from JetStream");
+    loop {
+        let msg = tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            m = messages.next() => m,
+        };
+        let Some(msg) = msg else {
+            return Err("JetStream message stream ended".into());
+        };
+        let msg = msg?;
+        let key = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Msg-Id"))
+            .map(|v| v.to_string())
+            .unwrap_or_else(|| {
+                format!("seq:{}", msg.info().map(|i| i.stream_sequence).unwrap_or(0))
+            });
+        match serde_json::from_slice::<WireEvent>(&msg.payload) {
+            Ok(ev) => {
+                domain
+                    .apply_order_created(CONSUMER, &key, ev.payload.user_id, ev.payload.total, None)
+                    .await?;
+            }
+            Err(e) => tracing::warn!(error = %e, key, "skipping an unreadable order.created"),
+        }
+        msg.ack().await?;
+    }
+}
+
+async fn consume_feed(
+    domain: &Domain,
+    orders_url: &str,
+    stop: &CancellationToken,
+) -> Result<(), async_nats::Error> {
+    let position = format!("{CONSUMER}:feed");
+    let after = domain.offset(&position).await?;
+    let response = reqwest::Client::new()
+        .get(format!(
+            "{}/events/feed?types=order.created",
+            orders_url.trim_end_matches('/')
+        ))
+        .header("last-event-id", after.to_string())
+        .send()
+        .await?
+        .error_for_status()?;
+    tracing::info!(
+        orders_url,
+        after,
+        "users service consuming order.created from the orders feed"
+    );
+    let mut body = response.bytes_stream();
+    let mut buf = String::new();
+    loop {
+        let chunk = tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            c = body.next() => c,
+        };
+        let Some(chunk) = chunk else {
+            return Err("the orders feed ended".into());
+        };
+        buf.push_str(&String::from_utf8_lossy(&chunk?));
+        while let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            let data: String = block
+                .lines()
+                .filter_map(|l| l.strip_prefix("data:"))
+                .map(str::trim_start)
+                .collect();
+            if data.is_empty() {
+                continue;
+            }
+            if let Ok(ev) = serde_json::from_str::<WireEvent>(&data) {
+                domain
+                    .apply_order_created(
+                        CONSUMER,
+                        &format!("feed:{}", ev.id),
+                        ev.payload.user_id,
+                        ev.payload.total,
+                        Some((&position, ev.id)),
+                    )
+                    .await?;
+            }
+        }
+    }
+}

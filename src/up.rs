@@ -1,0 +1,209 @@
+//! `prism up`: the whole microservice topology on one machine, one command.
+//!
+//! Starts this same binary four times — users service (8001), orders service
+//! (8002), products service (gRPC 50052) and the gateway (`--port`, 8000) —
+//! each with its own database under `<data-dir>/<service>`, one JWT signing
+//! secret for all of them (the configured one, or one generated for this
+//! topology and kept in `<data-dir>/jwt-secret`), and the gateway's registry
+//! written to `<data-dir>/registry.toml`. Their logs are prefixed with the
+//! service's name. With `--nats-url` the orders service relays `order.created`
+//! to JetStream and the users service consumes it there; without it the users
+//! service follows the orders service's `/events/feed` directly.
+//! SIGINT/SIGTERM stops all four gracefully.
+
+use std::process::Stdio;
+
+use anyhow::Context;
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+};
+
+use crate::{
+    config::Config,
+    gateway::registry::{Registry, ServiceSpec},
+};
+
+struct Service {
+    name: &'static str,
+    args: Vec<String>,
+}
+
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("cannot find the prism binary")?;
+    std::fs::create_dir_all(&config.data_dir)?;
+    let secret = match &config.jwt_secret {
+        Some(s) => s.clone(),
+        None => {
+            let path = config.data_dir.join("jwt-secret");
+            match std::fs::read_to_string(&path) {
+                Ok(s) => s.trim().to_owned(),
+                Err(_) => {
+                    let s = crate::auth::random_token(32);
+                    std::fs::write(&path, &s)?;
+                    s
+                }
+            }
+        }
+    };
+    let host = &config.host;
+    let (users, orders, products) = (8001u16, 8002u16, config.grpc_port);
+    let mut registry = Registry::local_default();
+    registry.services.insert(
+        "users".into(),
+        ServiceSpec::new(vec![format!("http://{host}:{users}")]),
+    );
+    registry.services.insert(
+        "orders".into(),
+        ServiceSpec::new(vec![format!("http://{host}:{orders}")]),
+    );
+    registry.services.insert(
+        "products".into(),
+        ServiceSpec::new(vec![format!("http://{host}:{products}")]),
+    );
+    let registry_path = config.data_dir.join("registry.toml");
+    std::fs::write(&registry_path, registry.to_toml())?;
+
+    let dir = |name: &str| config.data_dir.join(name).display().to_string();
+    let mut common = vec![
+        "--host".to_owned(),
+        host.clone(),
+        "--log-format".into(),
+        "pretty".into(),
+    ];
+    if let Some(url) = &config.nats_url {
+        common.extend(["--nats-url".into(), url.clone()]);
+    }
+    if config.demo {
+        common.push("--demo".into());
+    }
+    let services = [
+        Service {
+            name: "users",
+            args: vec![
+                "users-service".into(),
+                "--port".into(),
+                users.to_string(),
+                "--data-dir".into(),
+                dir("users"),
+                "--orders-url".into(),
+                format!("http://{host}:{orders}"),
+            ],
+        },
+        Service {
+            name: "orders",
+            args: vec![
+                "orders-service".into(),
+                "--port".into(),
+                orders.to_string(),
+                "--data-dir".into(),
+                dir("orders"),
+                "--users-url".into(),
+                format!("http://{host}:{users}"),
+            ],
+        },
+        Service {
+            name: "products",
+            args: vec![
+                "products-service".into(),
+                "--grpc-port".into(),
+                products.to_string(),
+                "--data-dir".into(),
+                dir("products"),
+            ],
+        },
+        Service {
+            name: "gateway",
+            args: vec![
+                "gateway".into(),
+                "--port".into(),
+                config.port.to_string(),
+                "--data-dir".into(),
+                dir("gateway"),
+                "--registry".into(),
+                registry_path.display().to_string(),
+            ],
+        },
+    ];
+    let mut children: Vec<(&'static str, Child)> = Vec::new();
+    for s in services {
+        let mut cmd = Command::new(&exe);
+        cmd.args(&s.args)
+            .args(&common)
+            .env("PRISM_JWT_SECRET", &secret)
+            .env_remove("PRISM_CONFIG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        if let Some(p) = &config.admin_password {
+            cmd.env("PRISM_ADMIN_PASSWORD", p);
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start the {} service", s.name))?;
+        for stream in [
+            child
+                .stdout
+                .take()
+                .map(|o| Box::new(o) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+            child
+                .stderr
+                .take()
+                .map(|e| Box::new(e) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let name = s.name;
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(stream).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    eprintln!("[{name:>8}] {line}");
+                }
+            });
+        }
+        children.push((s.name, child));
+    }
+    tracing::info!(gateway = %format!("http://{host}:{}", config.port), "topology started: users :{users}, orders :{orders}, products :{products} (gRPC)");
+
+    // Wait for a signal, or for a service to die (then stop the rest).
+    let died = async {
+        loop {
+            for (name, child) in children.iter_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return (*name, status);
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    };
+    let failure = tokio::select! {
+        _ = crate::app::shutdown_signal() => None,
+        (name, status) = died => Some(anyhow::anyhow!("the {name} service exited ({status}); stopping the others")),
+    };
+    for (_, child) in &children {
+        if let Some(pid) = child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+    }
+    for (name, child) in children.iter_mut() {
+        match tokio::time::timeout(
+            config.shutdown_timeout + std::time::Duration::from_secs(2),
+            child.wait(),
+        )
+        .await
+        {
+            Ok(_) => {}
+            Err(_) => {
+                tracing::warn!(service = *name, "did not stop in time; killing it");
+                let _ = child.kill().await;
+            }
+        }
+    }
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
