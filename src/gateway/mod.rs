@@ -381,7 +381,16 @@ where
                     Err(s) if s.code() == tonic::Code::Unavailable => {
                         Err(Failure::Unavailable(s.message().to_owned()))
                     }
-                    Err(s) if s.code() == tonic::Code::DeadlineExceeded => Err(Failure::Timeout),
+                    // The server enforces the grpc-timeout the gateway sent and
+                    // answers CANCELLED ("Timeout expired"): a timeout either way.
+                    Err(s)
+                        if matches!(
+                            s.code(),
+                            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+                        ) =>
+                    {
+                        Err(Failure::Timeout)
+                    }
                     Err(s) => Ok(Err(s)),
                 }
             }

@@ -4,6 +4,7 @@
 mod admin;
 mod auth;
 mod event_log;
+mod gateway;
 mod graphql;
 mod grpc;
 mod helpers;

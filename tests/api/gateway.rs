@@ -1,0 +1,722 @@
+//! The API gateway (SPEC §8): routes over the real services, and resilience
+//! proven against fake upstreams whose behaviour each test controls.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use axum::{
+    Router,
+    extract::{Path, State},
+    http::{HeaderMap, StatusCode},
+    response::IntoResponse,
+    routing::get,
+};
+use parking_lot::Mutex;
+use prism::{
+    App, Config,
+    app::Role,
+    gateway::{
+        GatewayApp,
+        registry::{Registry, ServiceSpec},
+    },
+};
+use serde_json::{Value, json};
+use tokio::{sync::oneshot, task::JoinHandle};
+
+use crate::helpers::{ADMIN_PASSWORD, WAIT, eventually};
+
+const SECRET: &str = "a test secret shared by the whole topology";
+
+/// How a fake upstream answers its data routes (`/healthz` always answers 200).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Mode {
+    Ok,
+    /// 503 to everything but `/healthz`.
+    Failing,
+    /// 503 for the next N requests, then OK.
+    FailFirst(u64),
+}
+
+#[derive(Clone)]
+struct FakeState {
+    name: &'static str,
+    mode: Arc<Mutex<Mode>>,
+    hits: Arc<AtomicU64>,
+    seen: Arc<Mutex<Vec<HeaderMap>>>,
+    /// When set, every data request waits here: both fakes of a test share it,
+    /// so requests only complete if they are in flight at the same time.
+    barrier: Option<Arc<tokio::sync::Barrier>>,
+}
+
+struct Fake {
+    addr: SocketAddr,
+    state: FakeState,
+    _server: JoinHandle<()>,
+}
+
+impl Fake {
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+    fn hits(&self) -> u64 {
+        self.state.hits.load(Ordering::SeqCst)
+    }
+    fn set(&self, mode: Mode) {
+        *self.state.mode.lock() = mode;
+    }
+}
+
+async fn fake_answer(s: &FakeState, headers: HeaderMap, body: Value) -> axum::response::Response {
+    s.hits.fetch_add(1, Ordering::SeqCst);
+    s.seen.lock().push(headers);
+    if let Some(b) = &s.barrier {
+        if tokio::time::timeout(Duration::from_secs(5), b.wait())
+            .await
+            .is_err()
+        {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the other call never came",
+            )
+                .into_response();
+        }
+    }
+    let fail = {
+        let mut mode = s.mode.lock();
+        match *mode {
+            Mode::Ok => false,
+            Mode::Failing => true,
+            Mode::FailFirst(0) => {
+                *mode = Mode::Ok;
+                false
+            }
+            Mode::FailFirst(n) => {
+                *mode = Mode::FailFirst(n - 1);
+                true
+            }
+        }
+    };
+    if fail {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"detail": "down"})),
+        )
+            .into_response();
+    }
+    axum::Json(body).into_response()
+}
+
+async fn fake(name: &'static str, barrier: Option<Arc<tokio::sync::Barrier>>) -> Fake {
+    let state = FakeState {
+        name,
+        mode: Arc::new(Mutex::new(Mode::Ok)),
+        hits: Arc::default(),
+        seen: Arc::default(),
+        barrier,
+    };
+    let app = Router::new()
+        .route(
+            "/healthz",
+            get(|| async { axum::Json(json!({"status": "ok"})) }),
+        )
+        .route(
+            "/users/{id}",
+            get(
+                |State(s): State<FakeState>, h: HeaderMap, Path(id): Path<i64>| async move {
+                    fake_answer(&s, h, json!({"id": id, "name": format!("{} user", s.name)})).await
+                },
+            ),
+        )
+        .route(
+            "/orders",
+            get(|State(s): State<FakeState>, h: HeaderMap| async move {
+                fake_answer(&s, h, json!([{"id": 1, "user_id": 1, "total": 5.0}])).await
+            })
+            .post(|State(s): State<FakeState>, h: HeaderMap| async move {
+                fake_answer(&s, h, json!({"id": 9})).await
+            }),
+        )
+        .with_state(state.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    Fake {
+        addr,
+        state,
+        _server: server,
+    }
+}
+
+/// A port with nothing listening.
+async fn dead_url() -> String {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    drop(l);
+    format!("http://{addr}")
+}
+
+struct TestGateway {
+    addr: SocketAddr,
+    client: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<anyhow::Result<()>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestGateway {
+    async fn start(registry: Registry) -> TestGateway {
+        prism::telemetry::init_tap_only("warn");
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            jwt_secret: Some(SECRET.into()),
+            ..Config::for_tests(dir.path())
+        };
+        let app = GatewayApp::build(&config, &registry).await.unwrap();
+        let addr = app.addr();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let handle = tokio::spawn(app.run_until_stopped(async move {
+            let _ = stopped.await;
+        }));
+        TestGateway {
+            addr,
+            client: reqwest::Client::builder().timeout(WAIT).build().unwrap(),
+            stop: Some(stop),
+            handle: Some(handle),
+            _dir: dir,
+        }
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        let r = self
+            .client
+            .get(format!("http://{}{path}", self.addr))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(WAIT, self.handle.take().unwrap())
+            .await
+            .expect("gateway shutdown hung")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+fn registry(
+    users: Vec<String>,
+    orders: Vec<String>,
+    products: Vec<String>,
+    tune: impl Fn(&mut ServiceSpec),
+) -> Registry {
+    let mut r = Registry::local_default();
+    for (name, instances) in [("users", users), ("orders", orders), ("products", products)] {
+        let mut spec = ServiceSpec::new(instances);
+        spec.backoff_ms = 5;
+        tune(&mut spec);
+        r.services.insert(name.into(), spec);
+    }
+    r.health_interval_ms = 50;
+    r
+}
+
+fn token() -> String {
+    prism::auth::TokenKeys::new(SECRET.as_bytes(), Duration::from_secs(60))
+        .issue(1, prism::auth::Role::User)
+        .unwrap()
+}
+
+// ---- against the real services --------------------------------------------
+
+struct Topology {
+    users: App,
+    orders: App,
+    products: App,
+}
+
+async fn service(role: Role, dir: &std::path::Path, users_url: Option<String>) -> App {
+    let mut config = Config {
+        demo: true,
+        admin_password: Some(ADMIN_PASSWORD.into()),
+        jwt_secret: Some(SECRET.into()),
+        ..Config::for_tests(dir)
+    };
+    if let Some(u) = users_url {
+        config.users_url = u;
+    }
+    App::build_as(role, config).await.unwrap()
+}
+
+async fn topology(dir: &std::path::Path) -> Topology {
+    let users = service(Role::Users, &dir.join("users"), None).await;
+    let users_url = format!("http://{}", users.http_addr());
+    let orders = service(Role::Orders, &dir.join("orders"), Some(users_url)).await;
+    let products = service(Role::Products, &dir.join("products"), None).await;
+    Topology {
+        users,
+        orders,
+        products,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_over_the_real_services() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = topology(dir.path()).await;
+    let reg = registry(
+        vec![format!("http://{}", t.users.http_addr())],
+        vec![format!("http://{}", t.orders.http_addr())],
+        vec![format!("http://{}", t.products.grpc_addr())],
+        |_| {},
+    );
+    let mut running = Vec::new();
+    for app in [t.users, t.orders, t.products] {
+        let (tx, rx) = oneshot::channel::<()>();
+        running.push((
+            tx,
+            tokio::spawn(app.run_until_stopped(async move {
+                let _ = rx.await;
+            })),
+        ));
+    }
+    let gw = TestGateway::start(reg).await;
+
+    let (s, user) = gw.get("/api/users/1").await;
+    assert_eq!((s, user["name"].clone()), (StatusCode::OK, json!("Alice")));
+    let (s, body) = gw.get("/api/users/999").await;
+    assert_eq!(
+        (s, body),
+        (StatusCode::NOT_FOUND, json!({"detail": "User not found"}))
+    );
+    let (s, order) = gw.get("/api/orders/1").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(order["total"], 99.99);
+    assert_eq!(
+        order["user"]["name"], "Alice",
+        "the orders service embeds the user"
+    );
+    let (_, both) = gw.get("/api/user-orders/2").await;
+    assert_eq!(both["user"]["name"], "Bob");
+    assert_eq!(both["orders"][0]["total"], 149.99);
+    let (_, profile) = gw.get("/user-profile/1").await;
+    assert_eq!(profile["user"]["email"], "alice@example.com");
+    assert!(profile.get("degraded").is_none());
+
+    // Accounts and writes go through to the users and orders services.
+    let r = gw
+        .client
+        .post(format!("http://{}/auth/login", gw.addr))
+        .form(&[
+            ("username", "alice"),
+            ("password", prism::demo::ALICE_PASSWORD),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let login: Value = r.json().await.unwrap();
+    let alice = login["access_token"].as_str().unwrap();
+    let r = gw
+        .client
+        .post(format!("http://{}/orders", gw.addr))
+        .json(&json!({"total": 3.5}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = gw
+        .client
+        .post(format!("http://{}/orders", gw.addr))
+        .bearer_auth(alice)
+        .json(&json!({"total": 3.5}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let placed: Value = r.json().await.unwrap();
+    assert_eq!(placed["user_id"], 1);
+    let r = gw
+        .client
+        .post(format!("http://{}/orders", gw.addr))
+        .bearer_auth(alice)
+        .json(&json!({"total": 3.5, "user_id": 999}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+
+    // Products over gRPC, statuses mapped to HTTP.
+    let (s, p) = gw.get("/api/products/1").await;
+    assert_eq!(
+        (s, p["name"].clone(), p["category"].clone()),
+        (StatusCode::OK, json!("Widget"), json!("ELECTRONICS"))
+    );
+    let (s, body) = gw.get("/api/products/99").await;
+    assert_eq!(
+        (s, body),
+        (
+            StatusCode::NOT_FOUND,
+            json!({"detail": "Product 99 not found"})
+        )
+    );
+    let r = gw
+        .client
+        .get(format!("http://{}/api/products?category=books", gw.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-total-count"], "1");
+    let list: Value = r.json().await.unwrap();
+    assert_eq!(list[0]["name"], "Gadget");
+    let (s, _) = gw.get("/api/products?category=TOYS").await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+
+    let (_, health) = gw.get("/healthz").await;
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["upstreams"]["users"][0]["circuit"], "closed");
+    assert_eq!(health["upstreams"]["products"][0]["healthy"], true);
+
+    gw.stop().await;
+    for (tx, handle) in running {
+        let _ = tx.send(());
+        tokio::time::timeout(WAIT, handle)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+}
+
+// ---- resilience, against fakes ----------------------------------------------
+
+#[tokio::test]
+async fn fan_out_is_parallel() {
+    // Each fake answers only once both calls are in flight: a gateway that
+    // called one after the other would never get its first answer.
+    let barrier = Arc::new(tokio::sync::Barrier::new(2));
+    let users = fake("users", Some(barrier.clone())).await;
+    let orders = fake("orders", Some(barrier)).await;
+    let gw = TestGateway::start(registry(
+        vec![users.url()],
+        vec![orders.url()],
+        vec![dead_url().await],
+        |s| s.retries = 0,
+    ))
+    .await;
+    let (s, body) = gw.get("/api/user-orders/1").await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["user"]["name"], "users user");
+    assert_eq!(body["orders"][0]["total"], 5.0);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn request_id_and_traceparent_reach_the_upstream() {
+    let users = fake("users", None).await;
+    let gw = TestGateway::start(registry(
+        vec![users.url()],
+        vec![dead_url().await],
+        vec![dead_url().await],
+        |_| {},
+    ))
+    .await;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let r = gw
+        .client
+        .get(format!("http://{}/api/users/1", gw.addr))
+        .header("x-request-id", "req-123")
+        .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-01"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["x-request-id"], "req-123");
+    let seen = users.state.seen.lock().last().cloned().unwrap();
+    assert_eq!(seen["x-request-id"], "req-123");
+    let tp = seen["traceparent"].to_str().unwrap();
+    assert!(tp.starts_with(&format!("00-{trace}-")), "{tp}");
+    assert!(
+        !tp.contains("00f067aa0ba902b7"),
+        "a new span id for the upstream call"
+    );
+    assert!(
+        seen.contains_key("x-request-timeout-ms"),
+        "the remaining deadline is passed on"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_dead_instance_is_skipped() {
+    let users = fake("users", None).await;
+    let dead = dead_url().await;
+    let gw = TestGateway::start(registry(
+        vec![dead.clone(), users.url()],
+        vec![dead_url().await],
+        vec![dead_url().await],
+        |_| {},
+    ))
+    .await;
+    for _ in 0..10 {
+        let (s, _) = gw.get("/api/users/1").await;
+        assert_eq!(s, StatusCode::OK);
+    }
+    let health = eventually("the dead instance to be marked unhealthy", || async {
+        let (_, h) = gw.get("/healthz").await;
+        (h["upstreams"]["users"][0]["healthy"] == false).then_some(h)
+    })
+    .await;
+    assert_eq!(health["upstreams"]["users"][1]["healthy"], true);
+    assert_eq!(
+        health["status"], "degraded",
+        "orders and products have no live instance"
+    );
+    let before = users.hits();
+    for _ in 0..5 {
+        assert_eq!(gw.get("/api/users/1").await.0, StatusCode::OK);
+    }
+    assert_eq!(
+        users.hits() - before,
+        5,
+        "every request went to the live instance, once"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_post_is_never_retried() {
+    let orders = fake("orders", None).await;
+    orders.set(Mode::Failing);
+    let gw = TestGateway::start(registry(
+        vec![dead_url().await],
+        vec![orders.url()],
+        vec![dead_url().await],
+        |s| s.retries = 3,
+    ))
+    .await;
+    let r = gw
+        .client
+        .post(format!("http://{}/orders", gw.addr))
+        .bearer_auth(token())
+        .json(&json!({"total": 1.0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        orders.hits(),
+        1,
+        "the POST may have been applied: it is sent once"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_flaky_upstream_is_retried_and_succeeds() {
+    let users = fake("users", None).await;
+    users.set(Mode::FailFirst(2));
+    let gw = TestGateway::start(registry(
+        vec![users.url()],
+        vec![dead_url().await],
+        vec![dead_url().await],
+        |s| s.retries = 3,
+    ))
+    .await;
+    let (s, body) = gw.get("/api/users/7").await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["id"], 7);
+    assert_eq!(users.hits(), 3, "two failures, then the success");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_dead_upstream_opens_its_circuit_and_probes_close_it() {
+    let users = fake("users", None).await;
+    users.set(Mode::Failing);
+    let gw = TestGateway::start(registry(
+        vec![users.url()],
+        vec![dead_url().await],
+        vec![dead_url().await],
+        |s| {
+            s.retries = 0;
+            s.failures_to_open = 3;
+            s.open_ms = 300;
+        },
+    ))
+    .await;
+    for _ in 0..3 {
+        assert_eq!(
+            gw.get("/api/users/1").await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+    assert_eq!(users.hits(), 3);
+    // Open: fail fast, and the upstream sees nothing.
+    for _ in 0..5 {
+        let (s, body) = gw.get("/api/users/1").await;
+        assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            body["detail"].as_str().unwrap().contains("circuit open"),
+            "{body}"
+        );
+    }
+    assert_eq!(
+        users.hits(),
+        3,
+        "no upstream calls while the circuit is open"
+    );
+    let (_, h) = gw.get("/healthz").await;
+    assert_eq!(h["upstreams"]["users"][0]["circuit"], "open");
+    // The upstream comes back; after the open period a probe closes the circuit.
+    users.set(Mode::Ok);
+    eventually("a half-open probe to close the circuit", || async {
+        (gw.get("/api/users/1").await.0 == StatusCode::OK).then_some(())
+    })
+    .await;
+    let (_, h) = gw.get("/healthz").await;
+    assert_eq!(h["upstreams"]["users"][0]["circuit"], "closed");
+    assert_eq!(gw.get("/api/users/2").await.0, StatusCode::OK);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn the_user_profile_degrades_as_specified() {
+    let users = fake("users", None).await;
+    let gw = TestGateway::start(registry(
+        vec![users.url()],
+        vec![dead_url().await],
+        vec![dead_url().await],
+        |s| s.retries = 0,
+    ))
+    .await;
+    let (s, body) = gw.get("/user-profile/1").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(body["user"]["id"], 1);
+    assert_eq!(body["orders"], json!([]));
+    assert_eq!(body["degraded"], json!(["orders"]));
+    gw.stop().await;
+
+    let orders = fake("orders", None).await;
+    let gw = TestGateway::start(registry(
+        vec![dead_url().await],
+        vec![orders.url()],
+        vec![dead_url().await],
+        |s| s.retries = 0,
+    ))
+    .await;
+    let (s, body) = gw.get("/user-profile/1").await;
+    assert_eq!(
+        (s, body),
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"detail": "User service unavailable"})
+        )
+    );
+    gw.stop().await;
+}
+
+// ---- gRPC status mapping, against a fake products service -------------------
+
+mod fake_products {
+    use prism::grpc::pb::product::{
+        GetProductRequest, ListProductsRequest, Product, ProductList,
+        product_service_server::ProductService,
+    };
+    use tonic::{Request, Response, Status};
+
+    /// Answers GetProduct(id) with a status chosen by the id.
+    pub struct Fake;
+
+    #[tonic::async_trait]
+    impl ProductService for Fake {
+        async fn get_product(
+            &self,
+            req: Request<GetProductRequest>,
+        ) -> Result<Response<Product>, Status> {
+            match req.get_ref().id {
+                400 => Err(Status::invalid_argument("bad id")),
+                404 => Err(Status::not_found("Product 404 not found")),
+                503 => Err(Status::unavailable("overloaded")),
+                504 => {
+                    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                    Err(Status::internal("too late"))
+                }
+                id => Ok(Response::new(Product {
+                    id,
+                    name: "Fake".into(),
+                    ..Default::default()
+                })),
+            }
+        }
+        async fn list_products(
+            &self,
+            _: Request<ListProductsRequest>,
+        ) -> Result<Response<ProductList>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn create_product(&self, _: Request<Product>) -> Result<Response<Product>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn update_product(&self, _: Request<Product>) -> Result<Response<Product>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn delete_product(
+            &self,
+            _: Request<GetProductRequest>,
+        ) -> Result<Response<()>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+    }
+}
+
+#[tokio::test]
+async fn grpc_statuses_map_to_http_codes() {
+    use prism::grpc::pb::product::product_service_server::ProductServiceServer;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<ProductServiceServer<fake_products::Fake>>()
+        .await;
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(ProductServiceServer::new(fake_products::Fake))
+            .add_service(health)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let gw = TestGateway::start(registry(
+        vec![dead_url().await],
+        vec![dead_url().await],
+        vec![format!("http://{addr}")],
+        |s| {
+            s.retries = 1;
+            s.timeout_ms = 300;
+            s.failures_to_open = 100;
+        },
+    ))
+    .await;
+    assert_eq!(gw.get("/api/products/1").await.0, StatusCode::OK);
+    assert_eq!(gw.get("/api/products/404").await.0, StatusCode::NOT_FOUND);
+    assert_eq!(gw.get("/api/products/400").await.0, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        gw.get("/api/products/503").await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        gw.get("/api/products/504").await.0,
+        StatusCode::GATEWAY_TIMEOUT
+    );
+    gw.stop().await;
+}
