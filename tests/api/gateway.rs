@@ -75,17 +75,16 @@ impl Fake {
 async fn fake_answer(s: &FakeState, headers: HeaderMap, body: Value) -> axum::response::Response {
     s.hits.fetch_add(1, Ordering::SeqCst);
     s.seen.lock().push(headers);
-    if let Some(b) = &s.barrier {
-        if tokio::time::timeout(Duration::from_secs(5), b.wait())
+    if let Some(b) = &s.barrier
+        && tokio::time::timeout(Duration::from_secs(5), b.wait())
             .await
             .is_err()
-        {
-            return (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "the other call never came",
-            )
-                .into_response();
-        }
+    {
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the other call never came",
+        )
+            .into_response();
     }
     let fail = {
         let mut mode = s.mode.lock();
