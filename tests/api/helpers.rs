@@ -405,3 +405,68 @@ pub async fn node(dir: &std::path::Path, args: &[&str]) -> std::process::Output 
     eprintln!("{}", String::from_utf8_lossy(&out.stderr));
     out
 }
+
+/// A `prism` child process and the HTTP address it reported.
+pub struct Process {
+    pub child: tokio::process::Child,
+    pub addr: String,
+}
+
+impl Process {
+    /// Runs `prism ARGS --data-dir DIR --log-format json` and waits for its
+    /// "listening on http://…" line.
+    pub async fn start(args: &[&str], data_dir: &std::path::Path, env: &[(&str, &str)]) -> Process {
+        use tokio::io::{AsyncBufReadExt, BufReader};
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_prism"));
+        cmd.args(args)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--log-format", "json"])
+            .env_remove("RUST_LOG")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let addr = tokio::time::timeout(WAIT, async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if let Some(i) = line.find("http://") {
+                    return line[i + 7..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+                        .collect::<String>();
+                }
+            }
+            panic!("prism exited before listening");
+        })
+        .await
+        .expect("prism did not report its address");
+        // Keep draining the log so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Process { child, addr }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.id().unwrap().to_string();
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+
+    pub async fn wait_exit(mut self) -> std::process::ExitStatus {
+        tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .expect("prism did not exit")
+            .unwrap()
+    }
+}

@@ -1,16 +1,9 @@
 //! Startup, graceful shutdown and persistence (SPEC §7).
 
-use std::process::Stdio;
-
-use tokio::{
-    io::{AsyncBufReadExt, BufReader},
-    process::{Child, Command},
-};
-
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 
-use crate::helpers::{ADMIN_PASSWORD, WAIT, spawn_with, test_config};
+use crate::helpers::{ADMIN_PASSWORD, Process, WAIT, spawn_with, test_config};
 
 #[tokio::test]
 async fn data_survives_a_restart() {
@@ -47,72 +40,17 @@ async fn data_survives_a_restart() {
     app.stop().await;
 }
 
-/// A `prism serve` child process and the address it reported.
-struct Server {
-    child: Child,
-    addr: String,
-}
+/// `prism serve` as a child process.
+struct Server;
 
 impl Server {
-    async fn start(data_dir: &std::path::Path) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_prism"))
-            .args([
-                "serve",
-                "--demo",
-                "--port",
-                "0",
-                "--grpc-port",
-                "0",
-                "--log-format",
-                "json",
-            ])
-            .arg("--data-dir")
-            .arg(data_dir)
-            .env("PRISM_ADMIN_PASSWORD", ADMIN_PASSWORD)
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let addr = tokio::time::timeout(WAIT, async {
-            while let Some(line) = lines.next_line().await.unwrap() {
-                if let Some(i) = line.find("http://") {
-                    return line[i + 7..]
-                        .chars()
-                        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
-                        .collect::<String>();
-                }
-            }
-            panic!("prism exited before listening");
-        })
+    async fn start(data_dir: &std::path::Path) -> Process {
+        Process::start(
+            &["serve", "--demo", "--port", "0", "--grpc-port", "0"],
+            data_dir,
+            &[("PRISM_ADMIN_PASSWORD", ADMIN_PASSWORD)],
+        )
         .await
-        .expect("prism did not report its address");
-        // Keep draining the log so the child never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Server { child, addr }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
-    }
-
-    fn signal(&self, sig: &str) {
-        let pid = self.child.id().unwrap().to_string();
-        let ok = std::process::Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
-    }
-
-    async fn wait_exit(mut self) -> std::process::ExitStatus {
-        tokio::time::timeout(WAIT, self.child.wait())
-            .await
-            .expect("prism did not exit")
-            .unwrap()
     }
 }
 

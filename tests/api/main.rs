@@ -9,6 +9,7 @@ mod graphql;
 mod grpc;
 mod helpers;
 mod lifecycle;
+mod nats;
 mod products;
 mod realtime;
 mod rest;
