@@ -103,7 +103,7 @@ impl Gateway {
             .and_then(|v| v.to_str().ok())
             .filter(|v| !v.is_empty() && v.len() <= 200)
             .map(str::to_owned)
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+            .unwrap_or_else(|| upstream::next_id(32));
         // traceparent: 00-<32 hex trace id>-<16 hex parent>-<2 hex flags>
         let incoming = headers
             .get("traceparent")
@@ -115,7 +115,7 @@ impl Gateway {
                     && parts[1].chars().all(|c| c.is_ascii_hexdigit()))
                 .then(|| (parts[1].to_owned(), parts[3] == "01"))
             });
-        let (trace_id, sampled) = incoming.unwrap_or_else(|| (crate::auth::random_token(16), true));
+        let (trace_id, sampled) = incoming.unwrap_or_else(|| (upstream::next_id(32), true));
         CallCtx {
             deadline: std::time::Instant::now() + self.deadline,
             request_id,

@@ -68,10 +68,28 @@ pub struct CallCtx {
     pub sampled: bool,
 }
 
+/// Unique ids without a random draw per request: a random per-process
+/// prefix and a counter (the W3C format only asks for uniqueness).
+pub fn next_id(hex_digits: usize) -> String {
+    use std::sync::OnceLock;
+    static PREFIX: OnceLock<u64> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(1);
+    let prefix = *PREFIX.get_or_init(|| {
+        let mut b = [0u8; 8];
+        let _ = getrandom::fill(&mut b);
+        u64::from_le_bytes(b)
+    });
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    match hex_digits {
+        16 => format!("{:016x}", prefix ^ n.rotate_left(32)),
+        _ => format!("{prefix:016x}{n:016x}"),
+    }
+}
+
 impl CallCtx {
     /// A `traceparent` for one outgoing call: same trace, a new span.
     pub fn traceparent(&self) -> String {
-        let span = crate::auth::random_token(8);
+        let span = next_id(16);
         format!(
             "00-{}-{span}-{}",
             self.trace_id,

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The gateway's overhead: `GET /api/users/1` through `prism gateway`, the same
+# user straight from the users service, and through nginx (Debian's package)
+# as a plain reverse proxy to the users service, in the same run with wrk.
+# Writes its section of docs/benchmarks.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source bench/lib.sh
+ensure_wrk
+command -v nginx >/dev/null || { apt-get update -qq && apt-get install -y -qq nginx-light || apt-get install -y -qq nginx; }
+cargo build --release --quiet --bin prism
+target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys;print(json.load(sys.stdin)["target_directory"])')
+duration=${DURATION:-10s}
+work=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null; [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null; rm -rf "$work"' EXIT
+
+"$target/release/prism" users-service --demo --data-dir "$work/users" --port 18001 --log-level warn &
+wait_port 18001
+cat > "$work/registry.toml" <<TOML
+[services.users]
+instances = ["http://127.0.0.1:18001"]
+[services.orders]
+instances = ["http://127.0.0.1:18002"]
+[services.products]
+instances = ["http://127.0.0.1:18052"]
+TOML
+"$target/release/prism" gateway --registry "$work/registry.toml" --data-dir "$work/gateway" --port 18000 --log-level warn &
+wait_port 18000
+
+cat > "$work/nginx.conf" <<NGINX
+worker_processes 1;
+daemon off;
+pid $work/nginx.pid;
+error_log $work/nginx-error.log warn;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    upstream users { server 127.0.0.1:18001; keepalive 64; }
+    server {
+        listen 127.0.0.1:18080;
+        location /api/users/ {
+            proxy_pass http://users/users/;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+NGINX
+nginx -c "$work/nginx.conf" -p "$work" &
+wait_port 18080
+
+run() { # url -> "rps p50 p99"
+    wrk -t2 -c64 -d2s "$1" >/dev/null
+    wrk -t2 -c64 -d"$duration" --latency "$1" | awk '
+        /Requests\/sec/ {rps=$2}
+        /^ +50%/ {p50=$2}
+        /^ +99%/ {p99=$2}
+        END {print rps, p50, p99}'
+}
+read -r direct_rps direct_p50 direct_p99 < <(run http://127.0.0.1:18001/users/1)
+read -r gw_rps gw_p50 gw_p99 < <(run http://127.0.0.1:18000/api/users/1)
+read -r ngx_rps ngx_p50 ngx_p99 < <(run http://127.0.0.1:18080/api/users/1)
+pct() { python3 -c "print(f'{100*$1/$2:.0f}')"; }
+
+write_section gateway <<MD
+## Gateway: \`GET /api/users/1\`
+
+$(machine); wrk, 2 threads, 64 connections, $duration, release build, same run. nginx
+(worker_processes 1, upstream keepalive) proxies the same route to the same users service.
+Goals: the gateway adds under 0.5 ms at p50, keeps ≥ 80% of direct throughput, and is not
+slower than nginx.
+
+| path | requests/s | p50 | p99 | vs direct |
+|---|---:|---:|---:|---:|
+| users service directly (\`/users/1\`) | $direct_rps | $direct_p50 | $direct_p99 | 100% |
+| \`prism gateway\` (\`/api/users/1\`) | $gw_rps | $gw_p50 | $gw_p99 | $(pct "$gw_rps" "$direct_rps")% |
+| nginx reverse proxy | $ngx_rps | $ngx_p50 | $ngx_p99 | $(pct "$ngx_rps" "$direct_rps")% |
+MD
+echo "direct $direct_rps; gateway $gw_rps; nginx $ngx_rps"
