@@ -28,35 +28,34 @@ for n in ${CLIENTS:-1000 10000}; do
     kill "$pid"; wait "$pid" 2>/dev/null || true
 done
 
-table=$(printf '%s\n' "${results[@]}" | python3 -c '
+printf '%s\n' "${results[@]}" > "$work/results.jsonl"
+python3 - "$work/results.jsonl" <<'PY'
 import json, sys
-for line in sys.stdin:
-    r = json.loads(line)
-    print(f"| {r[\"clients\"]:,} | {r[\"received\"]:,} | {r[\"p50_ms\"]} | {r[\"p99_ms\"]} | {r[\"max_ms\"]} | {r[\"kib_per_connection\"]} |")
-')
-printf '%s\n' "${results[@]}" | python3 -c '
-import json, sys
-rows = [json.loads(l) for l in sys.stdin]
+rows = [json.loads(l) for l in open(sys.argv[1])]
+with open("docs/sse-fanout.table", "w") as out:
+    for r in rows:
+        out.write(f"| {r['clients']:,} | {r['received']:,} | {r['p50_ms']} | {r['p99_ms']} | {r['max_ms']} | {r['kib_per_connection']} |\n")
 w, h, pad = 560, 260, 50
-bars = [(f"{r[\"clients\"]:,} clients", k, r[k]) for r in rows for k in ("p50_ms", "p99_ms", "max_ms")]
-top = max(v for _, _, v in bars) * 1.15 or 1
+bars = [(f"{r['clients']:,} clients", k, r[k]) for r in rows for k in ("p50_ms", "p99_ms", "max_ms")]
+top = (max(v for _, _, v in bars) * 1.15) or 1
 bw = (w - 2 * pad) / len(bars)
 colors = {"p50_ms": "#4c9be8", "p99_ms": "#f0a030", "max_ms": "#e05050"}
-out = [f"<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">",
-       f"<rect width=\"{w}\" height=\"{h}\" fill=\"white\"/>",
-       f"<text x=\"{w/2}\" y=\"18\" text-anchor=\"middle\" font-size=\"13\">SSE fan-out: time until every subscriber has one broadcast (ms)</text>"]
+svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">',
+       f'<rect width="{w}" height="{h}" fill="white"/>',
+       f'<text x="{w/2}" y="18" text-anchor="middle" font-size="13">SSE fan-out: time until every subscriber has one broadcast (ms)</text>']
 for i, (group, k, v) in enumerate(bars):
     x = pad + i * bw + 4
     bh = (h - 2 * pad) * v / top
     y = h - pad - bh
-    out.append(f"<rect x=\"{x:.1f}\" y=\"{y:.1f}\" width=\"{bw-8:.1f}\" height=\"{bh:.1f}\" fill=\"{colors[k]}\"/>")
-    out.append(f"<text x=\"{x + (bw-8)/2:.1f}\" y=\"{y-4:.1f}\" text-anchor=\"middle\">{v}</text>")
-    out.append(f"<text x=\"{x + (bw-8)/2:.1f}\" y=\"{h-pad+14:.1f}\" text-anchor=\"middle\">{k[:-3]}</text>")
+    svg.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{bw-8:.1f}" height="{bh:.1f}" fill="{colors[k]}"/>')
+    svg.append(f'<text x="{x + (bw-8)/2:.1f}" y="{y-4:.1f}" text-anchor="middle">{v}</text>')
+    svg.append(f'<text x="{x + (bw-8)/2:.1f}" y="{h-pad+14:.1f}" text-anchor="middle">{k[:-3]}</text>')
     if k == "p50_ms":
-        out.append(f"<text x=\"{x + 1.5*bw-4:.1f}\" y=\"{h-pad+30:.1f}\" text-anchor=\"middle\">{group}</text>")
-out.append("</svg>")
-open("docs/sse-fanout.svg", "w").write("\n".join(out))
-'
+        svg.append(f'<text x="{x + 1.5*bw-4:.1f}" y="{h-pad+30:.1f}" text-anchor="middle">{group}</text>')
+svg.append("</svg>")
+open("docs/sse-fanout.svg", "w").write("\n".join(svg))
+PY
+table=$(cat docs/sse-fanout.table); rm docs/sse-fanout.table
 
 write_section sse <<MD
 ## SSE fan-out: one broadcast to many \`/stream\` clients

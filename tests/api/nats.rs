@@ -211,3 +211,64 @@ async fn no_order_created_is_lost_when_the_broker_or_the_service_goes_down() {
         .unwrap();
     broker.stop().await;
 }
+
+/// `prism serve --nats-url`: every domain event is published to JetStream,
+/// named `<origin>:<event id>` so the broker drops a relay's duplicates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_publishes_every_domain_event_to_jetstream() {
+    let Some(bin) = nats_server() else {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("nats-server is missing");
+        }
+        eprintln!("SKIPPED: NATS relay test (no nats-server binary)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port().await;
+    let nats = format!("nats://127.0.0.1:{port}");
+    let broker = Broker::start(&bin, port, &dir.path().join("nats")).await;
+    let mut config = crate::helpers::test_config(&dir.path().join("serve"));
+    config.nats_url = Some(nats.clone());
+    let app = crate::helpers::spawn_with(config).await;
+    let token = app.alice_token().await;
+    let (status, user) = app
+        .send_json(
+            reqwest::Method::POST,
+            "/users/",
+            Some(&token),
+            Some(json!({"name": "Relayed", "email": "relayed@example.com"})),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::CREATED);
+
+    let js = async_nats::jetstream::new(async_nats::connect(&nats).await.unwrap());
+    let stream = eventually("the relay to create its stream", || async {
+        js.get_stream(prism::relay::STREAM).await.ok()
+    })
+    .await;
+    let consumer: async_nats::jetstream::consumer::PullConsumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            filter_subject: "prism.events.user.created".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut messages = consumer.messages().await.unwrap();
+    loop {
+        let msg = tokio::time::timeout(WAIT, messages.next())
+            .await
+            .expect("user.created never reached JetStream")
+            .unwrap()
+            .unwrap();
+        let event: Value = serde_json::from_slice(&msg.payload).unwrap();
+        if event["payload"]["email"] == "relayed@example.com" {
+            assert_eq!(event["type"], "user.created");
+            assert_eq!(event["payload"]["id"], user["id"]);
+            let id = msg.headers.as_ref().unwrap().get("Nats-Msg-Id").unwrap().to_string();
+            assert!(id.ends_with(&format!(":{}", event["id"])), "{id}");
+            break;
+        }
+    }
+    app.stop().await;
+    broker.stop().await;
+}

@@ -90,6 +90,17 @@ async fn named_events_carry_writes_from_every_protocol() {
         sse.next_named("message").await.json()["content"],
         "via GraphQL"
     );
+    // A gRPC write too.
+    let mut grpc = prism::grpc::pb::user::user_service_client::UserServiceClient::new(app.grpc().await);
+    let mut req = tonic::Request::new(prism::grpc::pb::user::CreateUserRequest {
+        name: "Gus".into(),
+        email: "gus@example.com".into(),
+    });
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {alice}").parse().unwrap());
+    let gus = grpc.create_user(req).await.unwrap().into_inner();
+    let n = sse.next_named("notification").await.json();
+    assert_eq!(n["text"], format!("User {} created", gus.id));
     // The heartbeat (200 ms in tests), data `ping` as in the seed.
     let hb = sse.next_named("heartbeat").await;
     assert_eq!(hb.data, "ping");
