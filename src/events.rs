@@ -76,7 +76,14 @@ pub struct Event {
     pub created_at: DateTime<Utc>,
     /// `{"id","type","payload","created_at"}`, serialised once for every surface.
     pub json: String,
+    /// Wire forms rendered once and shared by every subscriber of a surface
+    /// (an SSE frame per stream kind), so fan-out to thousands of clients
+    /// formats each event once, not once per client.
+    frames: [std::sync::OnceLock<bytes::Bytes>; FRAME_KINDS],
 }
+
+/// How many distinct wire forms an event can be cached in.
+pub const FRAME_KINDS: usize = 4;
 
 #[derive(FromRow)]
 struct EventRow {
@@ -87,6 +94,16 @@ struct EventRow {
 }
 
 impl Event {
+    /// An event as it would be read from the log.
+    pub fn new(id: i64, kind: &str, payload: &str, created_at: DateTime<Utc>) -> Result<Event> {
+        Event::from_row(EventRow {
+            id,
+            event_type: kind.to_owned(),
+            payload: payload.to_owned(),
+            created_at,
+        })
+    }
+
     fn from_row(row: EventRow) -> Result<Event> {
         let payload = RawValue::from_string(row.payload).map_err(Error::internal)?;
         #[derive(Serialize)]
@@ -110,7 +127,14 @@ impl Event {
             payload,
             created_at: row.created_at,
             json,
+            frames: Default::default(),
         })
+    }
+
+    /// The wire form number `slot` (< [`FRAME_KINDS`]) of this event, rendered
+    /// by the first caller and shared after that.
+    pub fn frame(&self, slot: usize, render: impl FnOnce(&Event) -> bytes::Bytes) -> bytes::Bytes {
+        self.frames[slot].get_or_init(|| render(self)).clone()
     }
 
     /// The payload parsed into `T` (for adapters that need typed fields).

@@ -16,12 +16,10 @@ use std::{
 
 use axum::{
     Router,
+    body::{Body, Bytes},
     extract::State,
     http::{HeaderMap, HeaderValue, StatusCode, header},
-    response::{
-        Html, IntoResponse, Response,
-        sse::{Event as SseEvent, KeepAlive, Sse},
-    },
+    response::{Html, IntoResponse, Response},
     routing::{get, post},
 };
 use chrono::{SecondsFormat, Utc};
@@ -55,24 +53,66 @@ impl Drop for Open {
     }
 }
 
+/// Which cached wire form of an event a surface uses ([`Event::frame`]).
+mod slot {
+    pub const STREAM: usize = 0;
+    pub const FEED: usize = 1;
+    pub const MESSAGE: usize = 2;
+    pub const NOTIFICATION: usize = 3;
+}
+
+/// One SSE frame: `event:` (optional), `data:` and `id:` (optional) lines.
+/// Every line of `data` gets its own `data:` prefix, as the format requires.
+fn frame(id: Option<i64>, event: Option<&str>, data: &str) -> Bytes {
+    let mut out = String::with_capacity(data.len() + 40);
+    if let Some(e) = event {
+        out.push_str("event: ");
+        out.push_str(e);
+        out.push('\n');
+    }
+    for line in data.split('\n') {
+        out.push_str("data: ");
+        out.push_str(line.strip_suffix('\r').unwrap_or(line));
+        out.push('\n');
+    }
+    if let Some(id) = id {
+        out.push_str("id: ");
+        out.push_str(&id.to_string());
+        out.push('\n');
+    }
+    out.push('\n');
+    Bytes::from(out)
+}
+
 /// An SSE response with SPEC §6's headers and keep-alive comments; the stream
-/// ends on shutdown.
-fn sse(state: &AppState, events: impl Stream<Item = SseEvent> + Send + 'static) -> Response {
+/// ends on shutdown. Frames are pre-rendered bytes, shared between clients
+/// where the event is the same.
+fn sse(state: &AppState, events: impl Stream<Item = Bytes> + Send + 'static) -> Response {
     let open = Open::new(&state.stats);
-    let events = events
-        .take_until(state.shutdown.clone().cancelled_owned())
-        .map(move |e| {
-            let _counted = &open;
-            Ok::<_, Infallible>(e)
-        });
-    let mut r = Sse::new(events)
-        .keep_alive(
-            KeepAlive::new()
-                .interval(state.config.sse_keep_alive)
-                .text("keep-alive"),
-        )
-        .into_response();
+    let every = state.config.sse_keep_alive;
+    let keep_alive = tokio_stream::wrappers::IntervalStream::new(tokio::time::interval_at(
+        tokio::time::Instant::now() + every,
+        every,
+    ))
+    .map(|_| Some(Bytes::from_static(b":keep-alive\n\n")));
+    // The events' end (None) ends the response; keep-alives never do.
+    let body = stream::select(
+        events.map(Some).chain(stream::once(async { None })),
+        keep_alive,
+    )
+    .take_while(|f| futures::future::ready(f.is_some()))
+    .filter_map(futures::future::ready)
+    .take_until(state.shutdown.clone().cancelled_owned())
+    .map(move |f| {
+        let _counted = &open;
+        Ok::<_, Infallible>(f)
+    });
+    let mut r = Response::new(Body::from_stream(body));
     let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     r
@@ -88,10 +128,8 @@ fn last_event_id(headers: &HeaderMap) -> Option<i64> {
         .filter(|id| *id >= 0)
 }
 
-fn reset_event() -> SseEvent {
-    SseEvent::default()
-        .event("reset")
-        .data(r#"{"reason":"history truncated"}"#)
+fn reset_event() -> Bytes {
+    Bytes::from_static(b"event: reset\ndata: {\"reason\":\"history truncated\"}\n\n")
 }
 
 /// Domain events as SSE, through `render` (which may skip an event). Ends when
@@ -100,8 +138,8 @@ fn log_stream(
     state: &AppState,
     after: Option<i64>,
     filter: EventFilter,
-    render: impl Fn(&Event) -> Option<SseEvent> + Send + 'static,
-) -> impl Stream<Item = SseEvent> + Send + 'static {
+    render: impl Fn(&Event) -> Option<Bytes> + Send + 'static,
+) -> impl Stream<Item = Bytes> + Send + 'static {
     state
         .domain
         .events()
@@ -109,7 +147,7 @@ fn log_stream(
         .take_while(|item| futures::future::ready(!matches!(item, Item::CutOff { .. })))
         .filter_map(move |item| {
             futures::future::ready(match item {
-                Item::Event(e) => render(&e).map(|sse| sse.id(e.id.to_string())),
+                Item::Event(e) => render(&e),
                 Item::Reset => Some(reset_event()),
                 Item::CutOff { .. } => None,
             })
@@ -129,12 +167,7 @@ async fn counter(State(state): State<AppState>, headers: HeaderMap) -> Response 
             "count": count,
             "timestamp": Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true),
         });
-        Some((
-            SseEvent::default()
-                .id(count.to_string())
-                .data(data.to_string()),
-            count,
-        ))
+        Some((frame(Some(count), None, &data.to_string()), count))
     });
     sse(&state, events)
 }
@@ -176,23 +209,25 @@ fn describe(e: &Event) -> String {
 async fn named(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let domain = log_stream(&state, last_event_id(&headers), EventFilter::all(), |e| {
         Some(if e.kind == "message.sent" {
-            SseEvent::default().event("message").data(e.payload.get())
+            e.frame(slot::MESSAGE, |e| {
+                frame(Some(e.id), Some("message"), e.payload.get())
+            })
         } else {
-            let data = json!({
-                "type": "info",
-                "text": describe(e),
-                "event": e.kind,
-                "id": e.id,
-            });
-            SseEvent::default()
-                .event("notification")
-                .data(data.to_string())
+            e.frame(slot::NOTIFICATION, |e| {
+                let data = json!({
+                    "type": "info",
+                    "text": describe(e),
+                    "event": e.kind,
+                    "id": e.id,
+                });
+                frame(Some(e.id), Some("notification"), &data.to_string())
+            })
         })
     });
     let every = state.config.heartbeat_interval;
     let heartbeat = stream::unfold((), move |()| async move {
         tokio::time::sleep(every).await;
-        Some((SseEvent::default().event("heartbeat").data("ping"), ()))
+        Some((Bytes::from_static(b"event: heartbeat\ndata: ping\n\n"), ()))
     });
     sse(&state, stream::select(domain, heartbeat))
 }
@@ -204,7 +239,7 @@ async fn broadcasts(State(state): State<AppState>, headers: HeaderMap) -> Respon
         &state,
         last_event_id(&headers),
         EventFilter::parse("broadcast"),
-        |e| Some(SseEvent::default().data(e.payload.get())),
+        |e| Some(e.frame(slot::STREAM, |e| frame(Some(e.id), None, e.payload.get()))),
     );
     sse(&state, events)
 }
@@ -238,11 +273,9 @@ async fn feed(
 ) -> Response {
     let filter = EventFilter::parse(q.types.as_deref().unwrap_or(""));
     let events = log_stream(&state, last_event_id(&headers), filter, |e| {
-        Some(
-            SseEvent::default()
-                .event(e.kind.as_str())
-                .data(e.json.as_str()),
-        )
+        Some(e.frame(slot::FEED, |e| {
+            frame(Some(e.id), Some(e.kind.as_str()), e.json.as_str())
+        }))
     });
     sse(&state, events)
 }
@@ -276,12 +309,20 @@ async fn get_task(
     Ok(Json(state.domain.get_task(&id).await?))
 }
 
-fn progress_event(task_id: &str, progress: i32) -> SseEvent {
-    SseEvent::default().data(json!({"task_id": task_id, "progress": progress}).to_string())
+fn progress_event(task_id: &str, progress: i32) -> Bytes {
+    frame(
+        None,
+        None,
+        &json!({"task_id": task_id, "progress": progress}).to_string(),
+    )
 }
 
-fn completed_event(task_id: &str, status: &str) -> SseEvent {
-    SseEvent::default().data(json!({"task_id": task_id, "status": status}).to_string())
+fn completed_event(task_id: &str, status: &str) -> Bytes {
+    frame(
+        None,
+        None,
+        &json!({"task_id": task_id, "status": status}).to_string(),
+    )
 }
 
 /// `GET /progress/{task_id}`: the task's progress, then `completed` (or
@@ -364,7 +405,7 @@ async fn logs(
     let records = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(move |r| {
         futures::future::ready(match r {
             // Level order: ERROR < WARN < … < TRACE, so "at least as severe" is <=.
-            Ok(rec) if rec.level <= min => Some(SseEvent::default().data(rec.json.as_ref())),
+            Ok(rec) if rec.level <= min => Some(frame(None, None, &rec.json)),
             _ => None,
         })
     });
@@ -373,10 +414,8 @@ async fn logs(
 
 /// `GET /stock-prices`: the simulated ticker (shared with the WebSocket).
 async fn stock_prices(State(state): State<AppState>) -> Response {
-    let ticks =
-        tokio_stream::wrappers::BroadcastStream::new(state.ticker.subscribe()).filter_map(|t| {
-            futures::future::ready(t.ok().map(|json| SseEvent::default().data(json.as_ref())))
-        });
+    let ticks = tokio_stream::wrappers::BroadcastStream::new(state.ticker.subscribe())
+        .filter_map(|t| futures::future::ready(t.ok().map(|json| frame(None, None, &json))));
     sse(&state, ticks)
 }
 
@@ -411,6 +450,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn frames_follow_the_sse_format() {
+        assert_eq!(
+            frame(Some(3), Some("message"), "{}"),
+            "event: message\ndata: {}\nid: 3\n\n"
+        );
+        assert_eq!(frame(None, None, "a\nb"), "data: a\ndata: b\n\n");
+    }
+
+    #[test]
     fn last_event_id_ignores_junk() {
         let mut h = HeaderMap::new();
         assert_eq!(last_event_id(&h), None);
@@ -424,13 +472,7 @@ mod tests {
 
     #[test]
     fn notifications_name_the_entity() {
-        let event = |kind: &str, payload: &str| Event {
-            id: 7,
-            kind: kind.into(),
-            payload: serde_json::value::RawValue::from_string(payload.into()).unwrap(),
-            created_at: Utc::now(),
-            json: String::new(),
-        };
+        let event = |kind: &str, payload: &str| Event::new(7, kind, payload, Utc::now()).unwrap();
         assert_eq!(
             describe(&event("user.created", r#"{"id":3}"#)),
             "User 3 created"

@@ -264,7 +264,13 @@ async fn serve_publishes_every_domain_event_to_jetstream() {
         if event["payload"]["email"] == "relayed@example.com" {
             assert_eq!(event["type"], "user.created");
             assert_eq!(event["payload"]["id"], user["id"]);
-            let id = msg.headers.as_ref().unwrap().get("Nats-Msg-Id").unwrap().to_string();
+            let id = msg
+                .headers
+                .as_ref()
+                .unwrap()
+                .get("Nats-Msg-Id")
+                .unwrap()
+                .to_string();
             assert!(id.ends_with(&format!(":{}", event["id"])), "{id}");
             break;
         }

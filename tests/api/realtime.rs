@@ -91,7 +91,8 @@ async fn named_events_carry_writes_from_every_protocol() {
         "via GraphQL"
     );
     // A gRPC write too.
-    let mut grpc = prism::grpc::pb::user::user_service_client::UserServiceClient::new(app.grpc().await);
+    let mut grpc =
+        prism::grpc::pb::user::user_service_client::UserServiceClient::new(app.grpc().await);
     let mut req = tonic::Request::new(prism::grpc::pb::user::CreateUserRequest {
         name: "Gus".into(),
         email: "gus@example.com".into(),
