@@ -138,6 +138,23 @@ pub struct InstanceStatus {
     pub tries: u64,
 }
 
+/// The proxy's HTTP client: hyper's pooled client, without the conveniences
+/// (redirects, decompression, proxies) a reverse proxy must not apply.
+pub type ProxyClient = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Full<bytes::Bytes>,
+>;
+
+pub fn proxy_client() -> ProxyClient {
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(1)));
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(256)
+        .build(connector)
+}
+
 #[derive(Debug)]
 pub struct Upstream {
     pub name: String,
@@ -147,7 +164,9 @@ pub struct Upstream {
     budget: Budget,
     /// Whether instances speak gRPC (health-checked with grpc.health.v1).
     grpc: bool,
+    /// For health checks.
     http: reqwest::Client,
+    proxy: ProxyClient,
 }
 
 impl Upstream {
@@ -174,6 +193,7 @@ impl Upstream {
             next: AtomicUsize::new(0),
             grpc,
             http,
+            proxy: proxy_client(),
         }
     }
 
@@ -295,17 +315,14 @@ impl Upstream {
                 | reqwest::Method::PUT
                 | reqwest::Method::DELETE
         );
-        self.call(ctx, idempotent, |instance, timeout| {
-            let mut req = self
-                .http
-                .request(
-                    method.clone(),
-                    format!("{}{}", instance.url, path_and_query),
-                )
-                .timeout(timeout)
+        self.call(ctx, idempotent, |instance, _timeout| {
+            // The try's time limit is enforced by `call`; the remaining
+            // deadline travels with the request.
+            let mut req = hyper::Request::builder()
+                .method(method.as_str())
+                .uri(format!("{}{}", instance.url, path_and_query))
                 .header("x-request-id", &ctx.request_id)
                 .header("traceparent", ctx.traceparent())
-                // The time left, so the upstream need not work past it.
                 .header(
                     "x-request-timeout-ms",
                     ctx.remaining().as_millis().to_string(),
@@ -313,17 +330,21 @@ impl Upstream {
             for (k, v) in headers {
                 req = req.header(*k, v);
             }
-            if let Some((bytes, content_type)) = &body {
-                req = req.header("content-type", content_type).body(bytes.clone());
-            }
+            let body = match &body {
+                Some((bytes, content_type)) => {
+                    req = req.header("content-type", content_type);
+                    bytes.clone()
+                }
+                None => bytes::Bytes::new(),
+            };
+            let req = req.body(http_body_util::Full::new(body));
+            let proxy = self.proxy.clone();
             async move {
-                let resp = req.send().await.map_err(|e| {
-                    if e.is_timeout() {
-                        Failure::Timeout
-                    } else {
-                        Failure::Connect(e.to_string())
-                    }
-                })?;
+                let req = req.map_err(|e| Failure::Connect(e.to_string()))?;
+                let resp = proxy
+                    .request(req)
+                    .await
+                    .map_err(|e| Failure::Connect(e.to_string()))?;
                 let status = resp.status().as_u16();
                 if matches!(status, 502..=504) {
                     return Err(Failure::Unavailable(format!(
@@ -337,10 +358,10 @@ impl Upstream {
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("application/json")
                     .to_owned();
-                let body = resp
-                    .bytes()
+                let body = http_body_util::BodyExt::collect(resp.into_body())
                     .await
-                    .map_err(|e| Failure::Connect(e.to_string()))?;
+                    .map_err(|e| Failure::Connect(e.to_string()))?
+                    .to_bytes();
                 Ok(HttpAnswer {
                     status,
                     content_type,
