@@ -24,7 +24,10 @@ instances = ["http://127.0.0.1:18002"]
 [services.products]
 instances = ["http://127.0.0.1:18052"]
 TOML
-"$target/release/prism" gateway --registry "$work/registry.toml" --data-dir "$work/gateway" --port 18000 --log-level warn &
+# One worker each for the two proxies: nginx runs one worker process, the
+# gateway one runtime thread, so both get the same share of the two cores.
+"$target/release/prism" gateway --registry "$work/registry.toml" --data-dir "$work/gateway" --port 18000 \
+    --worker-threads 1 --log-level warn &
 wait_port 18000
 
 cat > "$work/nginx.conf" <<NGINX
@@ -66,7 +69,10 @@ write_section gateway <<MD
 ## Gateway: \`GET /api/users/1\`
 
 $(machine); wrk, 2 threads, 64 connections, $duration, release build, same run. nginx
-(worker_processes 1, upstream keepalive) proxies the same route to the same users service.
+(\`worker_processes 1\`, upstream keepalive) proxies the same route to the same users service;
+the gateway runs with one worker thread (\`--worker-threads 1\`) to match. wrk, the users
+service and the proxy share the machine's two cores, so the proxied rows also pay for a
+second process on the same cores.
 Goals: the gateway adds under 0.5 ms at p50, keeps ≥ 80% of direct throughput, and is not
 slower than nginx.
 

@@ -113,6 +113,10 @@ pub struct Settings {
     #[arg(long, env = "PRISM_MAX_WS_FRAME")]
     pub max_ws_frame: Option<usize>,
 
+    /// Runtime worker threads; absent means one per CPU core
+    #[arg(long, env = "PRISM_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
+
     /// Base URL of the users service (orders-service calls it) [default: http://127.0.0.1:8001]
     #[arg(long, env = "PRISM_USERS_URL")]
     pub users_url: Option<String>,
@@ -215,6 +219,7 @@ impl Settings {
             login_max_failures: self.login_max_failures.unwrap_or(d.login_max_failures),
             db_max_connections: self.db_max_connections.unwrap_or(d.db_max_connections),
             max_ws_frame: self.max_ws_frame.unwrap_or(d.max_ws_frame),
+            worker_threads: self.worker_threads.filter(|n| *n > 0),
             users_url: self.users_url.unwrap_or(d.users_url),
             orders_url: self.orders_url.unwrap_or(d.orders_url),
             registry: self.registry,
@@ -272,6 +277,7 @@ pub struct Config {
     pub login_max_failures: u32,
     pub db_max_connections: u32,
     pub max_ws_frame: usize,
+    pub worker_threads: Option<usize>,
     pub users_url: String,
     pub orders_url: String,
     pub registry: Option<PathBuf>,
@@ -306,6 +312,7 @@ impl Default for Config {
             login_max_failures: 10,
             db_max_connections: 8,
             max_ws_frame: 1 << 20,
+            worker_threads: None,
             users_url: "http://127.0.0.1:8001".into(),
             orders_url: "http://127.0.0.1:8002".into(),
             registry: None,

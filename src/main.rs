@@ -66,7 +66,12 @@ impl Args {
 
 fn run(config: Config, f: impl AsyncFnOnce(Config) -> anyhow::Result<()>) -> anyhow::Result<()> {
     prism::telemetry::init(config.log_format, &config.log_level);
-    tokio::runtime::Runtime::new()?.block_on(f(config))
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(n) = config.worker_threads {
+        runtime.worker_threads(n);
+    }
+    runtime.build()?.block_on(f(config))
 }
 
 fn service(role: Role, config: Config) -> anyhow::Result<()> {
