@@ -5,7 +5,7 @@
 use serde::Serialize;
 
 use super::Domain;
-use crate::{error::Result, on_db, on_tx};
+use crate::{db::Tx, error::Result, on_db, on_tx};
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct OrderStats {
@@ -28,17 +28,7 @@ impl Domain {
 
     pub async fn set_offset(&self, consumer: &str, last_id: i64) -> Result<()> {
         let mut tx = self.db.begin().await?;
-        on_tx!(&mut tx, c => {
-            sqlx::query(
-                "INSERT INTO event_offsets (consumer, last_id) VALUES ($1, $2) \
-                 ON CONFLICT (consumer) DO UPDATE SET last_id = excluded.last_id",
-            )
-            .bind(consumer)
-            .bind(last_id)
-            .execute(c)
-            .await?
-            .rows_affected()
-        });
+        upsert_offset(&mut tx, consumer, last_id).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -80,17 +70,7 @@ impl Domain {
             });
         }
         if let Some((stream, last_id)) = position {
-            on_tx!(&mut tx, c => {
-                sqlx::query(
-                    "INSERT INTO event_offsets (consumer, last_id) VALUES ($1, $2) \
-                     ON CONFLICT (consumer) DO UPDATE SET last_id = excluded.last_id",
-                )
-                .bind(stream)
-                .bind(last_id)
-                .execute(c)
-                .await?
-                .rows_affected()
-            });
+            upsert_offset(&mut tx, stream, last_id).await?;
         }
         tx.commit().await?;
         Ok(fresh)
@@ -142,4 +122,19 @@ impl Domain {
         });
         Ok(v)
     }
+}
+
+async fn upsert_offset(tx: &mut Tx, consumer: &str, last_id: i64) -> Result<()> {
+    on_tx!(tx, c => {
+        sqlx::query(
+            "INSERT INTO event_offsets (consumer, last_id) VALUES ($1, $2) \
+             ON CONFLICT (consumer) DO UPDATE SET last_id = excluded.last_id",
+        )
+        .bind(consumer)
+        .bind(last_id)
+        .execute(c)
+        .await?
+        .rows_affected()
+    });
+    Ok(())
 }

@@ -144,6 +144,32 @@ impl Domain {
         self.users_cache.len() + self.products_cache.len()
     }
 
+    /// Rows whose `column` is one of `ids`, for `select` (a statement ending
+    /// in `WHERE {column} IN ({ids})`, with `{ids}` filled in here), one query
+    /// per [`db::MAX_IN_LIST`] ids: the batch loads behind GraphQL's nested
+    /// fields and the report tasks.
+    pub(crate) async fn rows_by_ids<T>(&self, select: &str, ids: &[i64]) -> Result<Vec<T>>
+    where
+        T: Send
+            + Unpin
+            + for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow>
+            + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
+    {
+        let mut out = Vec::new();
+        for chunk in ids.chunks(crate::db::MAX_IN_LIST) {
+            let sql = select.replace("{ids}", &crate::db::placeholders(1, chunk.len()));
+            let rows: Vec<T> = crate::on_db!(&self.db, pool => {
+                let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql));
+                for id in chunk {
+                    q = q.bind(*id);
+                }
+                q.fetch_all(pool).await?
+            });
+            out.extend(rows);
+        }
+        Ok(out)
+    }
+
     /// Commits a write transaction and wakes the event pump for its events.
     async fn commit(&self, tx: Tx) -> Result<()> {
         tx.commit().await?;

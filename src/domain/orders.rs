@@ -91,22 +91,12 @@ impl Domain {
 
     /// The orders of each of `user_ids`, in id order.
     pub async fn orders_by_users(&self, user_ids: &[i64]) -> Result<Vec<Order>> {
-        let mut out = Vec::new();
-        for chunk in user_ids.chunks(crate::db::MAX_IN_LIST) {
-            let sql = format!(
-                "SELECT id, user_id, total, status, created_at FROM orders WHERE user_id IN ({}) ORDER BY id",
-                crate::db::placeholders(1, chunk.len())
-            );
-            let rows: Vec<Order> = on_db!(&self.db, pool => {
-                let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql));
-                for id in chunk {
-                    q = q.bind(*id);
-                }
-                q.fetch_all(pool).await?
-            });
-            out.extend(rows);
-        }
-        Ok(out)
+        self.rows_by_ids(
+            "SELECT id, user_id, total, status, created_at FROM orders \
+             WHERE user_id IN ({ids}) ORDER BY id",
+            user_ids,
+        )
+        .await
     }
 
     pub async fn get_order(&self, id: i64) -> Result<Order> {

@@ -222,44 +222,22 @@ impl Domain {
 
     /// The posts of each of `author_ids`, in id order.
     pub async fn posts_by_authors(&self, author_ids: &[i64]) -> Result<Vec<Post>> {
-        let mut out = Vec::new();
-        for chunk in author_ids.chunks(db::MAX_IN_LIST) {
-            let sql = format!(
-                "SELECT id, title, content, author_id, created_at, updated_at FROM posts \
-                 WHERE author_id IN ({}) ORDER BY id",
-                db::placeholders(1, chunk.len())
-            );
-            let rows: Vec<Post> = on_db!(&self.db, pool => {
-                let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql));
-                for id in chunk {
-                    q = q.bind(*id);
-                }
-                q.fetch_all(pool).await?
-            });
-            out.extend(rows);
-        }
-        Ok(out)
+        self.rows_by_ids(
+            "SELECT id, title, content, author_id, created_at, updated_at FROM posts \
+             WHERE author_id IN ({ids}) ORDER BY id",
+            author_ids,
+        )
+        .await
     }
 
     /// The comments on each of `post_ids`, in id order.
     pub async fn comments_by_posts(&self, post_ids: &[i64]) -> Result<Vec<Comment>> {
-        let mut out = Vec::new();
-        for chunk in post_ids.chunks(db::MAX_IN_LIST) {
-            let sql = format!(
-                "SELECT id, content, post_id, user_id, created_at FROM comments \
-                 WHERE post_id IN ({}) ORDER BY id",
-                db::placeholders(1, chunk.len())
-            );
-            let rows: Vec<Comment> = on_db!(&self.db, pool => {
-                let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql));
-                for id in chunk {
-                    q = q.bind(*id);
-                }
-                q.fetch_all(pool).await?
-            });
-            out.extend(rows);
-        }
-        Ok(out)
+        self.rows_by_ids(
+            "SELECT id, content, post_id, user_id, created_at FROM comments \
+             WHERE post_id IN ({ids}) ORDER BY id",
+            post_ids,
+        )
+        .await
     }
 
     pub async fn comments_of_post(&self, post_id: i64) -> Result<Vec<Comment>> {

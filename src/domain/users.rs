@@ -115,19 +115,14 @@ impl Domain {
                 None => missing.push(*id),
             }
         }
-        for chunk in missing.chunks(db::MAX_IN_LIST) {
+        if !missing.is_empty() {
             let generation = self.users_cache.generation();
-            let sql = format!(
-                "SELECT id, name, email, age, role, created_at FROM users WHERE id IN ({})",
-                db::placeholders(1, chunk.len())
-            );
-            let rows: Vec<User> = on_db!(&self.db, pool => {
-                let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql));
-                for id in chunk {
-                    q = q.bind(*id);
-                }
-                q.fetch_all(pool).await?
-            });
+            let rows: Vec<User> = self
+                .rows_by_ids(
+                    "SELECT id, name, email, age, role, created_at FROM users WHERE id IN ({ids})",
+                    &missing,
+                )
+                .await?;
             for user in rows {
                 self.users_cache
                     .put(user.id, Arc::new(user.clone()), generation);
@@ -146,24 +141,15 @@ impl Domain {
             #[sqlx(flatten)]
             friend: User,
         }
-        let mut out = Vec::new();
-        for chunk in ids.chunks(db::MAX_IN_LIST) {
-            let sql = format!(
+        let rows: Vec<Row> = self
+            .rows_by_ids(
                 "SELECT f.user_id AS owner, u.id, u.name, u.email, u.age, u.role, u.created_at \
                  FROM friendships f JOIN users u ON u.id = f.friend_id \
-                 WHERE f.user_id IN ({}) ORDER BY u.id",
-                db::placeholders(1, chunk.len())
-            );
-            let rows: Vec<Row> = on_db!(&self.db, pool => {
-                let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql));
-                for id in chunk {
-                    q = q.bind(*id);
-                }
-                q.fetch_all(pool).await?
-            });
-            out.extend(rows.into_iter().map(|r| (r.owner, r.friend)));
-        }
-        Ok(out)
+                 WHERE f.user_id IN ({ids}) ORDER BY u.id",
+                ids,
+            )
+            .await?;
+        Ok(rows.into_iter().map(|r| (r.owner, r.friend)).collect())
     }
 
     /// Creates a user without credentials. Any signed-in caller may do this.

@@ -204,6 +204,22 @@ async fn get_order(State(g): State<Gateway>, headers: HeaderMap, Path(id): Path<
     r
 }
 
+type Fetched = Result<HttpAnswer, Failure>;
+
+/// A user and their orders, fetched from the two services in parallel.
+async fn user_and_orders(g: &Gateway, ctx: &CallCtx, id: i64) -> (Fetched, Fetched) {
+    let (user_path, orders_path) = (
+        format!("/users/{id}"),
+        format!("/orders?user_id={id}&limit=1000"),
+    );
+    tokio::join!(
+        g.users
+            .http(ctx, reqwest::Method::GET, &user_path, &[], None),
+        g.orders
+            .http(ctx, reqwest::Method::GET, &orders_path, &[], None),
+    )
+}
+
 /// The user and their orders, fetched in parallel.
 async fn user_orders(
     State(g): State<Gateway>,
@@ -211,16 +227,7 @@ async fn user_orders(
     Path(id): Path<i64>,
 ) -> Response {
     let ctx = g.ctx(&headers);
-    let (user_path, orders_path) = (
-        format!("/users/{id}"),
-        format!("/orders?user_id={id}&limit=1000"),
-    );
-    let (user, orders) = tokio::join!(
-        g.users
-            .http(&ctx, reqwest::Method::GET, &user_path, &[], None),
-        g.orders
-            .http(&ctx, reqwest::Method::GET, &orders_path, &[], None),
-    );
+    let (user, orders) = user_and_orders(&g, &ctx, id).await;
     let r = match (user, orders) {
         (Ok(u), _) if u.status != 200 => pass(u, &ctx.request_id),
         (_, Ok(o)) if o.status != 200 => pass(o, &ctx.request_id),
@@ -243,16 +250,7 @@ async fn user_profile(
     Path(id): Path<i64>,
 ) -> Response {
     let ctx = g.ctx(&headers);
-    let (user_path, orders_path) = (
-        format!("/users/{id}"),
-        format!("/orders?user_id={id}&limit=1000"),
-    );
-    let (user, orders) = tokio::join!(
-        g.users
-            .http(&ctx, reqwest::Method::GET, &user_path, &[], None),
-        g.orders
-            .http(&ctx, reqwest::Method::GET, &orders_path, &[], None),
-    );
+    let (user, orders) = user_and_orders(&g, &ctx, id).await;
     let r = match user {
         Err(_) => detail(StatusCode::SERVICE_UNAVAILABLE, "User service unavailable"),
         Ok(u) if u.status != 200 => pass(u, &ctx.request_id),
