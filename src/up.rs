@@ -1,7 +1,8 @@
 //! `prism up`: the whole microservice topology on one machine, one command.
 //!
-//! Starts this same binary four times — users service (8001), orders service
-//! (8002), products service (gRPC 50052) and the gateway (`--port`, 8000) —
+//! Starts this same binary four times — users service (8001, or the port of
+//! `--users-url`), orders service (8002, or `--orders-url`'s), products
+//! service (gRPC `--grpc-port`, 50052) and the gateway (`--port`, 8000) —
 //! each with its own database under `<data-dir>/<service>`, one JWT signing
 //! secret for all of them (the configured one, or one generated for this
 //! topology and kept in `<data-dir>/jwt-secret`), and the gateway's registry
@@ -47,7 +48,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     };
     let host = &config.host;
-    let (users, orders, products) = (8001u16, 8002u16, config.grpc_port);
+    // The services' ports come from where the others are told to find them
+    // (`--users-url`, `--orders-url`, default 8001 and 8002) and `--grpc-port`.
+    let port_of = |url: &str, default: u16| {
+        url.rsplit(':')
+            .next()
+            .and_then(|p| p.trim_end_matches('/').parse::<u16>().ok())
+            .unwrap_or(default)
+    };
+    let users = port_of(&config.users_url, 8001);
+    let orders = port_of(&config.orders_url, 8002);
+    let products = config.grpc_port;
     let mut registry = Registry::local_default();
     registry.services.insert(
         "users".into(),

@@ -719,3 +719,123 @@ async fn grpc_statuses_map_to_http_codes() {
     );
     gw.stop().await;
 }
+
+/// `prism up`: the whole topology from one command, reachable through the
+/// gateway, events flowing between services, and a clean stop on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prism_up_runs_the_whole_topology() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ports = Vec::new();
+    let mut holds = Vec::new();
+    for _ in 0..4 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        ports.push(l.local_addr().unwrap().port());
+        holds.push(l);
+    }
+    drop(holds); // free them for the services
+    let (gateway, users, orders, products) = (ports[0], ports[1], ports[2], ports[3]);
+    let mut up = tokio::process::Command::new(env!("CARGO_BIN_EXE_prism"))
+        .args([
+            "up",
+            "--demo",
+            "--port",
+            &gateway.to_string(),
+            "--grpc-port",
+            &products.to_string(),
+        ])
+        .args(["--users-url", &format!("http://127.0.0.1:{users}")])
+        .args(["--orders-url", &format!("http://127.0.0.1:{orders}")])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env("PRISM_ADMIN_PASSWORD", ADMIN_PASSWORD)
+        .env_remove("PRISM_JWT_SECRET")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let client = reqwest::Client::builder().timeout(WAIT).build().unwrap();
+    let base = format!("http://127.0.0.1:{gateway}");
+    eventually("every upstream of `prism up` to be healthy", || async {
+        let h: Value = client
+            .get(format!("{base}/healthz"))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (h["status"] == "ok").then_some(())
+    })
+    .await;
+    let user: Value = client
+        .get(format!("{base}/api/users/1"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(user["name"], "Alice");
+    let product: Value = client
+        .get(format!("{base}/api/products/2"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(product["name"], "Gadget");
+    let login: Value = client
+        .post(format!("{base}/auth/login"))
+        .form(&[
+            ("username", "alice"),
+            ("password", prism::demo::ALICE_PASSWORD),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = login["access_token"].as_str().unwrap();
+    let r = client
+        .post(format!("{base}/orders"))
+        .bearer_auth(token)
+        .json(&json!({"total": 12.0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    // Without NATS the users service follows the orders service's feed.
+    eventually("order.created to reach the users service", || async {
+        let s: Value = client
+            .get(format!("http://127.0.0.1:{users}/users/1/order-stats"))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (s["orders"] == 2).then_some(())
+    })
+    .await;
+    let pid = up.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(std::time::Duration::from_secs(30), up.wait())
+        .await
+        .expect("prism up did not stop")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    // Every service stopped with it.
+    assert!(
+        client
+            .get(format!("http://127.0.0.1:{users}/healthz"))
+            .send()
+            .await
+            .is_err()
+    );
+}
