@@ -233,6 +233,10 @@ impl App {
             (Some(listener), Some(http_addr)) => {
                 let app = http::router_for(role, state.clone());
                 tracing::info!(%http_addr, "HTTP listening on http://{http_addr}");
+                // No Nagle delay on responses: they are written whole.
+                let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                    let _ = tcp.set_nodelay(true);
+                });
                 let server = axum::serve(
                     listener,
                     app.into_make_service_with_connect_info::<SocketAddr>(),

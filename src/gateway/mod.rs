@@ -595,7 +595,10 @@ impl GatewayApp {
             .spawn_health_checks(self.health_every, &stop, &workers);
         tracing::info!(addr = %self.addr, "gateway listening on http://{}", self.addr);
         let app = router(self.gateway.clone());
-        let server = axum::serve(self.listener, app).with_graceful_shutdown({
+        let listener = axum::serve::ListenerExt::tap_io(self.listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        let server = axum::serve(listener, app).with_graceful_shutdown({
             let stop = stop.clone();
             async move {
                 shutdown.await;
