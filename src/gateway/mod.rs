@@ -164,44 +164,49 @@ fn failed(service: &str, f: &Failure) -> Response {
     detail(status, text)
 }
 
-async fn get_user(State(g): State<Gateway>, headers: HeaderMap, Path(id): Path<i64>) -> Response {
-    let ctx = g.ctx(&headers);
-    let r = match g
-        .users
-        .http(
-            &ctx,
-            reqwest::Method::GET,
-            &format!("/users/{id}"),
-            &[],
-            None,
-        )
+/// A GET passed through to one upstream, its answer returned as it came.
+async fn pass_get(
+    g: &Gateway,
+    upstream: &Upstream,
+    service: &str,
+    route: &'static str,
+    path: &str,
+    headers: &HeaderMap,
+) -> Response {
+    let ctx = g.ctx(headers);
+    let r = match upstream
+        .http(&ctx, reqwest::Method::GET, path, &[], None)
         .await
     {
         Ok(a) => pass(a, &ctx.request_id),
-        Err(f) => with_request_id(failed("User", &f), &ctx.request_id),
+        Err(f) => with_request_id(failed(service, &f), &ctx.request_id),
     };
-    g.count("/api/users/{id}", &r);
+    g.count(route, &r);
     r
 }
 
+async fn get_user(State(g): State<Gateway>, headers: HeaderMap, Path(id): Path<i64>) -> Response {
+    pass_get(
+        &g,
+        &g.users,
+        "User",
+        "/api/users/{id}",
+        &format!("/users/{id}"),
+        &headers,
+    )
+    .await
+}
+
 async fn get_order(State(g): State<Gateway>, headers: HeaderMap, Path(id): Path<i64>) -> Response {
-    let ctx = g.ctx(&headers);
-    let r = match g
-        .orders
-        .http(
-            &ctx,
-            reqwest::Method::GET,
-            &format!("/orders/{id}"),
-            &[],
-            None,
-        )
-        .await
-    {
-        Ok(a) => pass(a, &ctx.request_id),
-        Err(f) => with_request_id(failed("Order", &f), &ctx.request_id),
-    };
-    g.count("/api/orders/{id}", &r);
-    r
+    pass_get(
+        &g,
+        &g.orders,
+        "Order",
+        "/api/orders/{id}",
+        &format!("/orders/{id}"),
+        &headers,
+    )
+    .await
 }
 
 type Fetched = Result<HttpAnswer, Failure>;
