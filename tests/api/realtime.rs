@@ -576,3 +576,16 @@ async fn the_ui_page_works_in_a_real_browser() {
     );
     app.stop().await;
 }
+
+/// Shutdown ends open SSE streams (so the server can finish draining).
+#[tokio::test]
+async fn shutdown_ends_sse_streams() {
+    let app = spawn_app().await;
+    let mut stream = Sse::connect(&app, "/stream", None).await;
+    let mut counter = Sse::connect(&app, "/events", None).await;
+    assert!(counter.next().await.is_some());
+    let stopping = tokio::spawn(app.stop());
+    assert!(stream.next().await.is_none(), "/stream did not end");
+    while counter.next().await.is_some() {}
+    stopping.await.unwrap();
+}
