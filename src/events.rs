@@ -53,7 +53,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     db::{Db, Tx},
     error::{Error, Result},
-    on_db, on_tx,
+    on_pool, on_tx,
 };
 
 /// The PostgreSQL NOTIFY channel that announces new events.
@@ -317,7 +317,7 @@ impl EventLog {
     /// Events after `after`, in id order, at most `limit` of them.
     pub async fn read_after(&self, after: i64, limit: i64) -> Result<Vec<Arc<Event>>> {
         let sql = "SELECT id, event_type, payload, created_at FROM events WHERE id > $1 ORDER BY id LIMIT $2";
-        let rows: Vec<EventRow> = on_db!(&self.inner.db, pool => {
+        let rows: Vec<EventRow> = on_pool!(&self.inner.db, pool => {
             sqlx::query_as(sql).bind(after).bind(limit).fetch_all(pool).await?
         });
         rows.into_iter()
@@ -468,7 +468,7 @@ impl EventLog {
     }
 
     async fn truncated_through(&self) -> Result<i64> {
-        let v: Option<i64> = on_db!(&self.inner.db, pool => {
+        let v: Option<i64> = on_pool!(&self.inner.db, pool => {
             sqlx::query_scalar("SELECT value FROM prism_meta WHERE key = 'events_truncated_through'")
                 .fetch_optional(pool)
                 .await?
@@ -478,7 +478,7 @@ impl EventLog {
 }
 
 async fn max_id(db: &Db) -> Result<i64> {
-    let v: Option<i64> = on_db!(db, pool => {
+    let v: Option<i64> = on_pool!(db, pool => {
         sqlx::query_scalar("SELECT MAX(id) FROM events").fetch_one(pool).await?
     });
     Ok(v.unwrap_or(0))
