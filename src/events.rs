@@ -454,7 +454,10 @@ impl EventLog {
 
     /// Runs [`EventLog::enforce_retention`] every minute until `stop`.
     pub async fn run_retention(self, stop: CancellationToken) {
-        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        // First run a minute after start: start-up stays quick, and tests that
+        // call `enforce_retention` themselves are not raced by the worker.
+        let every = Duration::from_secs(60);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,

@@ -235,8 +235,10 @@ async fn retention_truncates_and_resume_gets_reset(backend: Backend) {
     for i in 0..5 {
         write(&domain, i).await;
     }
-    let removed = domain.events().enforce_retention().await.unwrap();
-    assert!(removed >= 5);
+    // The retention worker may get there first (retention is zero); either
+    // way, nothing written before now is left.
+    domain.events().enforce_retention().await.unwrap();
+    assert!(all_event_ids(&domain, start).await.is_empty());
     let mut stream = Box::pin(
         domain
             .events()
