@@ -382,7 +382,8 @@ async fn one_ticker_feeds_sse_and_websocket() {
     let mut ws = app.websocket("/ws/stock-prices", None).await;
     let mut from_sse = std::collections::HashSet::new();
     let mut from_ws = std::collections::HashSet::new();
-    for _ in 0..4 {
+    // Six ticks each: even if one client connects a few ticks later, they overlap.
+    for _ in 0..6 {
         let t = sse.next().await.unwrap().json();
         assert_eq!(t["symbol"], "AAPL");
         let price = t["price"].as_f64().unwrap();
