@@ -15,6 +15,7 @@ work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null; rm -rf "$work"' EXIT
 
 "$target/release/prism" users-service --demo --data-dir "$work/users" --port 18001 --log-level warn &
+users_pid=$!
 wait_port 18001
 cat > "$work/registry.toml" <<TOML
 [services.users]
@@ -28,6 +29,7 @@ TOML
 # gateway one runtime thread, so both get the same share of the two cores.
 "$target/release/prism" gateway --registry "$work/registry.toml" --data-dir "$work/gateway" --port 18000 \
     --worker-threads 1 --log-level warn &
+gateway_pid=$!
 wait_port 18000
 
 cat > "$work/nginx.conf" <<NGINX
@@ -52,17 +54,32 @@ NGINX
 nginx -c "$work/nginx.conf" -p "$work" &
 wait_port 18080
 
-run() { # url -> "rps p50 p99"
+# CPU seconds (user + system) a process has used so far.
+cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$1/stat"; }
+# wrk's own CPU seconds, from the resource usage of its finished run.
+wrk_cpu() { python3 -c 'import resource,subprocess,sys
+out = subprocess.run(sys.argv[1:], capture_output=True, text=True).stdout
+r = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(out, end=""); print(f"wrk-cpu {r.ru_utime + r.ru_stime:.2f}")' "$@"; }
+# url, proxy pid or "" -> "rps p50 p99 us_wrk us_users us_proxy": CPU µs per request per process.
+run() {
     wrk -t2 -c64 -d2s "$1" >/dev/null
-    wrk -t2 -c64 -d"$duration" --latency "$1" | awk '
+    local u0 p0=0 p1=0
+    u0=$(cpu "$users_pid"); [ -n "$2" ] && p0=$(cpu "$2")
+    local out; out=$(wrk_cpu wrk -t2 -c64 -d"$duration" --latency "$1")
+    local u1; u1=$(cpu "$users_pid"); [ -n "$2" ] && p1=$(cpu "$2")
+    awk -v users="$(awk "BEGIN {print $u1 - $u0}")" -v proxy="$(awk "BEGIN {print $p1 - $p0}")" '
         /Requests\/sec/ {rps=$2}
         /^ +50%/ {p50=$2}
         /^ +99%/ {p99=$2}
-        END {print rps, p50, p99}'
+        /^ +[0-9]+ requests in/ {n=$1}
+        /^wrk-cpu/ {w=$2}
+        END {printf "%s %s %s %.1f %.1f %.1f\n", rps, p50, p99, 1e6*w/n, 1e6*users/n, 1e6*proxy/n}' <<<"$out"
 }
-read -r direct_rps direct_p50 direct_p99 < <(run http://127.0.0.1:18001/users/1)
-read -r gw_rps gw_p50 gw_p99 < <(run http://127.0.0.1:18000/api/users/1)
-read -r ngx_rps ngx_p50 ngx_p99 < <(run http://127.0.0.1:18080/api/users/1)
+nginx_worker=$(pgrep -P "$(cat "$work/nginx.pid")")
+read -r direct_rps direct_p50 direct_p99 direct_wrk direct_users _ < <(run http://127.0.0.1:18001/users/1 "")
+read -r gw_rps gw_p50 gw_p99 gw_wrk gw_users gw_proxy < <(run http://127.0.0.1:18000/api/users/1 "$gateway_pid")
+read -r ngx_rps ngx_p50 ngx_p99 ngx_wrk ngx_users ngx_proxy < <(run http://127.0.0.1:18080/api/users/1 "$nginx_worker")
 pct() { python3 -c "print(f'{100*$1/$2:.0f}')"; }
 
 write_section gateway <<MD
@@ -76,10 +93,15 @@ second process on the same cores.
 Goals: the gateway adds under 0.5 ms at p50, keeps ≥ 80% of direct throughput, and is not
 slower than nginx.
 
-| path | requests/s | p50 | p99 | vs direct |
-|---|---:|---:|---:|---:|
-| users service directly (\`/users/1\`) | $direct_rps | $direct_p50 | $direct_p99 | 100% |
-| \`prism gateway\` (\`/api/users/1\`) | $gw_rps | $gw_p50 | $gw_p99 | $(pct "$gw_rps" "$direct_rps")% |
-| nginx reverse proxy | $ngx_rps | $ngx_p50 | $ngx_p99 | $(pct "$ngx_rps" "$direct_rps")% |
+| path | requests/s | p50 | p99 | vs direct | CPU µs/request: wrk | users service | proxy |
+|---|---:|---:|---:|---:|---:|---:|---:|
+| users service directly (\`/users/1\`) | $direct_rps | $direct_p50 | $direct_p99 | 100% | $direct_wrk | $direct_users | – |
+| \`prism gateway\` (\`/api/users/1\`) | $gw_rps | $gw_p50 | $gw_p99 | $(pct "$gw_rps" "$direct_rps")% | $gw_wrk | $gw_users | $gw_proxy |
+| nginx reverse proxy | $ngx_rps | $ngx_p50 | $ngx_p99 | $(pct "$ngx_rps" "$direct_rps")% | $ngx_wrk | $ngx_users | $ngx_proxy |
+
+The CPU columns are each process's user + system time over the measured run divided by the
+requests served. Two cores give at most 2,000,000 µs of CPU per second, so a path's ceiling is
+2,000,000 / (sum of its columns) requests/s; a proxied request also pays for the proxy's two
+extra loopback round trips (four syscalls), which no proxy on the same cores can avoid.
 MD
 echo "direct $direct_rps; gateway $gw_rps; nginx $ngx_rps"

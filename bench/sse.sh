@@ -34,7 +34,9 @@ import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 with open("docs/sse-fanout.table", "w") as out:
     for r in rows:
-        out.write(f"| {r['clients']:,} | {r['received']:,} | {r['p50_ms']} | {r['p99_ms']} | {r['max_ms']} | {r['kib_per_connection']} |\n")
+        kib = r['kib_per_connection']
+        kib = "no growth¹" if kib is None else kib
+        out.write(f"| {r['clients']:,} | {r['received']:,} | {r['p50_ms']} | {r['p99_ms']} | {r['max_ms']} | {kib} |\n")
 w, h, pad = 560, 260, 50
 bars = [(f"{r['clients']:,} clients", k, r[k]) for r in rows for k in ("p50_ms", "p99_ms", "max_ms")]
 top = (max(v for _, _, v in bars) * 1.15) or 1
@@ -67,6 +69,11 @@ per idle connection.
 | clients | received | p50 ms | p99 ms | max ms | server RSS per idle connection (KiB) |
 |---:|---:|---:|---:|---:|---:|
 $table
+
+Memory per connection is the server's RSS growth over the last 90% of the connections, divided
+by their number. ¹ No growth: that many connections fit in memory the allocator already held.
+Subscribers stay connected until all have the broadcast, so no connection teardown falls inside
+the measured time.
 
 ![SSE fan-out latency](sse-fanout.svg)
 MD

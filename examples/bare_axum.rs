@@ -26,6 +26,10 @@ async fn user(Path(id): Path<i64>) -> Json<User> {
     })
 }
 
+// The same allocator as prism, so the comparison measures the framework.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() {
     let port = std::env::args().nth(1).unwrap_or_else(|| "18001".into());

@@ -37,6 +37,10 @@ impl UserService for Bare {
     }
 }
 
+// The same allocator as prism, so the comparison measures the framework.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() {
     let port = std::env::args().nth(1).unwrap_or_else(|| "18052".into());

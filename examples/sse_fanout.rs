@@ -3,8 +3,13 @@
 //! memory per idle connection, sends one `POST /broadcast`, and reports how
 //! long every subscriber took to receive it.
 //!
+//! Subscribers stay connected until every one has the broadcast: clients
+//! hanging up mid-measurement would bill their teardown to the fan-out.
+//! `FANOUT_PAUSE_MS=ms` pauses before and after the broadcast (and prints the
+//! broadcast's CLOCK_MONOTONIC time) so a profiler can attach to just that.
+//!
 //! `sse_fanout ADDR N SERVER_PID TOKEN` → one JSON line:
-//! `{"clients", "rss_before_kib", "rss_after_kib", "kib_per_connection", "p50_ms", "p99_ms", "max_ms", "received"}`
+//! `{"clients", "rss_before_kib" (after the first 10%), "rss_after_kib", "kib_per_connection", "p50_ms", "p99_ms", "max_ms", "received"}`
 
 use std::{
     sync::Arc,
@@ -49,22 +54,12 @@ async fn subscribe(addr: &str) -> std::io::Result<TcpStream> {
     Ok(s)
 }
 
-#[tokio::main]
-async fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let [_, addr, n, pid, token] = &args[..] else {
-        eprintln!("usage: sse_fanout ADDR N SERVER_PID TOKEN");
-        std::process::exit(2);
-    };
-    let n: usize = n.parse().expect("N");
-    let pid: u32 = pid.parse().expect("SERVER_PID");
-
-    let rss_before = rss_kib(pid);
-    // Connect in bounded parallel so the listen backlog is not overrun.
+/// Opens `n` subscribers, in bounded parallel so the listen backlog is not overrun.
+async fn open(addr: &str, n: usize) -> Vec<TcpStream> {
     let gate = Arc::new(Semaphore::new(200));
     let mut opening = Vec::with_capacity(n);
     for _ in 0..n {
-        let addr = addr.clone();
+        let addr = addr.to_owned();
         let gate = gate.clone();
         opening.push(tokio::spawn(async move {
             let _permit = gate.acquire().await.unwrap();
@@ -75,9 +70,38 @@ async fn main() {
     for o in opening {
         streams.push(o.await.unwrap().expect("subscriber failed to connect"));
     }
-    // Let the server settle (allocations of the last connections) before reading memory.
+    streams
+}
+
+/// The server's RSS once the last connections' allocations are done.
+async fn settled_rss(pid: u32) -> u64 {
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let rss_after = rss_kib(pid);
+    rss_kib(pid)
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let [_, addr, n, pid, token] = &args[..] else {
+        eprintln!("usage: sse_fanout ADDR N SERVER_PID TOKEN");
+        std::process::exit(2);
+    };
+    let n: usize = n.parse().expect("N");
+    let pid: u32 = pid.parse().expect("SERVER_PID");
+
+    // Memory per connection is measured over the last 90% of them: by then
+    // the server's start-up allocations and the allocator's own reserves are
+    // settled, and what grows is what connections cost.
+    let first = n / 10;
+    let mut streams = open(addr, first).await;
+    let rss_before = settled_rss(pid).await;
+    streams.extend(open(addr, n - first).await);
+    let rss_after = settled_rss(pid).await;
+    let measured = n - first;
+    if let Ok(s) = std::env::var("FANOUT_PAUSE_MS") {
+        eprintln!("ready");
+        tokio::time::sleep(Duration::from_millis(s.parse().unwrap())).await;
+    }
 
     let marker = format!("fanout-{}", std::process::id());
     let ready = Arc::new(Barrier::new(n + 1));
@@ -92,14 +116,16 @@ async fn main() {
             let mut seen = Vec::new();
             let mut buf = [0u8; 4096];
             let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            // Handed back, not dropped: a close costs the server as much as
+            // a write, and would land inside the measured window.
             loop {
                 let n = match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
                     Ok(Ok(n)) if n > 0 => n,
-                    _ => return None,
+                    _ => return (None, s),
                 };
                 seen.extend_from_slice(&buf[..n]);
                 if seen.windows(marker.len()).any(|w| w == marker.as_bytes()) {
-                    return start.get().map(|t| t.elapsed());
+                    return (start.get().map(|t| t.elapsed()), s);
                 }
             }
         }));
@@ -114,14 +140,22 @@ async fn main() {
         body.len()
     );
     let _ = start.set(Instant::now());
+    if std::env::var("FANOUT_PAUSE_MS").is_ok() {
+        eprintln!("broadcast at {:?}", Instant::now());
+    }
     s.write_all(request.as_bytes()).await.unwrap();
 
     let mut times: Vec<Duration> = Vec::with_capacity(n);
+    let mut held = Vec::with_capacity(n);
     for w in waiting {
-        if let Some(t) = w.await.unwrap() {
-            times.push(t);
-        }
+        let (t, s) = w.await.unwrap();
+        times.extend(t);
+        held.push(s);
     }
+    if let Ok(s) = std::env::var("FANOUT_PAUSE_MS") {
+        tokio::time::sleep(Duration::from_millis(s.parse().unwrap())).await;
+    }
+    drop(held);
     times.sort();
     let pct = |p: f64| -> f64 {
         if times.is_empty() {
@@ -130,7 +164,10 @@ async fn main() {
         let i = ((times.len() as f64 * p).ceil() as usize).clamp(1, times.len()) - 1;
         times[i].as_secs_f64() * 1000.0
     };
-    let per_conn = rss_after.saturating_sub(rss_before) as f64 / n as f64;
+    // No growth means the connections fit in memory the allocator already
+    // held: reported as null rather than as a misleading zero.
+    let per_conn = (rss_after > rss_before)
+        .then(|| ((rss_after - rss_before) as f64 / measured as f64 * 10.0).round() / 10.0);
     println!(
         "{}",
         serde_json::json!({
@@ -138,7 +175,7 @@ async fn main() {
             "received": times.len(),
             "rss_before_kib": rss_before,
             "rss_after_kib": rss_after,
-            "kib_per_connection": (per_conn * 10.0).round() / 10.0,
+            "kib_per_connection": per_conn,
             "p50_ms": (pct(0.50) * 10.0).round() / 10.0,
             "p99_ms": (pct(0.99) * 10.0).round() / 10.0,
             "max_ms": (pct(1.0) * 10.0).round() / 10.0,

@@ -10,6 +10,12 @@ use prism::{
     gateway::{GatewayApp, registry::Registry},
 };
 
+// Many small, short-lived allocations per request (headers, JSON, frames)
+// from several threads: mimalloc's per-thread free lists beat glibc's arenas
+// here (measured in docs/benchmarks.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "prism",
@@ -66,12 +72,19 @@ impl Args {
 
 fn run(config: Config, f: impl AsyncFnOnce(Config) -> anyhow::Result<()>) -> anyhow::Result<()> {
     prism::telemetry::init(config.log_format, &config.log_level);
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    runtime.enable_all();
-    if let Some(n) = config.worker_threads {
-        runtime.worker_threads(n);
-    }
-    runtime.build()?.block_on(f(config))
+    // One worker means one thread: the current-thread scheduler skips the
+    // work-stealing machinery (and its cross-thread atomics) that has nobody
+    // to steal from.
+    let mut runtime = match config.worker_threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    runtime.enable_all().build()?.block_on(f(config))
 }
 
 fn service(role: Role, config: Config) -> anyhow::Result<()> {

@@ -36,8 +36,11 @@ use crate::{
 use registry::Registry;
 use upstream::{CallCtx, Failure, HttpAnswer, Upstream};
 
+/// Shared by every request (one reference count to clone per request).
 #[derive(Clone)]
-pub struct Gateway {
+pub struct Gateway(Arc<Inner>);
+
+pub struct Inner {
     pub users: Arc<Upstream>,
     pub orders: Arc<Upstream>,
     pub products: Arc<Upstream>,
@@ -58,6 +61,14 @@ struct GatewayLabels {
     status: u16,
 }
 
+impl std::ops::Deref for Gateway {
+    type Target = Inner;
+
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
 impl Gateway {
     pub fn new(registry: &Registry, keys: TokenKeys) -> anyhow::Result<Gateway> {
         let http = reqwest::Client::builder()
@@ -74,7 +85,7 @@ impl Gateway {
             "Gateway requests by route and status",
             (*requests).clone(),
         );
-        Ok(Gateway {
+        Ok(Gateway(Arc::new(Inner {
             users: upstream("users", false),
             orders: upstream("orders", false),
             products: upstream("products", true),
@@ -82,7 +93,7 @@ impl Gateway {
             keys,
             requests,
             registry: Arc::new(parking_lot::Mutex::new(metrics)),
-        })
+        })))
     }
 
     /// Starts the health checkers; they stop with `stop`.
@@ -141,9 +152,8 @@ fn pass(answer: HttpAnswer, request_id: &str) -> Response {
         answer.body,
     )
         .into_response();
-    if let Ok(v) = HeaderValue::from_str(&answer.content_type) {
-        r.headers_mut().insert(header::CONTENT_TYPE, v);
-    }
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, answer.content_type);
     with_request_id(r, request_id)
 }
 

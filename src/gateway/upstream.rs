@@ -80,21 +80,36 @@ pub fn next_id(hex_digits: usize) -> String {
         u64::from_le_bytes(b)
     });
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let mut out = String::with_capacity(hex_digits);
     match hex_digits {
-        16 => format!("{:016x}", prefix ^ n.rotate_left(32)),
-        _ => format!("{prefix:016x}{n:016x}"),
+        16 => push_hex(&mut out, prefix ^ n.rotate_left(32)),
+        _ => {
+            push_hex(&mut out, prefix);
+            push_hex(&mut out, n);
+        }
+    }
+    out
+}
+
+/// Sixteen lowercase hex digits, without `format!`'s machinery (this runs
+/// several times per proxied request).
+fn push_hex(out: &mut String, n: u64) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for shift in (0..16).rev() {
+        out.push(DIGITS[((n >> (shift * 4)) & 0xf) as usize] as char);
     }
 }
 
 impl CallCtx {
     /// A `traceparent` for one outgoing call: same trace, a new span.
     pub fn traceparent(&self) -> String {
-        let span = next_id(16);
-        format!(
-            "00-{}-{span}-{}",
-            self.trace_id,
-            if self.sampled { "01" } else { "00" }
-        )
+        let mut out = String::with_capacity(55);
+        out.push_str("00-");
+        out.push_str(&self.trace_id);
+        out.push('-');
+        out.push_str(&next_id(16));
+        out.push_str(if self.sampled { "-01" } else { "-00" });
+        out
     }
 
     pub fn remaining(&self) -> Duration {
@@ -250,14 +265,16 @@ impl Upstream {
         F: FnMut(Arc<Instance>, Duration) -> Fut,
         Fut: Future<Output = Result<T, Failure>>,
     {
-        self.budget.record_request(Instant::now());
+        // One clock read serves the first try (the common, only one).
+        let mut now = Instant::now();
+        self.budget.record_request(now);
         let mut tries = 0u32;
         loop {
-            let remaining = ctx.remaining();
+            let remaining = ctx.deadline.saturating_duration_since(now);
             if remaining.is_zero() {
                 return Err(Failure::DeadlineExceeded);
             }
-            let (instance, permit) = self.pick(Instant::now())?;
+            let (instance, permit) = self.pick(now)?;
             instance.tries.fetch_add(1, Ordering::Relaxed);
             let budget = self.spec.timeout().min(remaining);
             let outcome =
@@ -295,6 +312,7 @@ impl Upstream {
             }
             tokio::time::sleep(pause).await;
             tries += 1;
+            now = Instant::now();
         }
     }
 
@@ -315,9 +333,9 @@ impl Upstream {
                 | reqwest::Method::PUT
                 | reqwest::Method::DELETE
         );
-        self.call(ctx, idempotent, |instance, _timeout| {
-            // The try's time limit is enforced by `call`; the remaining
-            // deadline travels with the request.
+        self.call(ctx, idempotent, |instance, limit| {
+            // The try's time limit is enforced by `call`, and travels with the
+            // request so the upstream need not work past it.
             let mut req = hyper::Request::builder()
                 .method(method.as_str())
                 .uri(format!("{}{}", instance.url, path_and_query))
@@ -325,7 +343,7 @@ impl Upstream {
                 .header("traceparent", ctx.traceparent())
                 .header(
                     "x-request-timeout-ms",
-                    ctx.remaining().as_millis().to_string(),
+                    u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
                 );
             for (k, v) in headers {
                 req = req.header(*k, v);
@@ -354,10 +372,9 @@ impl Upstream {
                 }
                 let content_type = resp
                     .headers()
-                    .get("content-type")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("application/json")
-                    .to_owned();
+                    .get(hyper::header::CONTENT_TYPE)
+                    .cloned()
+                    .unwrap_or(hyper::header::HeaderValue::from_static("application/json"));
                 let body = http_body_util::BodyExt::collect(resp.into_body())
                     .await
                     .map_err(|e| Failure::Connect(e.to_string()))?
@@ -431,12 +448,42 @@ impl Upstream {
 #[derive(Debug, Clone)]
 pub struct HttpAnswer {
     pub status: u16,
-    pub content_type: String,
+    pub content_type: hyper::header::HeaderValue,
     pub body: bytes::Bytes,
 }
 
 impl HttpAnswer {
     pub fn json(&self) -> Option<serde_json::Value> {
         serde_json::from_slice(&self.body).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_hex_of_the_asked_length_and_unique() {
+        let (a, b) = (next_id(32), next_id(32));
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, b);
+        assert_eq!(a[..16], b[..16], "one per-process prefix");
+        let span = next_id(16);
+        assert_eq!(span.len(), 16);
+        assert!([&a, &span].iter().all(|s| {
+            s.bytes()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        }));
+        let ctx = CallCtx {
+            deadline: Instant::now(),
+            request_id: a.clone(),
+            trace_id: a.clone(),
+            sampled: false,
+        };
+        let tp = ctx.traceparent();
+        let parts: Vec<&str> = tp.split('-').collect();
+        assert_eq!(parts.len(), 4, "{tp}");
+        assert_eq!((parts[0], parts[1], parts[3]), ("00", a.as_str(), "00"));
+        assert_eq!(parts[2].len(), 16);
     }
 }

@@ -45,12 +45,13 @@ struct Server;
 
 impl Server {
     async fn start(data_dir: &std::path::Path) -> Process {
-        Process::start(
-            &["serve", "--demo", "--port", "0", "--grpc-port", "0"],
-            data_dir,
-            &[("PRISM_ADMIN_PASSWORD", ADMIN_PASSWORD)],
-        )
-        .await
+        Self::start_with(data_dir, &[]).await
+    }
+
+    async fn start_with(data_dir: &std::path::Path, extra: &[&str]) -> Process {
+        let mut args = vec!["serve", "--demo", "--port", "0", "--grpc-port", "0"];
+        args.extend_from_slice(extra);
+        Process::start(&args, data_dir, &[("PRISM_ADMIN_PASSWORD", ADMIN_PASSWORD)]).await
     }
 }
 
@@ -145,5 +146,50 @@ async fn sigterm_lets_an_in_flight_request_finish_and_exits_zero() {
         .unwrap();
     assert_eq!(fetched["email"], "inflight@example.com");
     server.signal("-INT");
+    assert!(server.wait_exit().await.success());
+}
+
+/// `--worker-threads 1` switches to the single-threaded scheduler: requests,
+/// the event pump and the SSE feed all share one thread, and it still drains.
+#[tokio::test]
+async fn one_worker_thread_serves_streams_and_drains() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(dir.path(), &["--worker-threads", "1"]).await;
+    let client = reqwest::Client::builder().timeout(WAIT).build().unwrap();
+    let mut feed = client
+        .get(server.url("/stream"))
+        .send()
+        .await
+        .unwrap()
+        .bytes_stream();
+    let token: serde_json::Value = client
+        .post(server.url("/auth/login"))
+        .json(&json!({"username": "alice", "password": prism::demo::ALICE_PASSWORD}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let sent = client
+        .post(server.url("/broadcast"))
+        .bearer_auth(token["access_token"].as_str().unwrap())
+        .json(&json!({"message": "one thread"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sent.status(), StatusCode::OK);
+    let mut seen = String::new();
+    tokio::time::timeout(WAIT, async {
+        use futures::StreamExt;
+        while !seen.contains("one thread") {
+            let chunk = feed.next().await.expect("feed ended").unwrap();
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    })
+    .await
+    .expect("the broadcast never reached the feed");
+
+    server.signal("-TERM");
     assert!(server.wait_exit().await.success());
 }
