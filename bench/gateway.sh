@@ -80,7 +80,21 @@ nginx_worker=$(pgrep -P "$(cat "$work/nginx.pid")")
 read -r direct_rps direct_p50 direct_p99 direct_wrk direct_users _ < <(run http://127.0.0.1:18001/users/1 "")
 read -r gw_rps gw_p50 gw_p99 gw_wrk gw_users gw_proxy < <(run http://127.0.0.1:18000/api/users/1 "$gateway_pid")
 read -r ngx_rps ngx_p50 ngx_p99 ngx_wrk ngx_users ngx_proxy < <(run http://127.0.0.1:18080/api/users/1 "$nginx_worker")
+# url -> "p50_us p99_us" with one connection: no queueing, so the difference
+# between paths is what the proxy itself adds to a request.
+alone() {
+    wrk -t1 -c1 -d2s "$1" >/dev/null
+    wrk -t1 -c1 -d"$duration" --latency "$1" | awk '
+        function us(v) { if (v ~ /us$/) return v + 0; if (v ~ /ms$/) return v * 1000; return v * 1e6 }
+        /^ +50%/ {p50=us($2)}
+        /^ +99%/ {p99=us($2)}
+        END {print p50, p99}'
+}
+read -r direct_a50 direct_a99 < <(alone http://127.0.0.1:18001/users/1)
+read -r gw_a50 gw_a99 < <(alone http://127.0.0.1:18000/api/users/1)
+read -r ngx_a50 ngx_a99 < <(alone http://127.0.0.1:18080/api/users/1)
 pct() { python3 -c "print(f'{100*$1/$2:.0f}')"; }
+added() { python3 -c "print(f'{$1 - $2:+.0f}')"; }
 
 write_section gateway <<MD
 ## Gateway: \`GET /api/users/1\`
@@ -99,9 +113,21 @@ slower than nginx.
 | \`prism gateway\` (\`/api/users/1\`) | $gw_rps | $gw_p50 | $gw_p99 | $(pct "$gw_rps" "$direct_rps")% | $gw_wrk | $gw_users | $gw_proxy |
 | nginx reverse proxy | $ngx_rps | $ngx_p50 | $ngx_p99 | $(pct "$ngx_rps" "$direct_rps")% | $ngx_wrk | $ngx_users | $ngx_proxy |
 
+One connection at a time (wrk, 1 thread, 1 connection, $duration): nothing queues, so the
+difference to the direct row is what the proxy adds to one request.
+
+| path | p50 µs | p99 µs | added at p50 µs |
+|---|---:|---:|---:|
+| users service directly | $direct_a50 | $direct_a99 | – |
+| \`prism gateway\` | $gw_a50 | $gw_a99 | $(added "$gw_a50" "$direct_a50") |
+| nginx reverse proxy | $ngx_a50 | $ngx_a99 | $(added "$ngx_a50" "$direct_a50") |
+
+Under load (the first table) p50 is mostly queueing: with 64 connections kept busy,
+p50 ≈ 64 / throughput, so it follows the throughput.
+
 The CPU columns are each process's user + system time over the measured run divided by the
 requests served. Two cores give at most 2,000,000 µs of CPU per second, so a path's ceiling is
 2,000,000 / (sum of its columns) requests/s; a proxied request also pays for the proxy's two
 extra loopback round trips (four syscalls), which no proxy on the same cores can avoid.
 MD
-echo "direct $direct_rps; gateway $gw_rps; nginx $ngx_rps"
+echo "direct $direct_rps; gateway $gw_rps; nginx $ngx_rps; one connection p50 µs: $direct_a50 / $gw_a50 / $ngx_a50"
