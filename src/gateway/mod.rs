@@ -521,11 +521,19 @@ async fn healthz(State(g): State<Gateway>) -> Response {
         "orders": g.orders.status(),
         "products": g.products.status(),
     });
-    let all_up = [&g.users, &g.orders, &g.products]
+    let all = [&g.users, &g.orders, &g.products];
+    let status = if !all.iter().all(|u| u.checked()) {
+        "starting"
+    } else if all
         .iter()
-        .all(|u| u.instances().iter().any(|i| i.healthy()));
+        .all(|u| u.instances().iter().any(|i| i.healthy()))
+    {
+        "ok"
+    } else {
+        "degraded"
+    };
     axum::Json(json!({
-        "status": if all_up { "ok" } else { "degraded" },
+        "status": status,
         "upstreams": upstreams,
     }))
     .into_response()

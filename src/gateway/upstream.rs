@@ -176,6 +176,8 @@ pub struct Upstream {
     spec: ServiceSpec,
     instances: Vec<Arc<Instance>>,
     next: AtomicUsize,
+    /// Whether every instance has been health-checked at least once.
+    checked: AtomicBool,
     budget: Budget,
     /// Whether instances speak gRPC (health-checked with grpc.health.v1).
     grpc: bool,
@@ -206,6 +208,7 @@ impl Upstream {
             spec,
             instances,
             next: AtomicUsize::new(0),
+            checked: AtomicBool::new(false),
             grpc,
             http,
             proxy: proxy_client(),
@@ -401,7 +404,14 @@ impl Upstream {
             }
             let checks = self.instances.iter().map(|i| self.check(i));
             futures::future::join_all(checks).await;
+            self.checked.store(true, Ordering::Release);
         }
+    }
+
+    /// Until the first round of checks, instances are healthy only by
+    /// assumption (so a fresh gateway serves at once).
+    pub fn checked(&self) -> bool {
+        self.checked.load(Ordering::Acquire)
     }
 
     async fn check(&self, instance: &Arc<Instance>) {

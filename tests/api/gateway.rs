@@ -29,7 +29,7 @@ use prism::{
 use serde_json::{Value, json};
 use tokio::{sync::oneshot, task::JoinHandle};
 
-use crate::helpers::{ADMIN_PASSWORD, WAIT, eventually};
+use crate::helpers::{ADMIN_PASSWORD, WAIT, eventually, ports_outside_the_ephemeral_range};
 
 const SECRET: &str = "a test secret shared by the whole topology";
 
@@ -156,10 +156,10 @@ async fn fake(name: &'static str, barrier: Option<Arc<tokio::sync::Barrier>>) ->
 
 /// A port with nothing listening.
 async fn dead_url() -> String {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    drop(l);
-    format!("http://{addr}")
+    format!(
+        "http://127.0.0.1:{}",
+        ports_outside_the_ephemeral_range(1)[0]
+    )
 }
 
 struct TestGateway {
@@ -593,6 +593,39 @@ async fn a_dead_upstream_opens_its_circuit_and_probes_close_it() {
     gw.stop().await;
 }
 
+/// Instances count as healthy until checked (a fresh gateway serves at once),
+/// so `/healthz` must not claim "ok" on that assumption.
+#[tokio::test]
+async fn healthz_says_starting_until_every_instance_was_checked() {
+    // Accepts connections and never answers: the first check of this
+    // instance lasts until its timeout.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_url = format!("http://{}", silent.local_addr().unwrap());
+    let hold = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            open.push(s);
+        }
+    });
+    let users = fake("users", None).await;
+    let gw = TestGateway::start(registry(
+        vec![users.url()],
+        vec![silent_url],
+        vec![dead_url().await],
+        |_| {},
+    ))
+    .await;
+    let (_, h) = gw.get("/healthz").await;
+    assert_eq!(h["status"], "starting", "{h}");
+    eventually("the first round of checks to finish", || async {
+        let (_, h) = gw.get("/healthz").await;
+        (h["status"] == "degraded").then_some(())
+    })
+    .await;
+    gw.stop().await;
+    hold.abort();
+}
+
 #[tokio::test]
 async fn the_user_profile_degrades_as_specified() {
     let users = fake("users", None).await;
@@ -728,14 +761,7 @@ async fn grpc_statuses_map_to_http_codes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prism_up_runs_the_whole_topology() {
     let dir = tempfile::tempdir().unwrap();
-    let mut ports = Vec::new();
-    let mut holds = Vec::new();
-    for _ in 0..4 {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        ports.push(l.local_addr().unwrap().port());
-        holds.push(l);
-    }
-    drop(holds); // free them for the services
+    let ports = ports_outside_the_ephemeral_range(4);
     let (gateway, users, orders, products) = (ports[0], ports[1], ports[2], ports[3]);
     let mut up = tokio::process::Command::new(env!("CARGO_BIN_EXE_prism"))
         .args([
@@ -779,7 +805,7 @@ async fn prism_up_runs_the_whole_topology() {
         .json()
         .await
         .unwrap();
-    assert_eq!(user["name"], "Alice");
+    assert_eq!(user["name"], "Alice", "{user}");
     let product: Value = client
         .get(format!("{base}/api/products/2"))
         .send()

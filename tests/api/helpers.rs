@@ -470,3 +470,31 @@ impl Process {
             .unwrap()
     }
 }
+
+/// Free ports for a process that must be told its port (or for an address
+/// where nothing listens), below the kernel's ephemeral range: a port found
+/// with `bind(0)` and released could be handed to another test's listener or
+/// outgoing connection before the process binds it; ports outside that range
+/// are only ever taken by asking for them.
+pub fn ports_outside_the_ephemeral_range(n: usize) -> Vec<u16> {
+    let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let mut seed = [0u8; 2];
+    getrandom::fill(&mut seed).unwrap();
+    let span = low.saturating_sub(10_000).max(1);
+    let mut candidate = 10_000 + u16::from_le_bytes(seed) % span;
+    let mut ports = Vec::new();
+    for _ in 0..span {
+        if ports.len() == n {
+            break;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", candidate)).is_ok() {
+            ports.push(candidate);
+        }
+        candidate = 10_000 + (candidate - 10_000 + 1) % span;
+    }
+    assert_eq!(ports.len(), n, "no free ports below {low}");
+    ports
+}

@@ -62,9 +62,10 @@ impl Broker {
     }
 }
 
-async fn free_port() -> u16 {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap().port()
+/// The broker is stopped and restarted on the same port, so the port must
+/// not be one the kernel hands out in between.
+fn free_port() -> u16 {
+    crate::helpers::ports_outside_the_ephemeral_range(1)[0]
 }
 
 async fn place_order(client: &reqwest::Client, orders: &Process, token: &str, total: f64) -> i64 {
@@ -108,7 +109,7 @@ async fn no_order_created_is_lost_when_the_broker_or_the_service_goes_down() {
     };
     prism::telemetry::init_tap_only("warn");
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port().await;
+    let port = free_port();
     let nats = format!("nats://127.0.0.1:{port}");
     let broker = Broker::start(&bin, port, &dir.path().join("nats")).await;
 
@@ -224,7 +225,7 @@ async fn serve_publishes_every_domain_event_to_jetstream() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port().await;
+    let port = free_port();
     let nats = format!("nats://127.0.0.1:{port}");
     let broker = Broker::start(&bin, port, &dir.path().join("nats")).await;
     let mut config = crate::helpers::test_config(&dir.path().join("serve"));
