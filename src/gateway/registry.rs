@@ -54,6 +54,9 @@ pub struct ServiceSpec {
     /// Probes allowed at once while half-open [default: 1]
     #[serde(default = "defaults::half_open_probes")]
     pub half_open_probes: u32,
+    /// How long a pooled connection to an instance may sit idle, in ms [default: 30000]
+    #[serde(default = "defaults::idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
     /// Retries allowed as a fraction of requests (retry budget) [default: 0.2]
     #[serde(default = "defaults::retry_ratio")]
     pub retry_ratio: f64,
@@ -84,6 +87,9 @@ mod defaults {
     pub fn half_open_probes() -> u32 {
         1
     }
+    pub fn idle_timeout_ms() -> u64 {
+        30_000
+    }
     pub fn retry_ratio() -> f64 {
         0.2
     }
@@ -99,6 +105,7 @@ impl ServiceSpec {
             failures_to_open: defaults::failures_to_open(),
             open_ms: defaults::open_ms(),
             half_open_probes: defaults::half_open_probes(),
+            idle_timeout_ms: defaults::idle_timeout_ms(),
             retry_ratio: defaults::retry_ratio(),
         }
     }

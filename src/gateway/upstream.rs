@@ -160,12 +160,15 @@ pub type ProxyClient = hyper_util::client::legacy::Client<
     http_body_util::Full<bytes::Bytes>,
 >;
 
-pub fn proxy_client() -> ProxyClient {
+pub fn proxy_client(idle_timeout: Duration) -> ProxyClient {
     let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(Duration::from_secs(1)));
     hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
+        // Without a timer the idle timeout is silently ignored and idle
+        // connections are kept until the upstream closes them.
+        .pool_timer(hyper_util::rt::TokioTimer::new())
+        .pool_idle_timeout(idle_timeout)
         .pool_max_idle_per_host(256)
         .build(connector)
 }
@@ -202,6 +205,7 @@ impl Upstream {
                 })
             })
             .collect();
+        let proxy = proxy_client(Duration::from_millis(spec.idle_timeout_ms));
         Upstream {
             name: name.to_owned(),
             budget: Budget::new(spec.retry_ratio, 10),
@@ -211,7 +215,7 @@ impl Upstream {
             checked: AtomicBool::new(false),
             grpc,
             http,
-            proxy: proxy_client(),
+            proxy,
         }
     }
 

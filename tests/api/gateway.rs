@@ -593,6 +593,63 @@ async fn a_dead_upstream_opens_its_circuit_and_probes_close_it() {
     gw.stop().await;
 }
 
+/// Pooled upstream connections are closed once idle for `idle_timeout_ms`
+/// (hyper's pool ignores the timeout unless it is given a timer).
+#[tokio::test]
+async fn idle_upstream_connections_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A bare HTTP/1.1 upstream that reports when the connection that served
+    // `/users/…` is closed by the gateway.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let server = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let closed_tx = closed_tx.clone();
+            tokio::spawn(async move {
+                let mut served_user = false;
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        served_user |= buf.starts_with(b"GET /users/");
+                        buf.drain(..end + 4);
+                        let body = br#"{"id":1,"name":"Alice"}"#;
+                        let head = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                            body.len()
+                        );
+                        let _ = s.write_all(head.as_bytes()).await;
+                        let _ = s.write_all(body).await;
+                    }
+                }
+                if served_user {
+                    let _ = closed_tx.send(());
+                }
+            });
+        }
+    });
+    let gw = TestGateway::start(registry(
+        vec![url],
+        vec![dead_url().await],
+        vec![dead_url().await],
+        |s| s.idle_timeout_ms = 100,
+    ))
+    .await;
+    let (status, user) = gw.get("/api/users/1").await;
+    assert_eq!((status, &user["name"]), (StatusCode::OK, &json!("Alice")));
+    tokio::time::timeout(WAIT, closed_rx.recv())
+        .await
+        .expect("the idle upstream connection was never closed")
+        .unwrap();
+    gw.stop().await;
+    server.abort();
+}
+
 /// Instances count as healthy until checked (a fresh gateway serves at once),
 /// so `/healthz` must not claim "ok" on that assumption.
 #[tokio::test]
