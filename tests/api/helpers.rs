@@ -498,3 +498,17 @@ pub fn ports_outside_the_ephemeral_range(n: usize) -> Vec<u16> {
     assert_eq!(ports.len(), n, "no free ports below {low}");
     ports
 }
+
+/// Logs the demo user alice in at a server running as its own process
+/// (`base` is its `http://host:port`) and returns her access token.
+pub async fn alice_token_at(client: &reqwest::Client, base: &str) -> String {
+    let r = client
+        .post(format!("{base}/auth/login"))
+        .json(&serde_json::json!({"username": "alice", "password": prism::demo::ALICE_PASSWORD}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "login failed");
+    let body: Value = r.json().await.unwrap();
+    body["access_token"].as_str().unwrap().to_owned()
+}

@@ -3,7 +3,7 @@
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 
-use crate::helpers::{ADMIN_PASSWORD, Process, WAIT, spawn_with, test_config};
+use crate::helpers::{ADMIN_PASSWORD, Process, WAIT, alice_token_at, spawn_with, test_config};
 
 #[tokio::test]
 async fn data_survives_a_restart() {
@@ -60,16 +60,7 @@ async fn sigterm_lets_an_in_flight_request_finish_and_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path()).await;
     let client = reqwest::Client::builder().timeout(WAIT).build().unwrap();
-    let token: serde_json::Value = client
-        .post(server.url("/auth/login"))
-        .json(&json!({"username": "alice", "password": prism::demo::ALICE_PASSWORD}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = token["access_token"].as_str().unwrap().to_owned();
+    let token = alice_token_at(&client, &server.url("")).await;
 
     let stats_url = server.url("/stats");
     let requests = |client: reqwest::Client| {
@@ -162,18 +153,10 @@ async fn one_worker_thread_serves_streams_and_drains() {
         .await
         .unwrap()
         .bytes_stream();
-    let token: serde_json::Value = client
-        .post(server.url("/auth/login"))
-        .json(&json!({"username": "alice", "password": prism::demo::ALICE_PASSWORD}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let token = alice_token_at(&client, &server.url("")).await;
     let sent = client
         .post(server.url("/broadcast"))
-        .bearer_auth(token["access_token"].as_str().unwrap())
+        .bearer_auth(token)
         .json(&json!({"message": "one thread"}))
         .send()
         .await

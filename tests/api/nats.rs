@@ -133,16 +133,7 @@ async fn no_order_created_is_lost_when_the_broker_or_the_service_goes_down() {
         let _ = users_stopped.await;
     }));
     let client = reqwest::Client::builder().timeout(WAIT).build().unwrap();
-    let login: Value = client
-        .post(format!("{users_url}/auth/login"))
-        .json(&json!({"username": "alice", "password": prism::demo::ALICE_PASSWORD}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = login["access_token"].as_str().unwrap().to_owned();
+    let token = crate::helpers::alice_token_at(&client, &users_url).await;
 
     let orders_dir = dir.path().join("orders");
     let mut orders = start_orders(&orders_dir, &users_url, &nats).await;
