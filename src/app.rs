@@ -107,6 +107,10 @@ impl App {
             tracing::warn!(username = "admin", password = %password, "generated the demo admin password; it will not be shown again");
         }
 
+        // The demo's events are delivered before anyone can subscribe: a
+        // client subscribing "live from now" must not be sent them later.
+        events.catch_up().await?;
+
         let workers = TaskTracker::new();
         let stop_workers = CancellationToken::new();
         workers.spawn(events.clone().run_pump(stop_workers.clone()));

@@ -395,6 +395,14 @@ impl EventLog {
         tracing::debug!("event pump stopped");
     }
 
+    /// Delivers everything already in the log (hooks run, no subscriber yet
+    /// to receive it), so that events written while starting are history to
+    /// the first subscribers rather than news.
+    pub async fn catch_up(&self) -> Result<()> {
+        while self.pump_once().await? {}
+        Ok(())
+    }
+
     /// Reads and broadcasts one page; `Ok(true)` when the page was full.
     async fn pump_once(&self) -> Result<bool> {
         let head = self.head();

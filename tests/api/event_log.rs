@@ -349,3 +349,19 @@ async fn postgres_transactions_committing_out_of_id_order_lose_no_event() {
         [(id_a, "test.a".to_owned()), (id_b, "test.b".to_owned())]
     );
 }
+
+/// Events written while the server starts (the demo data) are delivered
+/// before it serves, so a subscriber asking for "live from now" is never sent
+/// them: the live feed's head is the log's last event once `build` returns.
+#[tokio::test]
+async fn start_up_events_are_history_before_anyone_can_subscribe() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = prism::App::build(crate::helpers::test_config(dir.path()))
+        .await
+        .unwrap();
+    let events = app.state().domain.events();
+    let head = events.head();
+    let stored = events.read_after(0, 10_000).await.unwrap();
+    assert!(!stored.is_empty(), "the demo wrote events");
+    assert_eq!(head, stored.last().unwrap().id);
+}
