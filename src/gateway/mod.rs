@@ -8,6 +8,7 @@
 //! every upstream.
 
 pub mod breaker;
+mod pool;
 pub mod registry;
 pub mod retry;
 pub mod upstream;
@@ -53,6 +54,51 @@ pub struct Inner {
         >,
     >,
     registry: Arc<parking_lot::Mutex<prometheus_client::registry::Registry>>,
+    /// Each route's count of 200 answers, looked up once: the labelled
+    /// family hashes its labels on every lookup.
+    ok: Vec<prometheus_client::metrics::counter::Counter>,
+}
+
+/// The gateway's routes, as its metrics label them.
+#[derive(Debug, Clone, Copy)]
+enum Route {
+    User,
+    Order,
+    UserOrders,
+    Profile,
+    Orders,
+    Register,
+    Login,
+    Product,
+    Products,
+}
+
+impl Route {
+    const ALL: [Route; 9] = [
+        Route::User,
+        Route::Order,
+        Route::UserOrders,
+        Route::Profile,
+        Route::Orders,
+        Route::Register,
+        Route::Login,
+        Route::Product,
+        Route::Products,
+    ];
+
+    fn path(self) -> &'static str {
+        match self {
+            Route::User => "/api/users/{id}",
+            Route::Order => "/api/orders/{id}",
+            Route::UserOrders => "/api/user-orders/{user_id}",
+            Route::Profile => "/user-profile/{user_id}",
+            Route::Orders => "/orders",
+            Route::Register => "/auth/register",
+            Route::Login => "/auth/login",
+            Route::Product => "/api/products/{id}",
+            Route::Products => "/api/products",
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
@@ -78,13 +124,27 @@ impl Gateway {
             let spec = registry.services[name].clone();
             Arc::new(Upstream::new(name, spec, grpc, http.clone()))
         };
-        let requests = Arc::new(prometheus_client::metrics::family::Family::default());
+        let requests = Arc::new(prometheus_client::metrics::family::Family::<
+            GatewayLabels,
+            prometheus_client::metrics::counter::Counter,
+        >::default());
         let mut metrics = prometheus_client::registry::Registry::with_prefix("prism_gateway");
         metrics.register(
             "requests",
             "Gateway requests by route and status",
             (*requests).clone(),
         );
+        let ok = Route::ALL
+            .iter()
+            .map(|r| {
+                requests
+                    .get_or_create(&GatewayLabels {
+                        route: r.path(),
+                        status: 200,
+                    })
+                    .clone()
+            })
+            .collect();
         Ok(Gateway(Arc::new(Inner {
             users: upstream("users", false),
             orders: upstream("orders", false),
@@ -93,6 +153,7 @@ impl Gateway {
             keys,
             requests,
             registry: Arc::new(parking_lot::Mutex::new(metrics)),
+            ok,
         })))
     }
 
@@ -135,13 +196,31 @@ impl Gateway {
         }
     }
 
-    fn count(&self, route: &'static str, r: &Response) {
-        self.requests
-            .get_or_create(&GatewayLabels {
-                route,
-                status: r.status().as_u16(),
-            })
-            .inc();
+    fn count(&self, route: Route, r: &Response) {
+        let status = r.status().as_u16();
+        if status == 200 {
+            self.ok[route as usize].inc();
+        } else {
+            self.requests
+                .get_or_create(&GatewayLabels {
+                    route: route.path(),
+                    status,
+                })
+                .inc();
+        }
+    }
+}
+
+/// Every proxied request's context, read from its headers without copying
+/// them.
+impl axum::extract::FromRequestParts<Gateway> for CallCtx {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        g: &Gateway,
+    ) -> Result<CallCtx, Self::Rejection> {
+        Ok(g.ctx(&parts.headers))
     }
 }
 
@@ -179,11 +258,10 @@ async fn pass_get(
     g: &Gateway,
     upstream: &Upstream,
     service: &str,
-    route: &'static str,
+    route: Route,
     path: &str,
-    headers: &HeaderMap,
+    ctx: CallCtx,
 ) -> Response {
-    let ctx = g.ctx(headers);
     let r = match upstream
         .http(&ctx, reqwest::Method::GET, path, &[], None)
         .await
@@ -195,26 +273,26 @@ async fn pass_get(
     r
 }
 
-async fn get_user(State(g): State<Gateway>, headers: HeaderMap, Path(id): Path<i64>) -> Response {
+async fn get_user(State(g): State<Gateway>, ctx: CallCtx, Path(id): Path<i64>) -> Response {
     pass_get(
         &g,
         &g.users,
         "User",
-        "/api/users/{id}",
+        Route::User,
         &format!("/users/{id}"),
-        &headers,
+        ctx,
     )
     .await
 }
 
-async fn get_order(State(g): State<Gateway>, headers: HeaderMap, Path(id): Path<i64>) -> Response {
+async fn get_order(State(g): State<Gateway>, ctx: CallCtx, Path(id): Path<i64>) -> Response {
     pass_get(
         &g,
         &g.orders,
         "Order",
-        "/api/orders/{id}",
+        Route::Order,
         &format!("/orders/{id}"),
-        &headers,
+        ctx,
     )
     .await
 }
@@ -236,12 +314,7 @@ async fn user_and_orders(g: &Gateway, ctx: &CallCtx, id: i64) -> (Fetched, Fetch
 }
 
 /// The user and their orders, fetched in parallel.
-async fn user_orders(
-    State(g): State<Gateway>,
-    headers: HeaderMap,
-    Path(id): Path<i64>,
-) -> Response {
-    let ctx = g.ctx(&headers);
+async fn user_orders(State(g): State<Gateway>, ctx: CallCtx, Path(id): Path<i64>) -> Response {
     let (user, orders) = user_and_orders(&g, &ctx, id).await;
     let r = match (user, orders) {
         (Ok(u), _) if u.status != 200 => pass(u, &ctx.request_id),
@@ -253,18 +326,13 @@ async fn user_orders(
         (Err(f), _) => with_request_id(failed("User", &f), &ctx.request_id),
         (_, Err(f)) => with_request_id(failed("Order", &f), &ctx.request_id),
     };
-    g.count("/api/user-orders/{user_id}", &r);
+    g.count(Route::UserOrders, &r);
     r
 }
 
 /// The seed's profile, degrading gracefully: without the users service there
 /// is no profile (503); without the orders service the profile says so.
-async fn user_profile(
-    State(g): State<Gateway>,
-    headers: HeaderMap,
-    Path(id): Path<i64>,
-) -> Response {
-    let ctx = g.ctx(&headers);
+async fn user_profile(State(g): State<Gateway>, ctx: CallCtx, Path(id): Path<i64>) -> Response {
     let (user, orders) = user_and_orders(&g, &ctx, id).await;
     let r = match user {
         Err(_) => detail(StatusCode::SERVICE_UNAVAILABLE, "User service unavailable"),
@@ -278,7 +346,7 @@ async fn user_profile(
         },
     };
     let r = with_request_id(r, &ctx.request_id);
-    g.count("/user-profile/{user_id}", &r);
+    g.count(Route::Profile, &r);
     r
 }
 
@@ -331,13 +399,13 @@ async fn create_order(State(g): State<Gateway>, headers: HeaderMap, body: Bytes)
         }
         Some(Ok(_)) => forward_post(&g, &g.orders, "Order", "/orders", &headers, body).await,
     };
-    g.count("/orders", &r);
+    g.count(Route::Orders, &r);
     r
 }
 
 async fn register(State(g): State<Gateway>, headers: HeaderMap, body: Bytes) -> Response {
     let r = forward_post(&g, &g.users, "User", "/auth/register", &headers, body).await;
-    g.count("/auth/register", &r);
+    g.count(Route::Register, &r);
     r
 }
 
@@ -352,7 +420,7 @@ async fn login(
         None => "/auth/login".to_owned(),
     };
     let r = forward_post(&g, &g.users, "User", &path, &headers, body).await;
-    g.count("/auth/login", &r);
+    g.count(Route::Login, &r);
     r
 }
 
@@ -443,12 +511,7 @@ fn grpc_failed(s: &tonic::Status) -> Response {
     detail(grpc_to_http(s.code()), s.message())
 }
 
-async fn get_product(
-    State(g): State<Gateway>,
-    headers: HeaderMap,
-    Path(id): Path<i32>,
-) -> Response {
-    let ctx = g.ctx(&headers);
+async fn get_product(State(g): State<Gateway>, ctx: CallCtx, Path(id): Path<i32>) -> Response {
     let r = match products_call(&g, &ctx, |mut c, t| {
         let req = grpc_request(&ctx, GetProductRequest { id }, t);
         async move { c.get_product(req).await.map(|r| r.into_inner()) }
@@ -460,7 +523,7 @@ async fn get_product(
         Err(f) => failed("Product", &f),
     };
     let r = with_request_id(r, &ctx.request_id);
-    g.count("/api/products/{id}", &r);
+    g.count(Route::Product, &r);
     r
 }
 
@@ -473,17 +536,16 @@ struct ProductsQuery {
 
 async fn list_products(
     State(g): State<Gateway>,
-    headers: HeaderMap,
+    ctx: CallCtx,
     Query(q): Query<ProductsQuery>,
 ) -> Response {
-    let ctx = g.ctx(&headers);
     let category = match q.category.as_deref() {
         None => None,
         Some(c) => match crate::grpc::pb::product::Category::from_str_name(&c.to_uppercase()) {
             Some(c) => Some(c as i32),
             None => {
                 let r = detail(StatusCode::BAD_REQUEST, format!("Unknown category {c:?}"));
-                g.count("/api/products", &r);
+                g.count(Route::Products, &r);
                 return r;
             }
         },
@@ -510,7 +572,7 @@ async fn list_products(
         Err(f) => failed("Product", &f),
     };
     let r = with_request_id(r, &ctx.request_id);
-    g.count("/api/products", &r);
+    g.count(Route::Products, &r);
     r
 }
 

@@ -142,6 +142,12 @@ impl Registry {
                 "service `{name}` has no instances"
             );
         }
+        for (name, spec) in &r.services {
+            for url in &spec.instances {
+                check_instance_url(url)
+                    .map_err(|e| anyhow::anyhow!("service `{name}`: instance {url:?} {e}"))?;
+            }
+        }
         Ok(r)
     }
 
@@ -177,6 +183,24 @@ impl Registry {
     }
 }
 
+/// An instance is a base URL the gateway can open plain TCP connections to:
+/// `http://host:port`, nothing after it (the gateway appends the paths).
+fn check_instance_url(url: &str) -> anyhow::Result<()> {
+    let uri: hyper::Uri = url
+        .parse()
+        .map_err(|e| anyhow::anyhow!("is not a URL: {e}"))?;
+    anyhow::ensure!(
+        uri.scheme_str() == Some("http"),
+        "must start with http:// (the gateway speaks plain HTTP/1.1 and h2c to its services)"
+    );
+    anyhow::ensure!(uri.host().is_some(), "has no host");
+    anyhow::ensure!(
+        matches!(uri.path(), "" | "/") && uri.query().is_none(),
+        "must not have a path or query"
+    );
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,6 +225,29 @@ mod tests {
         assert_eq!(r.deadline_ms, 5000);
         assert!(Registry::parse("[services.users]\ninstances = []\nbogus = 1").is_err());
         assert!(Registry::parse("[services.users]\ninstances = [\"http://a:1\"]").is_err());
+    }
+
+    #[test]
+    fn instance_urls_must_be_plain_http_base_urls() {
+        let with = |url: &str| {
+            Registry::parse(&format!(
+                "[services.users]\ninstances = [{url:?}]\n\
+                 [services.orders]\ninstances = [\"http://c:3\"]\n\
+                 [services.products]\ninstances = [\"http://d:4\"]\n"
+            ))
+        };
+        assert!(with("http://127.0.0.1:8001").is_ok());
+        assert!(with("http://users.internal:8001/").is_ok());
+        for bad in [
+            "https://a:1",
+            "a:1",
+            "http://a:1/v1",
+            "http://a:1/?x=1",
+            "not a url",
+        ] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(e.contains("service `users`"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     breaker::{Breaker, State},
+    pool::ConnPool,
     registry::ServiceSpec,
     retry::{Budget, backoff, unit_random},
 };
@@ -125,6 +126,8 @@ pub struct Instance {
     /// Tries sent to this instance (tests and `/healthz` read it).
     pub tries: AtomicU64,
     grpc: std::sync::OnceLock<tonic::transport::Channel>,
+    /// Keep-alive HTTP/1.1 connections, for HTTP services.
+    pool: Arc<ConnPool>,
 }
 
 impl Instance {
@@ -153,26 +156,6 @@ pub struct InstanceStatus {
     pub tries: u64,
 }
 
-/// The proxy's HTTP client: hyper's pooled client, without the conveniences
-/// (redirects, decompression, proxies) a reverse proxy must not apply.
-pub type ProxyClient = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    http_body_util::Full<bytes::Bytes>,
->;
-
-pub fn proxy_client(idle_timeout: Duration) -> ProxyClient {
-    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_secs(1)));
-    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        // Without a timer the idle timeout is silently ignored and idle
-        // connections are kept until the upstream closes them.
-        .pool_timer(hyper_util::rt::TokioTimer::new())
-        .pool_idle_timeout(idle_timeout)
-        .pool_max_idle_per_host(256)
-        .build(connector)
-}
-
 #[derive(Debug)]
 pub struct Upstream {
     pub name: String,
@@ -186,7 +169,6 @@ pub struct Upstream {
     grpc: bool,
     /// For health checks.
     http: reqwest::Client,
-    proxy: ProxyClient,
 }
 
 impl Upstream {
@@ -202,10 +184,14 @@ impl Upstream {
                     breaker: Breaker::new(spec.breaker_policy()),
                     tries: AtomicU64::new(0),
                     grpc: std::sync::OnceLock::new(),
+                    pool: Arc::new(ConnPool::new(
+                        url,
+                        Duration::from_secs(1),
+                        Duration::from_millis(spec.idle_timeout_ms),
+                    )),
                 })
             })
             .collect();
-        let proxy = proxy_client(Duration::from_millis(spec.idle_timeout_ms));
         Upstream {
             name: name.to_owned(),
             budget: Budget::new(spec.retry_ratio, 10),
@@ -215,7 +201,6 @@ impl Upstream {
             checked: AtomicBool::new(false),
             grpc,
             http,
-            proxy,
         }
     }
 
@@ -344,8 +329,8 @@ impl Upstream {
             // The try's time limit is enforced by `call`, and travels with the
             // request so the upstream need not work past it.
             let mut req = hyper::Request::builder()
-                .method(method.as_str())
-                .uri(format!("{}{}", instance.url, path_and_query))
+                .method(method.clone())
+                .uri(path_and_query)
                 .header("x-request-id", &ctx.request_id)
                 .header("traceparent", ctx.traceparent())
                 .header(
@@ -363,13 +348,13 @@ impl Upstream {
                 None => bytes::Bytes::new(),
             };
             let req = req.body(http_body_util::Full::new(body));
-            let proxy = self.proxy.clone();
             async move {
                 let req = req.map_err(|e| Failure::Connect(e.to_string()))?;
-                let resp = proxy
-                    .request(req)
+                let resp = instance
+                    .pool
+                    .exchange(req)
                     .await
-                    .map_err(|e| Failure::Connect(e.to_string()))?;
+                    .map_err(|e| Failure::Connect(e.0))?;
                 let status = resp.status().as_u16();
                 if matches!(status, 502..=504) {
                     return Err(Failure::Unavailable(format!(
@@ -377,15 +362,12 @@ impl Upstream {
                         instance.url
                     )));
                 }
-                let content_type = resp
-                    .headers()
+                let (parts, body) = resp.into_parts();
+                let content_type = parts
+                    .headers
                     .get(hyper::header::CONTENT_TYPE)
                     .cloned()
                     .unwrap_or(hyper::header::HeaderValue::from_static("application/json"));
-                let body = http_body_util::BodyExt::collect(resp.into_body())
-                    .await
-                    .map_err(|e| Failure::Connect(e.to_string()))?
-                    .to_bytes();
                 Ok(HttpAnswer {
                     status,
                     content_type,

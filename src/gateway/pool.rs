@@ -1,0 +1,310 @@
+//! The proxy's connections to one upstream instance: HTTP/1.1 keep-alive
+//! connections (hyper's client connection), reused most recently idle first
+//! and closed once idle for the service's `idle_timeout_ms`.
+//!
+//! hyper-util's pooled `Client` does the same job, but for every HTTP/1
+//! request it hashes a pool key, rewrites the URI to origin form, and spawns a
+//! task whose only work is to put the connection back; on the gateway's hot
+//! path that was a tenth of its user-space time. Here the request's own task
+//! puts the connection back once it has read the body, which is almost always
+//! the moment the connection is ready for the next request.
+
+use std::{
+    sync::{Arc, Weak},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{
+    Request, Response,
+    client::conn::http1::{self, SendRequest},
+    header::HeaderValue,
+};
+use hyper_util::rt::TokioIo;
+
+type Sender = SendRequest<Full<Bytes>>;
+
+/// More idle connections than this to one instance are closed rather than
+/// kept; a burst's extra connections are not worth holding.
+const MAX_IDLE: usize = 256;
+
+#[derive(Debug)]
+pub struct ConnPool {
+    /// `host:port` to connect to.
+    authority: String,
+    /// The `Host` header every request carries (HTTP/1.1 requires it).
+    host: Option<HeaderValue>,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    /// A stack: the most recently used connection is taken first, so
+    /// connections a burst opened are the ones left to time out.
+    idle: parking_lot::Mutex<Vec<Idle>>,
+    reaper: std::sync::Once,
+}
+
+#[derive(Debug)]
+struct Idle {
+    sender: Sender,
+    since: Instant,
+}
+
+/// Why an exchange failed; the caller turns it into a retryable failure.
+#[derive(Debug)]
+pub struct ExchangeError(pub String);
+
+impl ConnPool {
+    /// `url` is an instance's base URL, `http://host:port`.
+    pub fn new(url: &str, connect_timeout: Duration, idle_timeout: Duration) -> ConnPool {
+        let uri = url.parse::<hyper::Uri>().ok();
+        let authority = uri.as_ref().and_then(|u| u.authority());
+        let host = authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+        let authority = match authority {
+            Some(a) if a.port().is_some() => a.as_str().to_owned(),
+            Some(a) => format!("{}:80", a.host()),
+            // The registry refuses such URLs; connecting reports it.
+            None => url.to_owned(),
+        };
+        ConnPool {
+            authority,
+            host,
+            connect_timeout,
+            idle_timeout,
+            idle: parking_lot::Mutex::new(Vec::new()),
+            reaper: std::sync::Once::new(),
+        }
+    }
+
+    /// Sends `req` (its URI in origin form: path and query) and reads the
+    /// whole answer. A pooled connection the upstream closed while it was
+    /// idle is replaced by a new one without the request having been sent.
+    pub async fn exchange(
+        self: &Arc<Self>,
+        mut req: Request<Full<Bytes>>,
+    ) -> Result<Response<Bytes>, ExchangeError> {
+        if let Some(host) = &self.host {
+            req.headers_mut().insert(hyper::header::HOST, host.clone());
+        }
+        loop {
+            let (mut sender, pooled) = match self.checkout() {
+                Some(s) => (s, true),
+                None => (self.connect().await?, false),
+            };
+            let resp = match sender.try_send_request(req).await {
+                Ok(r) => r,
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if pooled => {
+                        req = unsent;
+                        continue;
+                    }
+                    _ => return Err(ExchangeError(e.into_error().to_string())),
+                },
+            };
+            let (parts, body) = resp.into_parts();
+            let body = body
+                .collect()
+                .await
+                .map_err(|e| ExchangeError(e.to_string()))?
+                .to_bytes();
+            self.checkin(sender);
+            return Ok(Response::from_parts(parts, body));
+        }
+    }
+
+    fn checkout(&self) -> Option<Sender> {
+        let mut idle = self.idle.lock();
+        while let Some(i) = idle.pop() {
+            if i.sender.is_ready() {
+                return Some(i.sender);
+            }
+        }
+        None
+    }
+
+    fn checkin(self: &Arc<Self>, mut sender: Sender) {
+        if sender.is_ready() {
+            self.put(sender);
+        } else if !sender.is_closed() {
+            // The connection has not yet noticed the answer is complete.
+            let pool = self.clone();
+            tokio::spawn(async move {
+                if sender.ready().await.is_ok() {
+                    pool.put(sender);
+                }
+            });
+        }
+    }
+
+    fn put(&self, sender: Sender) {
+        let mut idle = self.idle.lock();
+        if idle.len() < MAX_IDLE {
+            idle.push(Idle {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    async fn connect(self: &Arc<Self>) -> Result<Sender, ExchangeError> {
+        let tcp = tokio::time::timeout(
+            self.connect_timeout,
+            tokio::net::TcpStream::connect(&self.authority),
+        )
+        .await
+        .map_err(|_| ExchangeError(format!("connecting to {} timed out", self.authority)))?
+        .map_err(|e| ExchangeError(format!("cannot connect to {}: {e}", self.authority)))?;
+        let _ = tcp.set_nodelay(true);
+        let (sender, conn) = http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| ExchangeError(e.to_string()))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream connection ended");
+            }
+        });
+        self.reaper.call_once(|| {
+            tokio::spawn(reap(Arc::downgrade(self), self.idle_timeout));
+        });
+        Ok(sender)
+    }
+
+    /// Idle connections now in the pool.
+    #[cfg(test)]
+    fn idle_count(&self) -> usize {
+        self.idle.lock().len()
+    }
+}
+
+/// Closes connections idle for longer than `timeout`, until the pool is gone.
+async fn reap(pool: Weak<ConnPool>, timeout: Duration) {
+    let mut tick = tokio::time::interval(timeout.max(Duration::from_millis(10)) / 2);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(pool) = pool.upgrade() else { return };
+        let now = Instant::now();
+        // Dropped after the lock is released: closing is a syscall.
+        let expired: Vec<Idle> = {
+            let mut idle = pool.idle.lock();
+            let (keep, expired) = std::mem::take(&mut *idle)
+                .into_iter()
+                .partition(|i| now.duration_since(i.since) < timeout && !i.sender.is_closed());
+            *idle = keep;
+            expired
+        };
+        drop(expired);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A bare HTTP/1.1 server answering every request with `body`, and
+    /// reporting each accepted connection. With `hang_up` it closes each
+    /// connection after one answer, without saying so in a header, as an
+    /// upstream whose keep-alive timeout ran out does.
+    async fn server(
+        body: &'static str,
+        hang_up: bool,
+    ) -> (String, tokio::sync::mpsc::UnboundedReceiver<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let _ = tx.send(());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.drain(..end + 4);
+                            let head = format!(
+                                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                                body.len()
+                            );
+                            if s.write_all(head.as_bytes()).await.is_err() || hang_up {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (url, rx)
+    }
+
+    fn get(path: &str) -> Request<Full<Bytes>> {
+        Request::get(path).body(Full::new(Bytes::new())).unwrap()
+    }
+
+    #[tokio::test]
+    async fn one_connection_serves_requests_in_turn_and_is_reaped_when_idle() {
+        let (url, mut accepted) = server("hello", false).await;
+        let pool = Arc::new(ConnPool::new(
+            &url,
+            Duration::from_secs(1),
+            Duration::from_millis(100),
+        ));
+        for _ in 0..3 {
+            let r = pool.exchange(get("/x")).await.unwrap();
+            assert_eq!(r.status(), 200);
+            assert_eq!(r.body().as_ref(), b"hello");
+        }
+        accepted.recv().await.unwrap();
+        assert!(accepted.try_recv().is_err(), "one connection for all three");
+        assert_eq!(pool.idle_count(), 1);
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while pool.idle_count() > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the idle connection was never reaped");
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_while_idle_is_replaced_without_failing_the_request() {
+        let (url, mut accepted) = server("again", true).await;
+        let pool = Arc::new(ConnPool::new(
+            &url,
+            Duration::from_secs(1),
+            Duration::from_secs(60),
+        ));
+        for _ in 0..3 {
+            let r = pool.exchange(get("/y")).await.unwrap();
+            assert_eq!(r.body().as_ref(), b"again");
+            // Once the pooled connection has seen the hang-up it is skipped.
+            tokio::time::timeout(Duration::from_secs(5), async {
+                while pool.idle.lock().iter().any(|i| i.sender.is_ready()) {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await
+            .expect("the pooled connection never noticed the hang-up");
+        }
+        for _ in 0..3 {
+            accepted.try_recv().expect("a new connection per request");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_instance_is_an_error() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        drop(listener);
+        let pool = Arc::new(ConnPool::new(
+            &url,
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+        ));
+        let e = pool.exchange(get("/x")).await.unwrap_err();
+        assert!(e.0.contains("cannot connect"), "{e:?}");
+    }
+}
