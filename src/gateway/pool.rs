@@ -203,18 +203,26 @@ mod tests {
 
     /// A bare HTTP/1.1 server answering every request with `body`, and
     /// reporting each accepted connection. With `hang_up` it closes each
-    /// connection after one answer, without saying so in a header, as an
-    /// upstream whose keep-alive timeout ran out does.
+    /// connection after one answer once `hang_up` is notified, without saying
+    /// so in a header, as an upstream whose keep-alive timeout ran out does,
+    /// and reports that.
     async fn server(
         body: &'static str,
-        hang_up: bool,
-    ) -> (String, tokio::sync::mpsc::UnboundedReceiver<()>) {
+        hang_up: Option<Arc<tokio::sync::Notify>>,
+    ) -> (
+        String,
+        tokio::sync::mpsc::UnboundedReceiver<()>,
+        tokio::sync::mpsc::UnboundedReceiver<()>,
+    ) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (closed_tx, closed_rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             while let Ok((mut s, _)) = listener.accept().await {
                 let _ = tx.send(());
+                let closed_tx = closed_tx.clone();
+                let hang_up = hang_up.clone();
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     let mut chunk = [0u8; 4096];
@@ -229,7 +237,13 @@ mod tests {
                                 "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
                                 body.len()
                             );
-                            if s.write_all(head.as_bytes()).await.is_err() || hang_up {
+                            if s.write_all(head.as_bytes()).await.is_err() {
+                                return;
+                            }
+                            if let Some(hang_up) = &hang_up {
+                                hang_up.notified().await;
+                                drop(s);
+                                let _ = closed_tx.send(());
                                 return;
                             }
                         }
@@ -237,7 +251,7 @@ mod tests {
                 });
             }
         });
-        (url, rx)
+        (url, rx, closed_rx)
     }
 
     fn get(path: &str) -> Request<Full<Bytes>> {
@@ -246,7 +260,7 @@ mod tests {
 
     #[tokio::test]
     async fn one_connection_serves_requests_in_turn_and_is_reaped_when_idle() {
-        let (url, mut accepted) = server("hello", false).await;
+        let (url, mut accepted, _closed) = server("hello", None).await;
         let pool = Arc::new(ConnPool::new(
             &url,
             Duration::from_secs(1),
@@ -271,7 +285,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_closed_while_idle_is_replaced_without_failing_the_request() {
-        let (url, mut accepted) = server("again", true).await;
+        let hang_up = Arc::new(tokio::sync::Notify::new());
+        let (url, mut accepted, mut closed) = server("again", Some(hang_up.clone())).await;
         let pool = Arc::new(ConnPool::new(
             &url,
             Duration::from_secs(1),
@@ -280,14 +295,16 @@ mod tests {
         for _ in 0..3 {
             let r = pool.exchange(get("/y")).await.unwrap();
             assert_eq!(r.body().as_ref(), b"again");
-            // Once the pooled connection has seen the hang-up it is skipped.
-            tokio::time::timeout(Duration::from_secs(5), async {
-                while pool.idle.lock().iter().any(|i| i.sender.is_ready()) {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            })
-            .await
-            .expect("the pooled connection never noticed the hang-up");
+            // The connection is back in the pool; now the upstream closes it.
+            assert_eq!(pool.idle_count(), 1);
+            hang_up.notify_one();
+            tokio::time::timeout(Duration::from_secs(5), closed.recv())
+                .await
+                .expect("the server never hung up")
+                .unwrap();
+            // Lets the runtime take in the hang-up (it polls its I/O driver
+            // before resuming a yielded task).
+            tokio::task::yield_now().await;
         }
         for _ in 0..3 {
             accepted.try_recv().expect("a new connection per request");
