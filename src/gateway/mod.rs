@@ -707,3 +707,18 @@ impl GatewayApp {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Route;
+
+    /// `Inner::ok` is indexed by a route's discriminant and built from `ALL`.
+    #[test]
+    fn all_routes_are_listed_in_declaration_order() {
+        for (i, r) in Route::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{r:?}");
+        }
+        let paths: std::collections::HashSet<_> = Route::ALL.iter().map(|r| r.path()).collect();
+        assert_eq!(paths.len(), Route::ALL.len(), "one label per route");
+    }
+}

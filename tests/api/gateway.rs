@@ -460,6 +460,44 @@ async fn request_id_and_traceparent_reach_the_upstream() {
     gw.stop().await;
 }
 
+/// `/metrics` counts requests by route and answer; every route's 200 series
+/// exists from the start.
+#[tokio::test]
+async fn metrics_count_requests_by_route_and_status() {
+    let users = fake("users", None).await;
+    let gw = TestGateway::start(registry(
+        vec![users.url()],
+        vec![dead_url().await],
+        vec![dead_url().await],
+        |s| s.retries = 0,
+    ))
+    .await;
+    for _ in 0..2 {
+        assert_eq!(gw.get("/api/users/1").await.0, StatusCode::OK);
+    }
+    assert_eq!(
+        gw.get("/api/orders/1").await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let text = gw
+        .client
+        .get(format!("http://{}/metrics", gw.addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        r#"prism_gateway_requests_total{route="/api/users/{id}",status="200"} 2"#,
+        r#"prism_gateway_requests_total{route="/api/orders/{id}",status="503"} 1"#,
+        r#"prism_gateway_requests_total{route="/api/products",status="200"} 0"#,
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
+    }
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn a_dead_instance_is_skipped() {
     let users = fake("users", None).await;
