@@ -231,6 +231,18 @@ fn registry(
     r
 }
 
+/// A gateway in front of one users instance; the orders and products
+/// services are down.
+async fn users_only(users: &Fake, tune: impl Fn(&mut ServiceSpec)) -> TestGateway {
+    TestGateway::start(registry(
+        vec![users.url()],
+        vec![dead_url().await],
+        vec![dead_url().await],
+        tune,
+    ))
+    .await
+}
+
 fn token() -> String {
     prism::auth::TokenKeys::new(SECRET.as_bytes(), Duration::from_secs(60))
         .issue(1, prism::auth::Role::User)
@@ -424,13 +436,7 @@ async fn fan_out_is_parallel() {
 #[tokio::test]
 async fn request_id_and_traceparent_reach_the_upstream() {
     let users = fake("users", None).await;
-    let gw = TestGateway::start(registry(
-        vec![users.url()],
-        vec![dead_url().await],
-        vec![dead_url().await],
-        |s| s.timeout_ms = 1500,
-    ))
-    .await;
+    let gw = users_only(&users, |s| s.timeout_ms = 1500).await;
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let r = gw
         .client
@@ -465,13 +471,7 @@ async fn request_id_and_traceparent_reach_the_upstream() {
 #[tokio::test]
 async fn metrics_count_requests_by_route_and_status() {
     let users = fake("users", None).await;
-    let gw = TestGateway::start(registry(
-        vec![users.url()],
-        vec![dead_url().await],
-        vec![dead_url().await],
-        |s| s.retries = 0,
-    ))
-    .await;
+    let gw = users_only(&users, |s| s.retries = 0).await;
     for _ in 0..2 {
         assert_eq!(gw.get("/api/users/1").await.0, StatusCode::OK);
     }
@@ -567,13 +567,7 @@ async fn a_post_is_never_retried() {
 async fn a_flaky_upstream_is_retried_and_succeeds() {
     let users = fake("users", None).await;
     users.set(Mode::FailFirst(2));
-    let gw = TestGateway::start(registry(
-        vec![users.url()],
-        vec![dead_url().await],
-        vec![dead_url().await],
-        |s| s.retries = 3,
-    ))
-    .await;
+    let gw = users_only(&users, |s| s.retries = 3).await;
     let (s, body) = gw.get("/api/users/7").await;
     assert_eq!(s, StatusCode::OK, "{body}");
     assert_eq!(body["id"], 7);
@@ -585,16 +579,11 @@ async fn a_flaky_upstream_is_retried_and_succeeds() {
 async fn a_dead_upstream_opens_its_circuit_and_probes_close_it() {
     let users = fake("users", None).await;
     users.set(Mode::Failing);
-    let gw = TestGateway::start(registry(
-        vec![users.url()],
-        vec![dead_url().await],
-        vec![dead_url().await],
-        |s| {
-            s.retries = 0;
-            s.failures_to_open = 3;
-            s.open_ms = 300;
-        },
-    ))
+    let gw = users_only(&users, |s| {
+        s.retries = 0;
+        s.failures_to_open = 3;
+        s.open_ms = 300;
+    })
     .await;
     for _ in 0..3 {
         assert_eq!(
@@ -724,13 +713,7 @@ async fn healthz_says_starting_until_every_instance_was_checked() {
 #[tokio::test]
 async fn the_user_profile_degrades_as_specified() {
     let users = fake("users", None).await;
-    let gw = TestGateway::start(registry(
-        vec![users.url()],
-        vec![dead_url().await],
-        vec![dead_url().await],
-        |s| s.retries = 0,
-    ))
-    .await;
+    let gw = users_only(&users, |s| s.retries = 0).await;
     let (s, body) = gw.get("/user-profile/1").await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(body["user"]["id"], 1);
