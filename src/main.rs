@@ -89,8 +89,10 @@ fn run(config: Config, f: impl AsyncFnOnce(Config) -> anyhow::Result<()>) -> any
 
 fn service(role: Role, config: Config) -> anyhow::Result<()> {
     run(config, async move |config| {
+        // Before anything else: a signal during start-up is then a graceful stop.
+        let stop = prism::app::shutdown_signal();
         let app = App::build_as(role, config).await?;
-        app.run_until_stopped(prism::app::shutdown_signal()).await
+        app.run_until_stopped(stop).await
     })
 }
 
@@ -103,12 +105,13 @@ fn main() -> anyhow::Result<()> {
         Command::Gateway(args) => {
             let config = args.resolve(8000, 0)?;
             run(config, async move |config| {
+                let stop = prism::app::shutdown_signal();
                 let registry = match &config.registry {
                     Some(path) => Registry::from_file(path)?,
                     None => Registry::local_default(),
                 };
                 let app = GatewayApp::build(&config, &registry).await?;
-                app.run_until_stopped(prism::app::shutdown_signal()).await
+                app.run_until_stopped(stop).await
             })
         }
         Command::Up(args) => {

@@ -31,6 +31,8 @@ struct Service {
 }
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    // Installed before any service starts, so a signal always stops them all.
+    let stop = crate::app::shutdown_signal();
     let exe = std::env::current_exe().context("cannot find the prism binary")?;
     std::fs::create_dir_all(&config.data_dir)?;
     let secret = match &config.jwt_secret {
@@ -189,7 +191,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     };
     let failure = tokio::select! {
-        _ = crate::app::shutdown_signal() => None,
+        _ = stop => None,
         (name, status) = died => Some(anyhow::anyhow!("the {name} service exited ({status}); stopping the others")),
     };
     for (_, child) in &children {

@@ -55,6 +55,35 @@ impl Server {
     }
 }
 
+/// The signal handlers are in place before prism serves anything: a SIGTERM
+/// or SIGINT the moment it says it is listening stops it cleanly instead of
+/// killing it.
+#[tokio::test]
+async fn a_signal_right_after_start_up_is_a_graceful_stop() {
+    for (sig, number) in [("-TERM", 15), ("-INT", 2)] {
+        let dir = tempfile::tempdir().unwrap();
+        let server = Server::start(dir.path()).await;
+        let caught = caught_signals(server.child.id().unwrap());
+        assert!(
+            caught & (1 << (number - 1)) != 0,
+            "{sig} not handled yet when prism reported listening (SigCgt {caught:x})"
+        );
+        server.signal(sig);
+        let status = server.wait_exit().await;
+        assert!(status.success(), "{sig}: exit status {status:?}");
+    }
+}
+
+/// The process's caught-signal mask (`SigCgt` in `/proc/PID/status`).
+fn caught_signals(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let mask = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .expect("no SigCgt line");
+    u64::from_str_radix(mask.trim(), 16).unwrap()
+}
+
 #[tokio::test]
 async fn sigterm_lets_an_in_flight_request_finish_and_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
