@@ -201,11 +201,11 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// A bare HTTP/1.1 server answering every request with `body`, and
-    /// reporting each accepted connection. With `hang_up` it closes each
+    /// A bare HTTP/1.1 server answering every request with `body`. It reports
+    /// each accepted connection, and each connection that ended (closed by
+    /// the client, or by the server). With `hang_up` it closes each
     /// connection after one answer once `hang_up` is notified, without saying
-    /// so in a header, as an upstream whose keep-alive timeout ran out does,
-    /// and reports that.
+    /// so in a header, as an upstream whose keep-alive timeout ran out does.
     async fn server(
         body: &'static str,
         hang_up: Option<Arc<tokio::sync::Notify>>,
@@ -228,7 +228,10 @@ mod tests {
                     let mut chunk = [0u8; 4096];
                     loop {
                         match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
+                            Ok(0) | Err(_) => {
+                                let _ = closed_tx.send(());
+                                return;
+                            }
                             Ok(n) => buf.extend_from_slice(&chunk[..n]),
                         }
                         while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -254,54 +257,51 @@ mod tests {
         (url, rx, closed_rx)
     }
 
+    fn pool(url: &str, idle_timeout: Duration) -> Arc<ConnPool> {
+        Arc::new(ConnPool::new(url, Duration::from_secs(1), idle_timeout))
+    }
+
+    /// The next event on a test server's channel.
+    async fn next(rx: &mut tokio::sync::mpsc::UnboundedReceiver<()>, what: &str) {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{what} never happened"))
+            .unwrap();
+    }
+
     fn get(path: &str) -> Request<Full<Bytes>> {
         Request::get(path).body(Full::new(Bytes::new())).unwrap()
     }
 
     #[tokio::test]
     async fn one_connection_serves_requests_in_turn_and_is_reaped_when_idle() {
-        let (url, mut accepted, _closed) = server("hello", None).await;
-        let pool = Arc::new(ConnPool::new(
-            &url,
-            Duration::from_secs(1),
-            Duration::from_millis(100),
-        ));
+        let (url, mut accepted, mut closed) = server("hello", None).await;
+        let pool = pool(&url, Duration::from_millis(100));
         for _ in 0..3 {
             let r = pool.exchange(get("/x")).await.unwrap();
             assert_eq!(r.status(), 200);
             assert_eq!(r.body().as_ref(), b"hello");
         }
-        accepted.recv().await.unwrap();
+        next(&mut accepted, "a connection").await;
         assert!(accepted.try_recv().is_err(), "one connection for all three");
         assert_eq!(pool.idle_count(), 1);
-        tokio::time::timeout(Duration::from_secs(5), async {
-            while pool.idle_count() > 0 {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await
-        .expect("the idle connection was never reaped");
+        // The server sees the connection closed once the reaper drops it.
+        next(&mut closed, "closing the idle connection").await;
+        assert_eq!(pool.idle_count(), 0);
     }
 
     #[tokio::test]
     async fn a_connection_closed_while_idle_is_replaced_without_failing_the_request() {
         let hang_up = Arc::new(tokio::sync::Notify::new());
         let (url, mut accepted, mut closed) = server("again", Some(hang_up.clone())).await;
-        let pool = Arc::new(ConnPool::new(
-            &url,
-            Duration::from_secs(1),
-            Duration::from_secs(60),
-        ));
+        let pool = pool(&url, Duration::from_secs(60));
         for _ in 0..3 {
             let r = pool.exchange(get("/y")).await.unwrap();
             assert_eq!(r.body().as_ref(), b"again");
             // The connection is back in the pool; now the upstream closes it.
             assert_eq!(pool.idle_count(), 1);
             hang_up.notify_one();
-            tokio::time::timeout(Duration::from_secs(5), closed.recv())
-                .await
-                .expect("the server never hung up")
-                .unwrap();
+            next(&mut closed, "the server hanging up").await;
             // Lets the runtime take in the hang-up (it polls its I/O driver
             // before resuming a yielded task).
             tokio::task::yield_now().await;
@@ -316,12 +316,10 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         drop(listener);
-        let pool = Arc::new(ConnPool::new(
-            &url,
-            Duration::from_secs(1),
-            Duration::from_secs(1),
-        ));
-        let e = pool.exchange(get("/x")).await.unwrap_err();
+        let e = pool(&url, Duration::from_secs(1))
+            .exchange(get("/x"))
+            .await
+            .unwrap_err();
         assert!(e.0.contains("cannot connect"), "{e:?}");
     }
 }
