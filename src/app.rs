@@ -362,6 +362,8 @@ pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
             tokio::select! {
                 Some(()) = recv(&mut int) => tracing::info!("received SIGINT"),
                 Some(()) = recv(&mut term) => tracing::info!("received SIGTERM"),
+                // Both streams ended: the runtime is going away anyway.
+                else => {}
             }
         }
     }
