@@ -12,6 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use hyper::header::{HeaderName, HeaderValue};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -62,16 +63,23 @@ impl Failure {
 #[derive(Debug, Clone)]
 pub struct CallCtx {
     pub deadline: Instant,
-    pub request_id: String,
+    /// The client's `x-request-id`, or a new one; sent to every upstream and
+    /// back to the client.
+    pub request_id: HeaderValue,
     /// W3C trace id (32 hex digits) of the client's trace, or a new one.
-    pub trace_id: String,
+    pub trace_id: [u8; 32],
     /// The client's trace sampling flag, passed on.
     pub sampled: bool,
 }
 
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const X_REQUEST_TIMEOUT_MS: HeaderName = HeaderName::from_static("x-request-timeout-ms");
+
 /// Unique ids without a random draw per request: a random per-process
-/// prefix and a counter (the W3C format only asks for uniqueness).
-pub fn next_id(hex_digits: usize) -> String {
+/// prefix and a counter (the W3C format only asks for uniqueness). Fills
+/// `out` (16 or 32 bytes) with lowercase hex digits.
+fn next_id(out: &mut [u8]) {
     use std::sync::OnceLock;
     static PREFIX: OnceLock<u64> = OnceLock::new();
     static COUNTER: AtomicU64 = AtomicU64::new(1);
@@ -81,36 +89,42 @@ pub fn next_id(hex_digits: usize) -> String {
         u64::from_le_bytes(b)
     });
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let mut out = String::with_capacity(hex_digits);
-    match hex_digits {
-        16 => push_hex(&mut out, prefix ^ n.rotate_left(32)),
+    match out.len() {
+        16 => hex(out, prefix ^ n.rotate_left(32)),
         _ => {
-            push_hex(&mut out, prefix);
-            push_hex(&mut out, n);
+            hex(&mut out[..16], prefix);
+            hex(&mut out[16..32], n);
         }
     }
-    out
 }
 
-/// Sixteen lowercase hex digits, without `format!`'s machinery (this runs
-/// several times per proxied request).
-fn push_hex(out: &mut String, n: u64) {
+/// A new 32-hex-digit id (request and trace ids).
+pub fn new_id32() -> [u8; 32] {
+    let mut id = [0u8; 32];
+    next_id(&mut id);
+    id
+}
+
+/// `n` as sixteen lowercase hex digits into `out[..16]` (this runs several
+/// times per proxied request, so no `format!`).
+fn hex(out: &mut [u8], n: u64) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for shift in (0..16).rev() {
-        out.push(DIGITS[((n >> (shift * 4)) & 0xf) as usize] as char);
+    for (i, d) in out[..16].iter_mut().enumerate() {
+        *d = DIGITS[((n >> ((15 - i) * 4)) & 0xf) as usize];
     }
 }
 
 impl CallCtx {
     /// A `traceparent` for one outgoing call: same trace, a new span.
-    pub fn traceparent(&self) -> String {
-        let mut out = String::with_capacity(55);
-        out.push_str("00-");
-        out.push_str(&self.trace_id);
-        out.push('-');
-        out.push_str(&next_id(16));
-        out.push_str(if self.sampled { "-01" } else { "-00" });
-        out
+    pub fn traceparent(&self) -> HeaderValue {
+        // 00-<32 hex trace id>-<16 hex span id>-<2 hex flags>
+        let mut out = *b"00-________________________________-________________-00";
+        out[3..35].copy_from_slice(&self.trace_id);
+        next_id(&mut out[36..52]);
+        if self.sampled {
+            out[54] = b'1';
+        }
+        HeaderValue::from_bytes(&out).expect("hex digits and dashes are a valid header value")
     }
 
     pub fn remaining(&self) -> Duration {
@@ -313,43 +327,41 @@ impl Upstream {
     pub async fn http(
         &self,
         ctx: &CallCtx,
-        method: reqwest::Method,
-        path_and_query: &str,
-        headers: &[(&str, String)],
-        body: Option<(bytes::Bytes, String)>,
+        method: hyper::Method,
+        path_and_query: String,
+        headers: &[(HeaderName, HeaderValue)],
+        body: Option<(bytes::Bytes, HeaderValue)>,
     ) -> Result<HttpAnswer, Failure> {
+        // Parsed once for every try; a try clones it (a reference count).
+        let uri = hyper::Uri::try_from(path_and_query)
+            .map_err(|e| Failure::Connect(format!("bad upstream path: {e}")))?;
         let idempotent = matches!(
             method,
-            reqwest::Method::GET
-                | reqwest::Method::HEAD
-                | reqwest::Method::PUT
-                | reqwest::Method::DELETE
+            hyper::Method::GET | hyper::Method::HEAD | hyper::Method::PUT | hyper::Method::DELETE
         );
         self.call(ctx, idempotent, |instance, limit| {
             // The try's time limit is enforced by `call`, and travels with the
             // request so the upstream need not work past it.
-            let mut req = hyper::Request::builder()
-                .method(method.clone())
-                .uri(path_and_query)
-                .header("x-request-id", &ctx.request_id)
-                .header("traceparent", ctx.traceparent())
-                .header(
-                    "x-request-timeout-ms",
-                    u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
-                );
-            for (k, v) in headers {
-                req = req.header(*k, v);
+            let mut req = hyper::Request::new(http_body_util::Full::new(
+                body.as_ref().map(|(b, _)| b.clone()).unwrap_or_default(),
+            ));
+            *req.method_mut() = method.clone();
+            *req.uri_mut() = uri.clone();
+            let h = req.headers_mut();
+            h.reserve(5 + headers.len());
+            h.insert(X_REQUEST_ID, ctx.request_id.clone());
+            h.insert(TRACEPARENT, ctx.traceparent());
+            h.insert(
+                X_REQUEST_TIMEOUT_MS,
+                HeaderValue::from(u64::try_from(limit.as_millis()).unwrap_or(u64::MAX)),
+            );
+            if let Some((_, content_type)) = &body {
+                h.insert(hyper::header::CONTENT_TYPE, content_type.clone());
             }
-            let body = match &body {
-                Some((bytes, content_type)) => {
-                    req = req.header("content-type", content_type);
-                    bytes.clone()
-                }
-                None => bytes::Bytes::new(),
-            };
-            let req = req.body(http_body_util::Full::new(body));
+            for (k, v) in headers {
+                h.insert(k.clone(), v.clone());
+            }
             async move {
-                let req = req.map_err(|e| Failure::Connect(e.to_string()))?;
                 let resp = instance
                     .pool
                     .exchange(req)
@@ -459,27 +471,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ids_are_hex_of_the_asked_length_and_unique() {
-        let (a, b) = (next_id(32), next_id(32));
-        assert_eq!(a.len(), 32);
+    fn ids_are_lowercase_hex_and_unique() {
+        let (a, b) = (new_id32(), new_id32());
         assert_ne!(a, b);
         assert_eq!(a[..16], b[..16], "one per-process prefix");
-        let span = next_id(16);
-        assert_eq!(span.len(), 16);
-        assert!([&a, &span].iter().all(|s| {
-            s.bytes()
+        let (mut s1, mut s2) = ([0u8; 16], [0u8; 16]);
+        next_id(&mut s1);
+        next_id(&mut s2);
+        assert_ne!(s1, s2);
+        let lower_hex = |s: &[u8]| {
+            s.iter()
                 .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
-        }));
-        let ctx = CallCtx {
+        };
+        assert!(lower_hex(&a) && lower_hex(&s1));
+        let mut ctx = CallCtx {
             deadline: Instant::now(),
-            request_id: a.clone(),
-            trace_id: a.clone(),
+            request_id: HeaderValue::from_static("r"),
+            trace_id: a,
             sampled: false,
         };
-        let tp = ctx.traceparent();
-        let parts: Vec<&str> = tp.split('-').collect();
-        assert_eq!(parts.len(), 4, "{tp}");
-        assert_eq!((parts[0], parts[1], parts[3]), ("00", a.as_str(), "00"));
-        assert_eq!(parts[2].len(), 16);
+        let trace = std::str::from_utf8(&a).unwrap();
+        for (sampled, flags) in [(false, "00"), (true, "01")] {
+            ctx.sampled = sampled;
+            let tp = ctx.traceparent();
+            let parts: Vec<&str> = tp.to_str().unwrap().split('-').collect();
+            assert_eq!(parts.len(), 4, "{tp:?}");
+            assert_eq!((parts[0], parts[1], parts[3]), ("00", trace, flags));
+            assert_eq!(parts[2].len(), 16);
+            assert!(lower_hex(parts[2].as_bytes()));
+        }
+        assert_ne!(ctx.traceparent(), ctx.traceparent(), "a new span per call");
     }
 }

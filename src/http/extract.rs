@@ -157,7 +157,10 @@ fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Response> {
     })
 }
 
-fn parse_urlencoded<T: DeserializeOwned>(input: &[u8], source: &str) -> Result<T, Response> {
+pub(crate) fn parse_urlencoded<T: DeserializeOwned>(
+    input: &[u8],
+    source: &str,
+) -> Result<T, Response> {
     let de = serde_urlencoded::Deserializer::new(form_urlencoded::parse(input));
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();

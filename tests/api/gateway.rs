@@ -27,7 +27,11 @@ use prism::{
     },
 };
 use serde_json::{Value, json};
-use tokio::{sync::oneshot, task::JoinHandle};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    sync::oneshot,
+    task::JoinHandle,
+};
 
 use crate::helpers::{ADMIN_PASSWORD, WAIT, eventually, ports_outside_the_ephemeral_range};
 
@@ -463,7 +467,135 @@ async fn request_id_and_traceparent_reach_the_upstream() {
         .unwrap();
     // The try's 1.5 s timeout, not the 5 s overall deadline, bounds the upstream.
     assert!((1000..=1500).contains(&limit), "{limit}");
+
+    // Without either header the gateway makes both up.
+    let r = gw
+        .client
+        .get(format!("http://{}/api/users/1", gw.addr))
+        .send()
+        .await
+        .unwrap();
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let lower_hex = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+    };
+    assert!(lower_hex(&id, 32), "{id}");
+    let seen = users.state.seen.lock().last().cloned().unwrap();
+    assert_eq!(seen["x-request-id"], id.as_str());
+    let tp: Vec<String> = seen["traceparent"]
+        .to_str()
+        .unwrap()
+        .split('-')
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(tp.len(), 4, "{tp:?}");
+    assert_eq!((tp[0].as_str(), tp[3].as_str()), ("00", "01"), "sampled");
+    assert!(lower_hex(&tp[1], 32) && lower_hex(&tp[2], 16), "{tp:?}");
+    assert_ne!(tp[1], trace, "a new trace");
     gw.stop().await;
+}
+
+/// Requests the gateway cannot route or read get an error in the usual JSON
+/// form and never reach an upstream.
+#[tokio::test]
+async fn bad_requests_get_json_errors_and_reach_no_upstream() {
+    let users = fake("users", None).await;
+    let gw = users_only(&users, |_| {}).await;
+    let url = |path: &str| format!("http://{}{path}", gw.addr);
+
+    let (status, body) = gw.get("/api/users/abc").await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(body["detail"][0]["loc"], json!(["path", "id"]));
+    assert_eq!(body["detail"][0]["type"], "int_parsing");
+    let (status, body) = gw.get("/user-profile/1.5").await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(body["detail"][0]["loc"], json!(["path", "user_id"]));
+
+    for path in ["/api/users/", "/api/users/1/orders", "/nowhere"] {
+        assert_eq!(
+            gw.get(path).await,
+            (StatusCode::NOT_FOUND, json!({"detail": "Not Found"})),
+            "{path}"
+        );
+    }
+
+    let r = gw.client.delete(url("/api/users/1")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(r.headers()["allow"], "GET,HEAD");
+    let r = gw.client.get(url("/auth/register")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(r.headers()["allow"], "POST");
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["detail"],
+        "Method Not Allowed"
+    );
+
+    // A declared body over the limit is refused before it is sent.
+    let mut tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "POST /auth/register HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n",
+        gw.addr,
+        3 * 1024 * 1024
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, tcp.read_to_end(&mut answer))
+        .await
+        .expect("no answer to an oversized body")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
+    assert!(answer.contains(r#"{"detail":"#), "{answer}");
+
+    let (status, body) = gw.get("/api/products?page=first").await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(body["detail"][0]["loc"], json!(["query", "page"]));
+
+    assert_eq!(users.hits(), 0, "nothing reached the users service");
+    gw.stop().await;
+}
+
+/// Once told to stop, the gateway takes no new connections but finishes the
+/// requests it is proxying.
+#[tokio::test]
+async fn stopping_lets_a_proxied_request_finish() {
+    let release = Arc::new(tokio::sync::Barrier::new(2));
+    let users = fake("users", Some(release.clone())).await;
+    let mut gw = users_only(&users, |s| s.timeout_ms = 10_000).await;
+    let url = format!("http://{}/api/users/1", gw.addr);
+    let in_flight = tokio::spawn(gw.client.get(url).send());
+    eventually("the request to reach the users service", || async {
+        (users.hits() == 1).then_some(())
+    })
+    .await;
+
+    let _ = gw.stop.take().unwrap().send(());
+    let addr = gw.addr;
+    eventually("the gateway to stop accepting", || async move {
+        tokio::net::TcpStream::connect(addr)
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    assert!(!in_flight.is_finished());
+
+    release.wait().await;
+    let r = tokio::time::timeout(WAIT, in_flight)
+        .await
+        .expect("the proxied request never finished")
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.json::<Value>().await.unwrap()["name"], "users user");
+    tokio::time::timeout(WAIT, gw.handle.take().unwrap())
+        .await
+        .expect("gateway shutdown hung")
+        .unwrap()
+        .unwrap();
 }
 
 /// `/metrics` counts requests by route and answer; every route's 200 series
