@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The gateway's overhead: `GET /api/users/1` through `prism gateway`, the same
-# user straight from the users service, and through nginx (Debian's package)
-# as a plain reverse proxy to the users service, in the same run with wrk.
+# user straight from the users service, through nginx (Debian's package) as a
+# plain reverse proxy to the users service, and through the least proxy the
+# gateway's parts make (examples/bare_proxy.rs), in the same run with wrk.
 # Writes its section of docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
 ensure_wrk
 command -v nginx >/dev/null || { apt-get update -qq && apt-get install -y -qq nginx-light || apt-get install -y -qq nginx; }
-cargo build --release --quiet --bin prism
+cargo build --release --quiet --bin prism --example bare_proxy
 target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys;print(json.load(sys.stdin)["target_directory"])')
 duration=${DURATION:-10s}
 work=$(mktemp -d)
@@ -53,6 +54,9 @@ http {
 NGINX
 nginx -c "$work/nginx.conf" -p "$work" &
 wait_port 18080
+"$target/release/examples/bare_proxy" 18090 127.0.0.1:18001 &
+bare_pid=$!
+wait_port 18090
 
 # CPU seconds (user + system) a process has used so far.
 cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$1/stat"; }
@@ -80,6 +84,7 @@ nginx_worker=$(pgrep -P "$(cat "$work/nginx.pid")")
 read -r direct_rps direct_p50 direct_p99 direct_wrk direct_users _ < <(run http://127.0.0.1:18001/users/1 "")
 read -r gw_rps gw_p50 gw_p99 gw_wrk gw_users gw_proxy < <(run http://127.0.0.1:18000/api/users/1 "$gateway_pid")
 read -r ngx_rps ngx_p50 ngx_p99 ngx_wrk ngx_users ngx_proxy < <(run http://127.0.0.1:18080/api/users/1 "$nginx_worker")
+read -r bare_rps bare_p50 bare_p99 bare_wrk bare_users bare_proxy < <(run http://127.0.0.1:18090/api/users/1 "$bare_pid")
 # url -> "p50_us p99_us" with one connection: no queueing, so the difference
 # between paths is what the proxy itself adds to a request.
 alone() {
@@ -93,6 +98,7 @@ alone() {
 read -r direct_a50 direct_a99 < <(alone http://127.0.0.1:18001/users/1)
 read -r gw_a50 gw_a99 < <(alone http://127.0.0.1:18000/api/users/1)
 read -r ngx_a50 ngx_a99 < <(alone http://127.0.0.1:18080/api/users/1)
+read -r bare_a50 bare_a99 < <(alone http://127.0.0.1:18090/api/users/1)
 pct() { python3 -c "print(f'{100*$1/$2:.0f}')"; }
 added() { python3 -c "print(f'{$1 - $2:+.0f}')"; }
 
@@ -101,9 +107,12 @@ write_section gateway <<MD
 
 $(machine); wrk, 2 threads, 64 connections, $duration, release build, same run. nginx
 (\`worker_processes 1\`, upstream keepalive) proxies the same route to the same users service;
-the gateway runs with one worker thread (\`--worker-threads 1\`) to match. wrk, the users
-service and the proxy share the machine's two cores, so the proxied rows also pay for a
-second process on the same cores.
+the gateway runs with one worker thread (\`--worker-threads 1\`) to match. The last row is
+\`examples/bare_proxy.rs\`: the gateway's own parts (tokio's single-threaded runtime, hyper's
+HTTP/1 server and client connections, a stack of idle upstream connections) with nothing
+else: no request or trace ids, timeouts, retries, breaker or metrics. It is the floor for a
+proxy built on this stack. wrk, the users service and the proxy share the machine's two
+cores, so the proxied rows also pay for a second process on the same cores.
 Goals: the gateway adds under 0.5 ms at p50, keeps ≥ 80% of direct throughput, and is not
 slower than nginx.
 
@@ -112,6 +121,9 @@ slower than nginx.
 | users service directly (\`/users/1\`) | $direct_rps | $direct_p50 | $direct_p99 | 100% | $direct_wrk | $direct_users | – |
 | \`prism gateway\` (\`/api/users/1\`) | $gw_rps | $gw_p50 | $gw_p99 | $(pct "$gw_rps" "$direct_rps")% | $gw_wrk | $gw_users | $gw_proxy |
 | nginx reverse proxy | $ngx_rps | $ngx_p50 | $ngx_p99 | $(pct "$ngx_rps" "$direct_rps")% | $ngx_wrk | $ngx_users | $ngx_proxy |
+| bare hyper proxy (floor) | $bare_rps | $bare_p50 | $bare_p99 | $(pct "$bare_rps" "$direct_rps")% | $bare_wrk | $bare_users | $bare_proxy |
+
+The gateway reaches $(pct "$gw_rps" "$ngx_rps")% of nginx's throughput in this run.
 
 One connection at a time (wrk, 1 thread, 1 connection, $duration): nothing queues, so the
 difference to the direct row is what the proxy adds to one request.
@@ -121,6 +133,7 @@ difference to the direct row is what the proxy adds to one request.
 | users service directly | $direct_a50 | $direct_a99 | – |
 | \`prism gateway\` | $gw_a50 | $gw_a99 | $(added "$gw_a50" "$direct_a50") |
 | nginx reverse proxy | $ngx_a50 | $ngx_a99 | $(added "$ngx_a50" "$direct_a50") |
+| bare hyper proxy (floor) | $bare_a50 | $bare_a99 | $(added "$bare_a50" "$direct_a50") |
 
 Under load (the first table) p50 is mostly queueing: with 64 connections kept busy,
 p50 ≈ 64 / throughput, so it follows the throughput.
@@ -130,4 +143,4 @@ requests served. Two cores give at most 2,000,000 µs of CPU per second, so a pa
 2,000,000 / (sum of its columns) requests/s; a proxied request also pays for the proxy's two
 extra loopback round trips (four syscalls), which no proxy on the same cores can avoid.
 MD
-echo "direct $direct_rps; gateway $gw_rps; nginx $ngx_rps; one connection p50 µs: $direct_a50 / $gw_a50 / $ngx_a50"
+echo "direct $direct_rps; gateway $gw_rps; nginx $ngx_rps; bare $bare_rps; one connection p50 µs: $direct_a50 / $gw_a50 / $ngx_a50 / $bare_a50"
