@@ -293,9 +293,13 @@ impl Upstream {
             instance.tries.fetch_add(1, Ordering::Relaxed);
             let budget = self.spec.timeout().min(remaining);
             let try_deadline = tokio::time::Instant::from_std(now + budget);
+            // The try is boxed: its future (request, connection, answer) is
+            // most of a request's state, and unboxed it made every enclosing
+            // future that large, copied at each move; one allocation costs
+            // less (measured: about 3% less CPU per proxied request).
             let outcome = match tokio::time::timeout_at(
                 try_deadline,
-                attempt(instance.clone(), budget),
+                Box::pin(attempt(instance.clone(), budget)),
             )
             .await
             {
