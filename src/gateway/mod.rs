@@ -573,9 +573,13 @@ const MAX_BODY: usize = 2 * 1024 * 1024;
 
 /// The whole body of a request, or the error answer if it is too large or
 /// broken off.
-async fn read_body(body: Incoming) -> Result<Bytes, Response> {
+async fn read_body<B>(body: B) -> Result<Bytes, Response>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     // A declared length over the limit is refused before any of it is read.
-    if hyper::body::Body::size_hint(&body).lower() > MAX_BODY as u64 {
+    if body.size_hint().lower() > MAX_BODY as u64 {
         return Err(ApiError::payload_too_large().into_response());
     }
     match http_body_util::Limited::new(body, MAX_BODY).collect().await {
@@ -803,7 +807,9 @@ impl GatewayApp {
 
 #[cfg(test)]
 mod tests {
-    use super::{Method, Route};
+    use futures::StreamExt;
+
+    use super::{MAX_BODY, Method, Route, StatusCode, read_body};
 
     /// `Inner::ok` is indexed by a route's discriminant and built from `ALL`.
     #[test]
@@ -813,6 +819,43 @@ mod tests {
         }
         let paths: std::collections::HashSet<_> = Route::ALL.iter().map(|r| r.path()).collect();
         assert_eq!(paths.len(), Route::ALL.len(), "one label per route");
+    }
+
+    #[tokio::test]
+    async fn bodies_over_the_limit_are_refused_whether_declared_or_streamed() {
+        use bytes::Bytes;
+        use http_body_util::{Full, StreamBody};
+        use hyper::body::Frame;
+        let chunk = || Ok::<_, std::io::Error>(Frame::data(Bytes::from(vec![b' '; 1 << 20])));
+
+        let at_limit = Full::new(Bytes::from(vec![b' '; MAX_BODY]));
+        assert_eq!(read_body(at_limit).await.unwrap().len(), MAX_BODY);
+
+        let declared = Full::new(Bytes::from(vec![b' '; MAX_BODY + 1]));
+        let r = read_body(declared).await.unwrap_err();
+        assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+
+        // No length declared: the limit stops reading at the chunk that
+        // crosses it, so the rest of the stream is never pulled.
+        let pulled = std::sync::atomic::AtomicUsize::new(0);
+        let stream = futures::stream::iter(std::iter::repeat_with(|| {
+            pulled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            chunk()
+        }))
+        .take(10);
+        let r = read_body(StreamBody::new(stream)).await.unwrap_err();
+        assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(pulled.load(std::sync::atomic::Ordering::Relaxed), 3);
+
+        let broken = futures::stream::iter([
+            chunk(),
+            Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "gone",
+            )),
+        ]);
+        let r = read_body(StreamBody::new(broken)).await.unwrap_err();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     }
 
     #[test]
