@@ -32,7 +32,7 @@ use crate::{
         GetProductRequest, ListProductsRequest, product_service_client::ProductServiceClient,
     },
     http::{
-        error::{ApiError, detail, unprocessable},
+        error::{ApiError, detail, not_an_integer_path_param},
         extract::{bearer_token, parse_urlencoded},
     },
 };
@@ -684,11 +684,7 @@ async fn by_id<T: std::str::FromStr, F: Future<Output = Response>>(
 ) -> Response {
     match param.parse() {
         Ok(id) => handler(id).await,
-        Err(_) => unprocessable(
-            vec!["path".into(), route.param_name().into()],
-            "int_parsing",
-            "Input should be a valid integer, unable to parse string as an integer",
-        ),
+        Err(_) => not_an_integer_path_param(route.param_name()),
     }
 }
 

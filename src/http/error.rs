@@ -116,6 +116,16 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The 422 for a path parameter `name` that should be an integer and is not
+/// (FastAPI's wording), shared by every HTTP surface that reads ids from paths.
+pub fn not_an_integer_path_param(name: &str) -> Response {
+    unprocessable(
+        vec!["path".into(), name.into()],
+        "int_parsing",
+        "Input should be a valid integer, unable to parse string as an integer",
+    )
+}
+
 /// Path parameters that do not parse are 422s located at the parameter.
 pub fn path_rejection(r: PathRejection, first_param: Option<String>) -> Response {
     use axum::extract::path::ErrorKind;
@@ -133,19 +143,14 @@ pub fn path_rejection(r: PathRejection, first_param: Option<String>) -> Response
             _ => None,
         };
         if let Some((key, expected_type)) = located {
-            let (kind, msg) = if expected_type.starts_with(['i', 'u']) {
-                (
-                    "int_parsing",
-                    "Input should be a valid integer, unable to parse string as an integer"
-                        .to_owned(),
-                )
-            } else {
-                (
-                    "value_error",
-                    format!("Input should be a valid {expected_type}"),
-                )
-            };
-            return unprocessable(vec!["path".into(), key.into()], kind, msg);
+            if expected_type.starts_with(['i', 'u']) {
+                return not_an_integer_path_param(&key);
+            }
+            return unprocessable(
+                vec!["path".into(), key.into()],
+                "value_error",
+                format!("Input should be a valid {expected_type}"),
+            );
         }
     }
     unprocessable(vec!["path".into()], "value_error", r.body_text())

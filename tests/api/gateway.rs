@@ -197,13 +197,16 @@ impl TestGateway {
         }
     }
 
-    async fn get(&self, path: &str) -> (StatusCode, Value) {
-        let r = self
-            .client
+    async fn send(&self, path: &str) -> reqwest::Response {
+        self.client
             .get(format!("http://{}{path}", self.addr))
             .send()
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        let r = self.send(path).await;
         let status = r.status();
         (status, r.json().await.unwrap_or(Value::Null))
     }
@@ -469,12 +472,7 @@ async fn request_id_and_traceparent_reach_the_upstream() {
     assert!((1000..=1500).contains(&limit), "{limit}");
 
     // Without either header the gateway makes both up.
-    let r = gw
-        .client
-        .get(format!("http://{}/api/users/1", gw.addr))
-        .send()
-        .await
-        .unwrap();
+    let r = gw.send("/api/users/1").await;
     let id = r.headers()["x-request-id"].to_str().unwrap().to_owned();
     let lower_hex = |s: &str, len: usize| {
         s.len() == len
@@ -533,14 +531,20 @@ async fn bad_requests_get_json_errors_and_reach_no_upstream() {
     );
 
     // A declared body over the limit is refused before it is sent.
-    let mut tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let mut tcp = tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(gw.addr))
+        .await
+        .expect("connecting to the gateway hung")
+        .unwrap();
     let head = format!(
         "POST /auth/register HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\n\
          content-length: {}\r\n\r\n",
         gw.addr,
         3 * 1024 * 1024
     );
-    tcp.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::timeout(WAIT, tcp.write_all(head.as_bytes()))
+        .await
+        .expect("sending the request head hung")
+        .unwrap();
     let mut answer = Vec::new();
     tokio::time::timeout(WAIT, tcp.read_to_end(&mut answer))
         .await
@@ -575,10 +579,13 @@ async fn stopping_lets_a_proxied_request_finish() {
     let _ = gw.stop.take().unwrap().send(());
     let addr = gw.addr;
     eventually("the gateway to stop accepting", || async move {
-        tokio::net::TcpStream::connect(addr)
-            .await
-            .is_err()
-            .then_some(())
+        // Refused, not merely slow: a connect that hangs counts as not yet.
+        matches!(
+            tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr))
+                .await,
+            Ok(Err(_))
+        )
+        .then_some(())
     })
     .await;
     assert!(!in_flight.is_finished());
