@@ -1,7 +1,8 @@
 //! The floor for `bench/gateway.sh`: the least a reverse proxy built from the
-//! gateway's own parts (tokio's single-threaded runtime, hyper's HTTP/1
-//! server and client connections, a stack of idle keep-alive connections)
-//! can do per request. It maps `GET /api/users/{id}` to `/users/{id}` on one
+//! gateway's own parts can do per request. The parts: tokio's
+//! single-threaded runtime, hyper's HTTP/1 server and client connections
+//! (plain writes, no `writev`, as the gateway's), and a stack of idle
+//! keep-alive connections. It maps `GET /api/users/{id}` to `/users/{id}` on one
 //! upstream and nothing else: no routing table, ids, trace context, timeouts,
 //! retries, circuit breaker or metrics. What the gateway spends beyond it is
 //! prism's; what it spends beyond nginx is the stack's.
@@ -41,7 +42,9 @@ impl Upstream {
             .await
             .map_err(|e| e.to_string())?;
         let _ = tcp.set_nodelay(true);
-        let (sender, conn) = client::handshake(TokioIo::new(tcp))
+        let (sender, conn) = client::Builder::new()
+            .writev(false)
+            .handshake(TokioIo::new(tcp))
             .await
             .map_err(|e| e.to_string())?;
         tokio::spawn(conn);
@@ -109,6 +112,7 @@ fn main() -> std::io::Result<()> {
                 tokio::spawn(async move {
                     let service = service_fn(move |req| handle(up.clone(), req));
                     let _ = server::Builder::new()
+                        .writev(false)
                         .serve_connection(TokioIo::new(tcp), service)
                         .await;
                 });

@@ -154,7 +154,10 @@ impl ConnPool {
         .map_err(|_| ExchangeError(format!("connecting to {} timed out", self.authority)))?
         .map_err(|e| ExchangeError(format!("cannot connect to {}: {e}", self.authority)))?;
         let _ = tcp.set_nodelay(true);
-        let (sender, conn) = http1::handshake(TokioIo::new(tcp))
+        // Plain writes, as the gateway's server side does (see there).
+        let (sender, conn) = http1::Builder::new()
+            .writev(false)
+            .handshake(TokioIo::new(tcp))
             .await
             .map_err(|e| ExchangeError(e.to_string()))?;
         tokio::spawn(async move {

@@ -188,6 +188,9 @@ pub struct Upstream {
     /// Whether every instance has been health-checked at least once.
     checked: AtomicBool,
     budget: Budget,
+    /// `x-request-timeout-ms` for a try with the whole per-try timeout, the
+    /// common case, made once rather than per request.
+    timeout_header: HeaderValue,
     /// Whether instances speak gRPC (health-checked with grpc.health.v1).
     grpc: bool,
     /// For health checks.
@@ -218,6 +221,7 @@ impl Upstream {
         Upstream {
             name: name.to_owned(),
             budget: Budget::new(spec.retry_ratio, 10),
+            timeout_header: HeaderValue::from(spec.timeout_ms),
             spec,
             instances,
             next: AtomicUsize::new(0),
@@ -374,7 +378,11 @@ impl Upstream {
             h.insert(TRACEPARENT, ctx.traceparent());
             h.insert(
                 X_REQUEST_TIMEOUT_MS,
-                HeaderValue::from(u64::try_from(limit.as_millis()).unwrap_or(u64::MAX)),
+                if limit == self.spec.timeout() {
+                    self.timeout_header.clone()
+                } else {
+                    HeaderValue::from(u64::try_from(limit.as_millis()).unwrap_or(u64::MAX))
+                },
             );
             if let Some((_, content_type)) = &body {
                 h.insert(hyper::header::CONTENT_TYPE, content_type.clone());
@@ -396,14 +404,9 @@ impl Upstream {
                     )));
                 }
                 let (parts, body) = resp.into_parts();
-                let content_type = parts
-                    .headers
-                    .get(hyper::header::CONTENT_TYPE)
-                    .cloned()
-                    .unwrap_or(hyper::header::HeaderValue::from_static("application/json"));
                 Ok(HttpAnswer {
                     status,
-                    content_type,
+                    headers: parts.headers,
                     body,
                 })
             }
@@ -477,7 +480,8 @@ impl Upstream {
 #[derive(Debug, Clone)]
 pub struct HttpAnswer {
     pub status: u16,
-    pub content_type: hyper::header::HeaderValue,
+    /// As the upstream sent them, hop-by-hop headers included.
+    pub headers: hyper::HeaderMap,
     pub body: bytes::Bytes,
 }
 

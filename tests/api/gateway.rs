@@ -112,7 +112,18 @@ async fn fake_answer(s: &FakeState, headers: HeaderMap, body: Value) -> axum::re
         )
             .into_response();
     }
-    axum::Json(body).into_response()
+    // An id of its own, a hop-by-hop header and an end-to-end one: the
+    // gateway answers with the request's id, drops the second and keeps the
+    // third.
+    (
+        [
+            ("x-request-id", "the upstream's own id".to_owned()),
+            ("keep-alive", "timeout=5".to_owned()),
+            ("x-served-by", s.name.to_owned()),
+        ],
+        axum::Json(body),
+    )
+        .into_response()
 }
 
 async fn fake(name: &'static str, barrier: Option<Arc<tokio::sync::Barrier>>) -> Fake {
@@ -346,6 +357,17 @@ async fn routes_over_the_real_services() {
     assert_eq!(r.status(), StatusCode::OK);
     let login: Value = r.json().await.unwrap();
     let alice = login["access_token"].as_str().unwrap();
+    // The upstream's own headers come through, as from a reverse proxy: a
+    // failed login's challenge.
+    let r = gw
+        .client
+        .post(format!("http://{}/auth/login", gw.addr))
+        .form(&[("username", "alice"), ("password", "not her password")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(r.headers()["www-authenticate"], "Bearer");
     let r = gw
         .client
         .post(format!("http://{}/orders", gw.addr))
@@ -455,6 +477,8 @@ async fn request_id_and_traceparent_reach_the_upstream() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.headers()["x-request-id"], "req-123");
+    assert_eq!(r.headers()["x-served-by"], "users");
+    assert!(r.headers().get("keep-alive").is_none(), "{:?}", r.headers());
     let seen = users.state.seen.lock().last().cloned().unwrap();
     assert_eq!(seen["x-request-id"], "req-123");
     let tp = seen["traceparent"].to_str().unwrap();
