@@ -8,6 +8,7 @@
 //! every upstream.
 
 pub mod breaker;
+mod clients;
 mod pool;
 pub mod registry;
 pub mod retry;
@@ -763,6 +764,7 @@ pub struct GatewayApp {
     addr: std::net::SocketAddr,
     gateway: Gateway,
     health_every: Duration,
+    client_idle_timeout: Duration,
     shutdown_timeout: Duration,
 }
 
@@ -784,6 +786,7 @@ impl GatewayApp {
             addr,
             gateway,
             health_every: Duration::from_millis(registry.health_interval_ms.max(50)),
+            client_idle_timeout: Duration::from_millis(registry.client_idle_timeout_ms),
             shutdown_timeout: config.shutdown_timeout,
         })
     }
@@ -810,7 +813,10 @@ impl GatewayApp {
             shutdown.await;
             stop_on_signal.cancel();
         });
-        let connections = hyper_util::server::graceful::GracefulShutdown::new();
+        let clients = clients::Clients::new(self.client_idle_timeout);
+        let stop_reaping = CancellationToken::new();
+        workers.spawn(clients.clone().reap(stop_reaping.clone()));
+        let connections = tokio_util::task::TaskTracker::new();
         let mut http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         // One buffer and a plain write, not a vectored write of head and
         // body: the answers are small, and copying them costs less than
@@ -832,29 +838,52 @@ impl GatewayApp {
                 },
             };
             let _ = tcp.set_nodelay(true);
+            let registered = clients.register();
+            let conn = registered.conn.clone();
             let g = self.gateway.clone();
             let service = hyper::service::service_fn(move |req| {
                 let g = g.clone();
-                async move { Ok::<_, std::convert::Infallible>(g.handle(req).await) }
+                let in_flight = conn.request();
+                async move {
+                    let r = g.handle(req).await;
+                    drop(in_flight);
+                    Ok::<_, std::convert::Infallible>(r)
+                }
             });
-            let conn = connections.watch(
-                http.serve_connection_with_upgrades(TokioIo::new(tcp), service)
-                    .into_owned(),
-            );
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
+            let serve = http
+                .serve_connection_with_upgrades(TokioIo::new(tcp), service)
+                .into_owned();
+            connections.spawn(async move {
+                let conn = &registered.conn;
+                tokio::pin!(serve);
+                let ended = tokio::select! {
+                    biased;
+                    r = serve.as_mut() => r,
+                    _ = conn.close_requested().cancelled() => {
+                        serve.as_mut().graceful_shutdown();
+                        tokio::select! {
+                            biased;
+                            r = serve.as_mut() => r,
+                            _ = conn.kill_requested().cancelled() => Ok(()),
+                        }
+                    }
+                };
+                if let Err(e) = ended {
                     tracing::debug!(error = %e, "client connection ended");
                 }
             });
         }
         // No new connections; those open finish their requests in flight.
         drop(self.listener);
-        if tokio::time::timeout(self.shutdown_timeout, connections.shutdown())
+        clients.close_all();
+        connections.close();
+        if tokio::time::timeout(self.shutdown_timeout, connections.wait())
             .await
             .is_err()
         {
             tracing::warn!("drain timed out");
         }
+        stop_reaping.cancel();
         stop.cancel();
         workers.close();
         workers.wait().await;

@@ -29,6 +29,11 @@ pub struct Registry {
     /// How often instances are health-checked, in ms [default: 1000]
     #[serde(default = "defaults::health_interval_ms")]
     pub health_interval_ms: u64,
+    /// A client connection on which no request starts for this long is
+    /// closed (an idle keep-alive connection, or a request head that never
+    /// completes), in ms [default: 60000]
+    #[serde(default = "defaults::client_idle_timeout_ms")]
+    pub client_idle_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -68,6 +73,9 @@ mod defaults {
     }
     pub fn health_interval_ms() -> u64 {
         1000
+    }
+    pub fn client_idle_timeout_ms() -> u64 {
+        60_000
     }
     pub fn timeout_ms() -> u64 {
         2000
@@ -162,6 +170,7 @@ impl Registry {
             ]),
             deadline_ms: defaults::deadline_ms(),
             health_interval_ms: defaults::health_interval_ms(),
+            client_idle_timeout_ms: defaults::client_idle_timeout_ms(),
         }
     }
 

@@ -629,6 +629,82 @@ async fn stopping_lets_a_proxied_request_finish() {
         .unwrap();
 }
 
+/// Client connections on which no request starts are closed: one that
+/// never sends anything, one whose request head never completes, and a
+/// keep-alive connection after its request; one whose request is still
+/// being served is not.
+#[tokio::test]
+async fn idle_and_stalled_client_connections_are_closed() {
+    let release = Arc::new(tokio::sync::Barrier::new(2));
+    let users = fake("users", Some(release.clone())).await;
+    let mut reg = registry(
+        vec![users.url()],
+        vec![dead_url().await],
+        vec![dead_url().await],
+        |s| s.timeout_ms = 10_000,
+    );
+    reg.client_idle_timeout_ms = 100;
+    let gw = TestGateway::start(reg).await;
+    let slow = tokio::spawn(
+        gw.client
+            .get(format!("http://{}/api/users/1", gw.addr))
+            .send(),
+    );
+    eventually("the request to reach the users service", || async {
+        (users.hits() == 1).then_some(())
+    })
+    .await;
+
+    let connect = || async {
+        tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(gw.addr))
+            .await
+            .expect("connect hung")
+            .unwrap()
+    };
+    let silent = connect().await;
+    let mut stalled = connect().await;
+    let mut served = connect().await;
+    for (s, bytes) in [
+        (
+            &mut stalled,
+            &b"GET /api/users/1 HTTP/1.1\r\nhost: x\r\n"[..],
+        ),
+        (
+            &mut served,
+            &b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n"[..],
+        ),
+    ] {
+        tokio::time::timeout(WAIT, s.write_all(bytes))
+            .await
+            .expect("write hung")
+            .unwrap();
+    }
+    for (what, mut s) in [("silent", silent), ("stalled", stalled), ("served", served)] {
+        // Everything the gateway sends until it closes; a reset counts as closed.
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut got))
+            .await
+            .unwrap_or_else(|_| panic!("the {what} connection was never closed"));
+        let got = String::from_utf8_lossy(&got);
+        if what == "served" {
+            assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+        } else {
+            assert_eq!(got, "", "{what}");
+        }
+    }
+
+    // The held request's connection outlived all of that: it was busy.
+    assert!(!slow.is_finished());
+    release.wait().await;
+    let r = tokio::time::timeout(WAIT, slow)
+        .await
+        .expect("the held request never finished")
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    gw.stop().await;
+}
+
 /// `/metrics` counts requests by route and answer; every route's 200 series
 /// exists from the start.
 #[tokio::test]
