@@ -11,7 +11,8 @@ ensure_wrk
 command -v nginx >/dev/null || { apt-get update -qq && apt-get install -y -qq nginx-light || apt-get install -y -qq nginx; }
 cargo build --release --quiet --bin prism --example bare_proxy
 target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys;print(json.load(sys.stdin)["target_directory"])')
-duration=${DURATION:-10s}
+duration=${DURATION:-5s}
+rounds=${ROUNDS:-5}
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null; rm -rf "$work"' EXIT
 
@@ -67,7 +68,6 @@ r = resource.getrusage(resource.RUSAGE_CHILDREN)
 print(out, end=""); print(f"wrk-cpu {r.ru_utime + r.ru_stime:.2f}")' "$@"; }
 # url, proxy pid or "" -> "rps p50 p99 us_wrk us_users us_proxy": CPU µs per request per process.
 run() {
-    wrk -t2 -c64 -d2s "$1" >/dev/null
     local u0 p0=0 p1=0
     u0=$(cpu "$users_pid"); [ -n "$2" ] && p0=$(cpu "$2")
     local out; out=$(wrk_cpu wrk -t2 -c64 -d"$duration" --latency "$1")
@@ -81,10 +81,34 @@ run() {
         END {printf "%s %s %s %.1f %.1f %.1f\n", rps, p50, p99, 1e6*w/n, 1e6*users/n, 1e6*proxy/n}' <<<"$out"
 }
 nginx_worker=$(pgrep -P "$(cat "$work/nginx.pid")")
-read -r direct_rps direct_p50 direct_p99 direct_wrk direct_users _ < <(run http://127.0.0.1:18001/users/1 "")
-read -r gw_rps gw_p50 gw_p99 gw_wrk gw_users gw_proxy < <(run http://127.0.0.1:18000/api/users/1 "$gateway_pid")
-read -r ngx_rps ngx_p50 ngx_p99 ngx_wrk ngx_users ngx_proxy < <(run http://127.0.0.1:18080/api/users/1 "$nginx_worker")
-read -r bare_rps bare_p50 bare_p99 bare_wrk bare_users bare_proxy < <(run http://127.0.0.1:18090/api/users/1 "$bare_pid")
+paths=(direct gw ngx bare)
+declare -A url=(
+    [direct]=http://127.0.0.1:18001/users/1 [gw]=http://127.0.0.1:18000/api/users/1
+    [ngx]=http://127.0.0.1:18080/api/users/1 [bare]=http://127.0.0.1:18090/api/users/1
+)
+declare -A pid=([direct]="" [gw]=$gateway_pid [ngx]=$nginx_worker [bare]=$bare_pid)
+declare -A rows=()
+for p in "${paths[@]}"; do wrk -t2 -c64 -d2s "${url[$p]}" >/dev/null; done
+# The paths take turns, round after round: the machine's speed drifts by more
+# than the differences measured, and a path measured only at a slow moment
+# would look slower. Each row below is the path's median round.
+for _ in $(seq "$rounds"); do
+    for p in "${paths[@]}"; do rows[$p]+="$(run "${url[$p]}" "${pid[$p]}")"$'\n'; done
+done
+median() { sort -k1,1n | awk 'NF {a[++n]=$0} END {print a[int((n+1)/2)]}'; }
+read -r direct_rps direct_p50 direct_p99 direct_wrk direct_users _ < <(median <<<"${rows[direct]}")
+read -r gw_rps gw_p50 gw_p99 gw_wrk gw_users gw_proxy < <(median <<<"${rows[gw]}")
+read -r ngx_rps ngx_p50 ngx_p99 ngx_wrk ngx_users ngx_proxy < <(median <<<"${rows[ngx]}")
+read -r bare_rps bare_p50 bare_p99 bare_wrk bare_users bare_proxy < <(median <<<"${rows[bare]}")
+# The gateway's throughput over nginx's within each round (the two ran back
+# to back), lowest, median and highest; and the same for the bare proxy.
+ratios() {
+    paste -d' ' <(awk 'NF {print $1}' <<<"${rows[$1]}") <(awk 'NF {print $1}' <<<"${rows[ngx]}") |
+        awk '{printf "%.0f\n", 100 * $1 / $2}' | sort -n |
+        awk '{a[++n]=$0} END {printf "%s%%, %s%% and %s%%", a[1], a[int((n+1)/2)], a[n]}'
+}
+gw_vs_ngx=$(ratios gw)
+bare_vs_ngx=$(ratios bare)
 # url -> "p50_us p99_us" with one connection: no queueing, so the difference
 # between paths is what the proxy itself adds to a request.
 alone() {
@@ -105,13 +129,14 @@ added() { python3 -c "print(f'{$1 - $2:+.0f}')"; }
 write_section gateway <<MD
 ## Gateway: \`GET /api/users/1\`
 
-$(machine); wrk, 2 threads, 64 connections, $duration, release build, same run. nginx
+$(machine); wrk, 2 threads, 64 connections, release build, same run: $rounds rounds of
+$duration per path, the paths taking turns; each row is its path's median round. nginx
 (\`worker_processes 1\`, upstream keepalive) proxies the same route to the same users service;
 the gateway runs with one worker thread (\`--worker-threads 1\`) to match. The last row is
 \`examples/bare_proxy.rs\`: the gateway's own parts (tokio's single-threaded runtime, hyper's
-HTTP/1 server and client connections, a stack of idle upstream connections) with nothing
-else: no request or trace ids, timeouts, retries, breaker or metrics. It is the floor for a
-proxy built on this stack. wrk, the users service and the proxy share the machine's two
+HTTP/1 server and client connections writing without \`writev\` as the gateway's do, a stack
+of idle upstream connections) with nothing else: no request or trace ids, timeouts, retries,
+breaker or metrics. It is the floor for a proxy built on this stack. wrk, the users service and the proxy share the machine's two
 cores, so the proxied rows also pay for a second process on the same cores.
 Goals: the gateway adds under 0.5 ms at p50, keeps ≥ 80% of direct throughput, and is not
 slower than nginx.
@@ -123,7 +148,8 @@ slower than nginx.
 | nginx reverse proxy | $ngx_rps | $ngx_p50 | $ngx_p99 | $(pct "$ngx_rps" "$direct_rps")% | $ngx_wrk | $ngx_users | $ngx_proxy |
 | bare hyper proxy (floor) | $bare_rps | $bare_p50 | $bare_p99 | $(pct "$bare_rps" "$direct_rps")% | $bare_wrk | $bare_users | $bare_proxy |
 
-The gateway reaches $(pct "$gw_rps" "$ngx_rps")% of nginx's throughput in this run.
+Round by round, the gateway's throughput was (lowest, median, highest) $gw_vs_ngx of
+nginx's in the same round; the bare proxy's $bare_vs_ngx.
 
 One connection at a time (wrk, 1 thread, 1 connection, $duration): nothing queues, so the
 difference to the direct row is what the proxy adds to one request.
@@ -143,4 +169,4 @@ requests served. Two cores give at most 2,000,000 µs of CPU per second, so a pa
 2,000,000 / (sum of its columns) requests/s; a proxied request also pays for the proxy's two
 extra loopback round trips (four syscalls), which no proxy on the same cores can avoid.
 MD
-echo "direct $direct_rps; gateway $gw_rps; nginx $ngx_rps; bare $bare_rps; one connection p50 µs: $direct_a50 / $gw_a50 / $ngx_a50 / $bare_a50"
+echo "direct $direct_rps; gateway $gw_rps; nginx $ngx_rps; bare $bare_rps; gateway/nginx by round $gw_vs_ngx, bare/nginx $bare_vs_ngx; one connection p50 µs: $direct_a50 / $gw_a50 / $ngx_a50 / $bare_a50"
