@@ -216,8 +216,17 @@ impl Gateway {
     }
 
     fn ctx(&self, headers: &HeaderMap) -> CallCtx {
-        let request_id = headers
-            .get(X_REQUEST_ID)
+        // One pass over the client's few headers costs less than two
+        // lookups, each hashing its name.
+        let (mut request_id, mut traceparent) = (None, None);
+        for (name, value) in headers {
+            if *name == X_REQUEST_ID {
+                request_id.get_or_insert(value);
+            } else if *name == TRACEPARENT {
+                traceparent.get_or_insert(value);
+            }
+        }
+        let request_id = request_id
             .filter(|v| !v.is_empty() && v.len() <= 200 && v.to_str().is_ok())
             .cloned()
             .unwrap_or_else(|| {
@@ -226,8 +235,7 @@ impl Gateway {
                 HeaderValue::from_maybe_shared(Bytes::from_owner(upstream::new_id32()))
                     .expect("hex is a valid header value")
             });
-        let (trace_id, sampled) = headers
-            .get(TRACEPARENT)
+        let (trace_id, sampled) = traceparent
             .and_then(|v| parse_traceparent(v.as_bytes()))
             .unwrap_or_else(|| (upstream::new_id32(), true));
         CallCtx {
@@ -273,10 +281,22 @@ fn pass(answer: HttpAnswer, request_id: &HeaderValue) -> Response {
     *r.status_mut() = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
     let h = r.headers_mut();
     *h = answer.headers;
-    strip_hop_by_hop(h);
-    // prism's services echo the id they were sent; looking costs less
-    // than replacing.
-    if !h.get_all(X_REQUEST_ID).iter().eq([request_id]) {
+    // One pass over the names decides both what to strip and whether the
+    // upstream echoed the request's id, as prism's services do; most
+    // answers then need no change at all.
+    let (mut hop_by_hop, mut ids, mut echoed) = (false, 0, false);
+    for (name, value) in h.iter() {
+        if *name == X_REQUEST_ID {
+            ids += 1;
+            echoed = value == request_id;
+        } else if HOP_BY_HOP.contains(name) {
+            hop_by_hop = true;
+        }
+    }
+    if hop_by_hop {
+        strip_hop_by_hop(h);
+    }
+    if ids != 1 || !echoed {
         h.insert(X_REQUEST_ID, request_id.clone());
     }
     r
@@ -296,12 +316,8 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 
 /// Removes the hop-by-hop headers: the upstream's connection is not the
 /// client's. The body was read whole, so its `transfer-encoding` no longer
-/// applies either; the client's answer is framed afresh. Most answers have
-/// none, so one pass over the names decides before anything is looked up.
+/// applies either; the client's answer is framed afresh.
 fn strip_hop_by_hop(h: &mut HeaderMap) {
-    if !h.keys().any(|k| HOP_BY_HOP.contains(k)) {
-        return;
-    }
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -898,30 +914,66 @@ mod tests {
 
     use super::{HeaderMap, HeaderValue, MAX_BODY, Method, Route, StatusCode, read_body};
 
-    #[test]
-    fn hop_by_hop_headers_stay_with_the_upstream_connection() {
-        let mut h = HeaderMap::new();
-        for (k, v) in [
-            ("content-type", "application/json"),
-            ("location", "/orders/7"),
-            ("connection", "keep-alive, x-upstream-hint"),
-            ("keep-alive", "timeout=5"),
-            ("transfer-encoding", "chunked"),
-            ("x-upstream-hint", "only for the proxy"),
-            ("x-total-count", "3"),
-        ] {
-            h.append(k, HeaderValue::from_static(v));
+    /// An answer as `pass` gives it to the client, from the upstream's headers.
+    fn passed(upstream: &[(&'static str, &'static str)]) -> Vec<(String, String)> {
+        let mut headers = HeaderMap::new();
+        for (k, v) in upstream {
+            headers.append(*k, HeaderValue::from_static(v));
         }
-        super::strip_hop_by_hop(&mut h);
-        let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
-        left.sort_unstable();
-        assert_eq!(left, ["content-type", "location", "x-total-count"]);
+        let answer = super::HttpAnswer {
+            status: 201,
+            headers,
+            body: Default::default(),
+        };
+        let r = super::pass(answer, &HeaderValue::from_static("req-1"));
+        assert_eq!(r.status(), StatusCode::CREATED);
+        let mut out: Vec<_> = r
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_owned()))
+            .collect();
+        out.sort();
+        out
+    }
 
-        let mut plain = HeaderMap::new();
-        plain.append("content-type", HeaderValue::from_static("text/plain"));
-        let before = plain.clone();
-        super::strip_hop_by_hop(&mut plain);
-        assert_eq!(plain, before);
+    #[test]
+    fn answers_keep_end_to_end_headers_and_get_the_request_id() {
+        let own = |rest: &[(&str, &str)]| {
+            let mut v: Vec<(String, String)> = rest
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            v.push(("x-request-id".into(), "req-1".into()));
+            v.sort();
+            v
+        };
+        // Hop-by-hop headers, and those `connection` names, stay behind.
+        assert_eq!(
+            passed(&[
+                ("content-type", "application/json"),
+                ("location", "/orders/7"),
+                ("connection", "keep-alive, x-upstream-hint"),
+                ("keep-alive", "timeout=5"),
+                ("transfer-encoding", "chunked"),
+                ("x-upstream-hint", "only for the proxy"),
+                ("x-request-id", "req-1"),
+            ]),
+            own(&[
+                ("content-type", "application/json"),
+                ("location", "/orders/7")
+            ])
+        );
+        // The request's id, once, whatever the upstream said.
+        for ids in [
+            &[][..],
+            &[("x-request-id", "req-1")],
+            &[("x-request-id", "its own")],
+            &[("x-request-id", "req-1"), ("x-request-id", "another")],
+        ] {
+            let mut upstream = vec![("etag", "\"v1\"")];
+            upstream.extend_from_slice(ids);
+            assert_eq!(passed(&upstream), own(&[("etag", "\"v1\"")]), "{ids:?}");
+        }
     }
 
     /// `Inner::ok` is indexed by a route's discriminant and built from `ALL`.
