@@ -14,7 +14,7 @@ target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,s
 duration=${DURATION:-5s}
 rounds=${ROUNDS:-5}
 work=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null; [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null; rm -rf "$work"' EXIT
+trap 'kill $(jobs -p) 2>/dev/null; [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid" 2>/dev/null)" 2>/dev/null; rm -rf "$work"' EXIT
 
 "$target/release/prism" users-service --demo --data-dir "$work/users" --port 18001 --log-level warn &
 users_pid=$!
