@@ -586,6 +586,34 @@ async fn bad_requests_get_json_errors_and_reach_no_upstream() {
     gw.stop().await;
 }
 
+/// `GET /api/users/1` sent through the gateway, once the users service
+/// (a fake with a barrier) holds it.
+async fn held_request(
+    gw: &TestGateway,
+    users: &Fake,
+) -> JoinHandle<reqwest::Result<reqwest::Response>> {
+    let url = format!("http://{}/api/users/1", gw.addr);
+    let in_flight = tokio::spawn(gw.client.get(url).send());
+    eventually("the request to reach the users service", || async {
+        (users.hits() == 1).then_some(())
+    })
+    .await;
+    in_flight
+}
+
+/// The answer to a held request, once it is let go.
+async fn answer(
+    in_flight: JoinHandle<reqwest::Result<reqwest::Response>>,
+    release: &tokio::sync::Barrier,
+) -> reqwest::Response {
+    release.wait().await;
+    tokio::time::timeout(WAIT, in_flight)
+        .await
+        .expect("the held request never finished")
+        .unwrap()
+        .unwrap()
+}
+
 /// Once told to stop, the gateway takes no new connections but finishes the
 /// requests it is proxying.
 #[tokio::test]
@@ -593,12 +621,7 @@ async fn stopping_lets_a_proxied_request_finish() {
     let release = Arc::new(tokio::sync::Barrier::new(2));
     let users = fake("users", Some(release.clone())).await;
     let mut gw = users_only(&users, |s| s.timeout_ms = 10_000).await;
-    let url = format!("http://{}/api/users/1", gw.addr);
-    let in_flight = tokio::spawn(gw.client.get(url).send());
-    eventually("the request to reach the users service", || async {
-        (users.hits() == 1).then_some(())
-    })
-    .await;
+    let in_flight = held_request(&gw, &users).await;
 
     let _ = gw.stop.take().unwrap().send(());
     let addr = gw.addr;
@@ -614,12 +637,7 @@ async fn stopping_lets_a_proxied_request_finish() {
     .await;
     assert!(!in_flight.is_finished());
 
-    release.wait().await;
-    let r = tokio::time::timeout(WAIT, in_flight)
-        .await
-        .expect("the proxied request never finished")
-        .unwrap()
-        .unwrap();
+    let r = answer(in_flight, &release).await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.json::<Value>().await.unwrap()["name"], "users user");
     tokio::time::timeout(WAIT, gw.handle.take().unwrap())
@@ -645,15 +663,7 @@ async fn idle_and_stalled_client_connections_are_closed() {
     );
     reg.client_idle_timeout_ms = 100;
     let gw = TestGateway::start(reg).await;
-    let slow = tokio::spawn(
-        gw.client
-            .get(format!("http://{}/api/users/1", gw.addr))
-            .send(),
-    );
-    eventually("the request to reach the users service", || async {
-        (users.hits() == 1).then_some(())
-    })
-    .await;
+    let slow = held_request(&gw, &users).await;
 
     let connect = || async {
         tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(gw.addr))
@@ -695,13 +705,7 @@ async fn idle_and_stalled_client_connections_are_closed() {
 
     // The held request's connection outlived all of that: it was busy.
     assert!(!slow.is_finished());
-    release.wait().await;
-    let r = tokio::time::timeout(WAIT, slow)
-        .await
-        .expect("the held request never finished")
-        .unwrap()
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(answer(slow, &release).await.status(), StatusCode::OK);
     gw.stop().await;
 }
 
