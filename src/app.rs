@@ -7,11 +7,14 @@
 //! resolves, then drains: stop accepting, let in-flight requests finish within
 //! `shutdown_timeout`, end long-lived streams, stop workers, close the database.
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc};
 
 use anyhow::Context;
+use axum::extract::ConnectInfo;
+use hyper::{Request, body::Incoming};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tower::ServiceExt;
 
 use crate::{
     auth::{LoginLimiter, TokenKeys},
@@ -237,19 +240,32 @@ impl App {
             (Some(listener), Some(http_addr)) => {
                 let app = http::router_for(role, state.clone());
                 tracing::info!(%http_addr, "HTTP listening on http://{http_addr}");
-                // No Nagle delay on responses: they are written whole.
-                let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-                    let _ = tcp.set_nodelay(true);
-                });
-                let server = axum::serve(
+                let server = crate::serve::serve(
                     listener,
-                    app.into_make_service_with_connect_info::<SocketAddr>(),
-                )
-                .with_graceful_shutdown({
-                    let streams_end = streams_end.clone();
-                    async move { streams_end.cancelled().await }
-                });
-                tokio::spawn(async move { server.await.map_err(anyhow::Error::from) })
+                    state.config.client_idle_timeout,
+                    drain,
+                    streams_end.clone(),
+                    move |peer, conn| {
+                        let (app, conn) = (app.clone(), conn.clone());
+                        hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                            // The request stays in flight until its answer's
+                            // body ends: an SSE stream is not idle.
+                            let in_flight = conn.request();
+                            req.extensions_mut().insert(ConnectInfo(peer));
+                            let answer = app.clone().oneshot(req);
+                            async move {
+                                let r = answer.await?;
+                                Ok::<_, Infallible>(
+                                    r.map(|b| crate::serve::Guarded::new(b, in_flight)),
+                                )
+                            }
+                        })
+                    },
+                );
+                tokio::spawn(async move {
+                    server.await;
+                    anyhow::Ok(())
+                })
             }
             _ => tokio::spawn({
                 let streams_end = streams_end.clone();

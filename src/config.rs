@@ -84,6 +84,12 @@ pub struct Settings {
     #[arg(long, env = "PRISM_SHUTDOWN_TIMEOUT_SECS")]
     pub shutdown_timeout_secs: Option<u64>,
 
+    /// How long a client connection may go without starting a request before it is
+    /// closed, in milliseconds; covers idle keep-alive connections and request heads
+    /// that never complete, never a request being served [default: 60000]
+    #[arg(long, env = "PRISM_CLIENT_IDLE_TIMEOUT_MS")]
+    pub client_idle_timeout_ms: Option<u64>,
+
     /// How long events stay in the event log for resuming clients, in hours [default: 168]
     #[arg(long, env = "PRISM_EVENT_RETENTION_HOURS")]
     pub event_retention_hours: Option<u64>,
@@ -208,6 +214,9 @@ impl Settings {
             shutdown_timeout: self
                 .shutdown_timeout_secs
                 .map_or(d.shutdown_timeout, Duration::from_secs),
+            client_idle_timeout: self
+                .client_idle_timeout_ms
+                .map_or(d.client_idle_timeout, Duration::from_millis),
             event_retention: self
                 .event_retention_hours
                 .map_or(d.event_retention, |h| Duration::from_secs(h * 3600)),
@@ -270,6 +279,7 @@ pub struct Config {
     pub token_ttl: Duration,
     pub max_upload_size: usize,
     pub shutdown_timeout: Duration,
+    pub client_idle_timeout: Duration,
     pub event_retention: Duration,
     pub event_buffer: usize,
     pub event_poll: Duration,
@@ -305,6 +315,7 @@ impl Default for Config {
             token_ttl: Duration::from_secs(3600),
             max_upload_size: 10_000_000,
             shutdown_timeout: Duration::from_secs(10),
+            client_idle_timeout: Duration::from_secs(60),
             event_retention: Duration::from_secs(168 * 3600),
             event_buffer: 4096,
             event_poll: Duration::from_millis(1000),
@@ -335,6 +346,10 @@ impl Config {
         anyhow::ensure!(
             self.max_upload_size >= 1,
             "max_upload_size must be at least 1"
+        );
+        anyhow::ensure!(
+            !self.client_idle_timeout.is_zero(),
+            "client_idle_timeout_ms must be at least 1"
         );
         anyhow::ensure!(
             !self.token_ttl.is_zero(),
@@ -389,6 +404,7 @@ impl Config {
             "token_ttl_secs": self.token_ttl.as_secs(),
             "max_upload_size": self.max_upload_size,
             "shutdown_timeout_secs": self.shutdown_timeout.as_secs(),
+            "client_idle_timeout_ms": self.client_idle_timeout.as_millis() as u64,
             "event_retention_hours": self.event_retention.as_secs() / 3600,
             "event_buffer": self.event_buffer,
             "event_poll_ms": self.event_poll.as_millis() as u64,
@@ -421,6 +437,7 @@ mod tests {
         assert_eq!(c.max_upload_size, 10_000_000);
         assert_eq!(c.token_ttl, Duration::from_secs(3600));
         assert_eq!(c.shutdown_timeout, Duration::from_secs(10));
+        assert_eq!(c.client_idle_timeout, Duration::from_secs(60));
         assert_eq!(c.event_retention, Duration::from_secs(7 * 24 * 3600));
         assert_eq!(c.event_buffer, 4096);
         assert_eq!(c.login_max_failures, 10);

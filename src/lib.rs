@@ -33,6 +33,7 @@ pub mod grpc;
 pub mod http;
 pub mod realtime;
 pub mod relay;
+pub mod serve;
 pub mod state;
 pub mod telemetry;
 pub mod up;

@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::helpers::{
-    Sse, TestApp, WsMessage, node, node_clients, spawn_app, spawn_with, test_config,
+    Sse, TestApp, WAIT, WsMessage, node, node_clients, spawn_app, spawn_with, test_config,
 };
 
 async fn broadcast(app: &TestApp, token: &str, message: &str) {
@@ -575,6 +575,70 @@ async fn the_ui_page_works_in_a_real_browser() {
         std::fs::metadata(&shot).unwrap().len() > 10_000,
         "no screenshot"
     );
+    app.stop().await;
+}
+
+/// prism closes client connections that start no request for the idle
+/// timeout: an idle keep-alive connection, a silent one and one whose request
+/// head never completes. An SSE stream stays open however long it is silent:
+/// its request is in flight until its body ends, not until its handler
+/// returns.
+#[tokio::test]
+async fn idle_and_stalled_connections_are_closed_but_quiet_streams_are_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.client_idle_timeout = std::time::Duration::from_millis(100);
+    let app = spawn_with(config).await;
+    let alice = app.alice_token().await;
+    // No keep-alive comment falls within the test: the stream is silent.
+    let mut stream = Sse::connect(&app, "/stream", None).await;
+
+    let connect = || async {
+        tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(app.addr))
+            .await
+            .expect("connect hung")
+            .unwrap()
+    };
+    let silent = connect().await;
+    let mut stalled = connect().await;
+    let mut served = connect().await;
+    for (s, bytes) in [
+        (&mut stalled, &b"GET /users/1 HTTP/1.1\r\nhost: x\r\n"[..]),
+        (
+            &mut served,
+            &b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n"[..],
+        ),
+    ] {
+        tokio::time::timeout(WAIT, s.write_all(bytes))
+            .await
+            .expect("write hung")
+            .unwrap();
+    }
+    for (what, mut s) in [("silent", silent), ("stalled", stalled), ("served", served)] {
+        // Everything prism sends until it closes; a reset counts as closed.
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut got))
+            .await
+            .unwrap_or_else(|_| panic!("the {what} connection was never closed"));
+        let got = String::from_utf8_lossy(&got);
+        if what == "served" {
+            assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+        } else {
+            assert_eq!(got, "", "{what}");
+        }
+    }
+
+    // The stream, older than all three, still delivers. A fresh client: a
+    // pooled connection could be one prism is closing as idle.
+    let mut app = app;
+    app.client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(WAIT)
+        .build()
+        .unwrap();
+    broadcast(&app, &alice, "still here").await;
+    let event = stream.next().await.expect("the quiet stream was closed");
+    assert_eq!(event.json()["message"], "still here");
     app.stop().await;
 }
 
