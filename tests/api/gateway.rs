@@ -33,7 +33,10 @@ use tokio::{
     task::JoinHandle,
 };
 
-use crate::helpers::{ADMIN_PASSWORD, WAIT, eventually, ports_outside_the_ephemeral_range};
+use crate::helpers::{
+    ADMIN_PASSWORD, WAIT, eventually, idle_connections_are_closed,
+    ports_outside_the_ephemeral_range,
+};
 
 const SECRET: &str = "a test secret shared by the whole topology";
 
@@ -665,43 +668,7 @@ async fn idle_and_stalled_client_connections_are_closed() {
     let gw = TestGateway::start(reg).await;
     let slow = held_request(&gw, &users).await;
 
-    let connect = || async {
-        tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(gw.addr))
-            .await
-            .expect("connect hung")
-            .unwrap()
-    };
-    let silent = connect().await;
-    let mut stalled = connect().await;
-    let mut served = connect().await;
-    for (s, bytes) in [
-        (
-            &mut stalled,
-            &b"GET /api/users/1 HTTP/1.1\r\nhost: x\r\n"[..],
-        ),
-        (
-            &mut served,
-            &b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n"[..],
-        ),
-    ] {
-        tokio::time::timeout(WAIT, s.write_all(bytes))
-            .await
-            .expect("write hung")
-            .unwrap();
-    }
-    for (what, mut s) in [("silent", silent), ("stalled", stalled), ("served", served)] {
-        // Everything the gateway sends until it closes; a reset counts as closed.
-        let mut got = Vec::new();
-        let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut got))
-            .await
-            .unwrap_or_else(|_| panic!("the {what} connection was never closed"));
-        let got = String::from_utf8_lossy(&got);
-        if what == "served" {
-            assert!(got.starts_with("HTTP/1.1 200"), "{got}");
-        } else {
-            assert_eq!(got, "", "{what}");
-        }
-    }
+    idle_connections_are_closed(gw.addr, b"GET /api/users/1 HTTP/1.1\r\nhost: x\r\n").await;
 
     // The held request's connection outlived all of that: it was busy.
     assert!(!slow.is_finished());

@@ -297,6 +297,48 @@ impl SseEvent {
     }
 }
 
+/// Opens three connections to `addr`: a silent one, one that sends `head`
+/// (a request head without its blank line) and stops, and one that is
+/// served a `GET /healthz` and kept alive. Returns once the server has
+/// closed all three, each after sending nothing but the served answer.
+pub async fn idle_connections_are_closed(addr: SocketAddr, head: &[u8]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let connect = || async {
+        tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(addr))
+            .await
+            .expect("connect hung")
+            .unwrap()
+    };
+    let silent = connect().await;
+    let mut stalled = connect().await;
+    let mut served = connect().await;
+    for (s, bytes) in [
+        (&mut stalled, head),
+        (
+            &mut served,
+            &b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n"[..],
+        ),
+    ] {
+        tokio::time::timeout(WAIT, s.write_all(bytes))
+            .await
+            .expect("write hung")
+            .unwrap();
+    }
+    for (what, mut s) in [("silent", silent), ("stalled", stalled), ("served", served)] {
+        // Everything the server sends until it closes; a reset counts as closed.
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut got))
+            .await
+            .unwrap_or_else(|_| panic!("the {what} connection was never closed"));
+        let got = String::from_utf8_lossy(&got);
+        if what == "served" {
+            assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+        } else {
+            assert_eq!(got, "", "{what}");
+        }
+    }
+}
+
 /// A minimal, strict SSE client over a streaming reqwest response.
 pub struct Sse {
     pub response_headers: reqwest::header::HeaderMap,

@@ -5,7 +5,8 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::helpers::{
-    Sse, TestApp, WAIT, WsMessage, node, node_clients, spawn_app, spawn_with, test_config,
+    Sse, TestApp, WAIT, WsMessage, idle_connections_are_closed, node, node_clients, spawn_app,
+    spawn_with, test_config,
 };
 
 async fn broadcast(app: &TestApp, token: &str, message: &str) {
@@ -593,40 +594,7 @@ async fn idle_and_stalled_connections_are_closed_but_quiet_streams_are_not() {
     // No keep-alive comment falls within the test: the stream is silent.
     let mut stream = Sse::connect(&app, "/stream", None).await;
 
-    let connect = || async {
-        tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(app.addr))
-            .await
-            .expect("connect hung")
-            .unwrap()
-    };
-    let silent = connect().await;
-    let mut stalled = connect().await;
-    let mut served = connect().await;
-    for (s, bytes) in [
-        (&mut stalled, &b"GET /users/1 HTTP/1.1\r\nhost: x\r\n"[..]),
-        (
-            &mut served,
-            &b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n"[..],
-        ),
-    ] {
-        tokio::time::timeout(WAIT, s.write_all(bytes))
-            .await
-            .expect("write hung")
-            .unwrap();
-    }
-    for (what, mut s) in [("silent", silent), ("stalled", stalled), ("served", served)] {
-        // Everything prism sends until it closes; a reset counts as closed.
-        let mut got = Vec::new();
-        let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut got))
-            .await
-            .unwrap_or_else(|_| panic!("the {what} connection was never closed"));
-        let got = String::from_utf8_lossy(&got);
-        if what == "served" {
-            assert!(got.starts_with("HTTP/1.1 200"), "{got}");
-        } else {
-            assert_eq!(got, "", "{what}");
-        }
-    }
+    idle_connections_are_closed(app.addr, b"GET /users/1 HTTP/1.1\r\nhost: x\r\n").await;
 
     // The stream, older than all three, still delivers. A fresh client: a
     // pooled connection could be one prism is closing as idle.
