@@ -314,6 +314,32 @@ mod tests {
         }
     }
 
+    /// A connection that ends while its answer is awaited ends the exchange,
+    /// with an error.
+    #[tokio::test]
+    async fn an_upstream_that_hangs_up_instead_of_answering_fails_the_exchange() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut chunk = [0u8; 1024];
+            while !head.ends_with(b"\r\n\r\n") {
+                let n = s.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "the request never came");
+                head.extend_from_slice(&chunk[..n]);
+            }
+        });
+        let e = tokio::time::timeout(
+            Duration::from_secs(5),
+            pool(&url, Duration::from_secs(60)).exchange(get("/z")),
+        )
+        .await
+        .expect("the exchange hung")
+        .unwrap_err();
+        assert!(!e.0.is_empty());
+    }
+
     #[tokio::test]
     async fn an_unreachable_instance_is_an_error() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
