@@ -14,7 +14,9 @@ target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,s
 duration=${DURATION:-5s}
 rounds=${ROUNDS:-5}
 work=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null; [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid" 2>/dev/null)" 2>/dev/null; rm -rf "$work"' EXIT
+# Under `set -e` a failing command in the trap would end the script with its
+# status: nginx may already have gone with the jobs, and its pid file with it.
+trap 'kill $(jobs -p) 2>/dev/null || true; if [ -f "$work/nginx.pid" ]; then kill "$(cat "$work/nginx.pid" 2>/dev/null)" 2>/dev/null || true; fi; rm -rf "$work"' EXIT
 
 "$target/release/prism" users-service --demo --data-dir "$work/users" --port 18001 --log-level warn &
 users_pid=$!
