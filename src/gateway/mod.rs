@@ -94,15 +94,28 @@ impl Route {
     /// parameter (empty for a route without one). A parameter is one
     /// non-empty path segment.
     fn find(path: &str) -> Option<(Route, &str)> {
-        Route::ALL.into_iter().find_map(|r| {
-            let pattern = r.path();
-            match pattern.find('{') {
-                None => (path == pattern).then_some((r, "")),
-                Some(i) => path
-                    .strip_prefix(&pattern[..i])
-                    .filter(|param| !param.is_empty() && !param.contains('/'))
-                    .map(|param| (r, param)),
+        // Where each pattern's parameter starts, found at compile time
+        // rather than searched for on every request.
+        const LITERAL: [usize; Route::ALL.len()] = {
+            let mut out = [0; Route::ALL.len()];
+            let mut i = 0;
+            while i < out.len() {
+                let p = Route::ALL[i].path().as_bytes();
+                while out[i] < p.len() && p[out[i]] != b'{' {
+                    out[i] += 1;
+                }
+                i += 1;
             }
+            out
+        };
+        Route::ALL.into_iter().zip(LITERAL).find_map(|(r, n)| {
+            let pattern = r.path();
+            if n == pattern.len() {
+                return (path == pattern).then_some((r, ""));
+            }
+            path.strip_prefix(&pattern[..n])
+                .filter(|param| !param.is_empty() && !param.contains('/'))
+                .map(|param| (r, param))
         })
     }
 
@@ -130,7 +143,7 @@ impl Route {
         if self.is_write() { "POST" } else { "GET,HEAD" }
     }
 
-    fn path(self) -> &'static str {
+    const fn path(self) -> &'static str {
         match self {
             Route::User => "/api/users/{id}",
             Route::Order => "/api/orders/{id}",
