@@ -101,11 +101,9 @@ impl ConnPool {
                 },
             };
             let (parts, body) = resp.into_parts();
-            let body = body
-                .collect()
+            let body = whole(body)
                 .await
-                .map_err(|e| ExchangeError(e.to_string()))?
-                .to_bytes();
+                .map_err(|e| ExchangeError(e.to_string()))?;
             self.checkin(sender);
             return Ok(Response::from_parts(parts, body));
         }
@@ -176,6 +174,36 @@ impl ConnPool {
     fn idle_count(&self) -> usize {
         self.idle.lock().len()
     }
+}
+
+/// A body read whole. Most answers arrive as one chunk with a declared
+/// length: that chunk is the body, taken as soon as the length is reached.
+/// `collect` would poll once more for the end, and gather the chunks in a
+/// queue of its own first (about 500 instructions per proxied request).
+async fn whole(mut body: hyper::body::Incoming) -> Result<Bytes, hyper::Error> {
+    use hyper::body::Body;
+    let mut first = Bytes::new();
+    let mut more: Option<bytes::BytesMut> = None;
+    while !body.is_end_stream() {
+        let Some(frame) = body.frame().await else {
+            break;
+        };
+        // Trailers end the body; an upstream's trailers are not passed on.
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        match &mut more {
+            Some(buf) => buf.extend_from_slice(&data),
+            None if first.is_empty() => first = data,
+            None => {
+                let mut buf = bytes::BytesMut::with_capacity(first.len() + data.len());
+                buf.extend_from_slice(&first);
+                buf.extend_from_slice(&data);
+                more = Some(buf);
+            }
+        }
+    }
+    Ok(more.map_or(first, bytes::BytesMut::freeze))
 }
 
 /// Closes connections idle for longer than `timeout`, until the pool is gone.
@@ -338,6 +366,45 @@ mod tests {
         .expect("the exchange hung")
         .unwrap_err();
         assert!(!e.0.is_empty());
+    }
+
+    /// An answer in several chunks is read whole, and the connection is
+    /// used again.
+    #[tokio::test]
+    async fn a_chunked_answer_is_read_whole() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 1024];
+            for _ in 0..2 {
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = s.read(&mut chunk).await.unwrap();
+                    assert!(n > 0, "the request never came");
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+                buf.drain(..end + 4);
+                for part in [
+                    &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"[..],
+                    b"5\r\nhello\r\n",
+                    b"1\r\n,\r\n6\r\n world\r\n",
+                    b"0\r\n\r\n",
+                ] {
+                    s.write_all(part).await.unwrap();
+                    s.flush().await.unwrap();
+                }
+            }
+        });
+        let pool = pool(&url, Duration::from_secs(60));
+        for _ in 0..2 {
+            let r = tokio::time::timeout(Duration::from_secs(5), pool.exchange(get("/c")))
+                .await
+                .expect("the exchange hung")
+                .unwrap();
+            assert_eq!(r.body().as_ref(), b"hello, world");
+        }
     }
 
     #[tokio::test]
