@@ -300,6 +300,27 @@ mod tests {
             .unwrap();
     }
 
+    /// A listener on a free port, and its URL.
+    async fn listen() -> (tokio::net::TcpListener, String) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        (listener, url)
+    }
+
+    /// Reads from `s` into `buf` until it holds a whole request head, and
+    /// returns the head's length.
+    async fn read_head(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> usize {
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                return end + 4;
+            }
+            let mut chunk = [0u8; 1024];
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the request never came");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
     fn get(path: &str) -> Request<Full<Bytes>> {
         Request::get(path).body(Full::new(Bytes::new())).unwrap()
     }
@@ -346,17 +367,10 @@ mod tests {
     /// with an error.
     #[tokio::test]
     async fn an_upstream_that_hangs_up_instead_of_answering_fails_the_exchange() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (listener, url) = listen().await;
         tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.unwrap();
-            let mut head = Vec::new();
-            let mut chunk = [0u8; 1024];
-            while !head.ends_with(b"\r\n\r\n") {
-                let n = s.read(&mut chunk).await.unwrap();
-                assert!(n > 0, "the request never came");
-                head.extend_from_slice(&chunk[..n]);
-            }
+            read_head(&mut s, &mut Vec::new()).await;
         });
         let e = tokio::time::timeout(
             Duration::from_secs(5),
@@ -372,20 +386,13 @@ mod tests {
     /// used again.
     #[tokio::test]
     async fn a_chunked_answer_is_read_whole() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (listener, url) = listen().await;
         tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.unwrap();
             let mut buf = Vec::new();
-            let mut chunk = [0u8; 1024];
             for _ in 0..2 {
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                    let n = s.read(&mut chunk).await.unwrap();
-                    assert!(n > 0, "the request never came");
-                    buf.extend_from_slice(&chunk[..n]);
-                }
-                let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
-                buf.drain(..end + 4);
+                let head = read_head(&mut s, &mut buf).await;
+                buf.drain(..head);
                 for part in [
                     &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"[..],
                     b"5\r\nhello\r\n",
