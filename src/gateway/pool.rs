@@ -75,16 +75,20 @@ impl ConnPool {
         }
     }
 
-    /// Sends `req` (its URI in origin form: path and query) and reads the
-    /// whole answer. A pooled connection the upstream closed while it was
-    /// idle is replaced by a new one without the request having been sent.
+    /// The `Host` header for requests to this instance; `None` when its URL
+    /// has no authority (the registry refuses such URLs).
+    pub fn host(&self) -> Option<&HeaderValue> {
+        self.host.as_ref()
+    }
+
+    /// Sends `req` (its URI in origin form: path and query, its `Host` header
+    /// set by the caller, see [`ConnPool::host`]) and reads the whole answer.
+    /// A pooled connection the upstream closed while it was idle is replaced
+    /// by a new one without the request having been sent.
     pub async fn exchange(
         self: &Arc<Self>,
         mut req: Request<Full<Bytes>>,
     ) -> Result<Response<Bytes>, ExchangeError> {
-        if let Some(host) = &self.host {
-            req.headers_mut().insert(hyper::header::HOST, host.clone());
-        }
         loop {
             let (mut sender, pooled) = match self.checkout() {
                 Some(s) => (s, true),

@@ -497,6 +497,15 @@ async fn request_id_and_traceparent_reach_the_upstream() {
         .unwrap();
     // The try's 1.5 s timeout, not the 5 s overall deadline, bounds the upstream.
     assert!((1000..=1500).contains(&limit), "{limit}");
+    assert_eq!(seen["host"], users.url().trim_start_matches("http://"));
+    for name in [
+        "host",
+        "x-request-id",
+        "traceparent",
+        "x-request-timeout-ms",
+    ] {
+        assert_eq!(seen.get_all(name).iter().count(), 1, "one {name}: {seen:?}");
+    }
 
     // Without either header the gateway makes both up.
     let r = gw.send("/api/users/1").await;
@@ -519,6 +528,25 @@ async fn request_id_and_traceparent_reach_the_upstream() {
     assert_eq!((tp[0].as_str(), tp[3].as_str()), ("00", "01"), "sampled");
     assert!(lower_hex(&tp[1], 32) && lower_hex(&tp[2], 16), "{tp:?}");
     assert_ne!(tp[1], trace, "a new trace");
+    gw.stop().await;
+
+    // An overall deadline shorter than the try's timeout bounds the upstream instead.
+    let mut r = registry(
+        vec![users.url()],
+        vec![dead_url().await],
+        vec![dead_url().await],
+        |s| s.timeout_ms = 1500,
+    );
+    r.deadline_ms = 700;
+    let gw = TestGateway::start(r).await;
+    assert_eq!(gw.send("/api/users/1").await.status(), StatusCode::OK);
+    let seen = users.state.seen.lock().last().cloned().unwrap();
+    let limit: u64 = seen["x-request-timeout-ms"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=700).contains(&limit), "{limit}");
     gw.stop().await;
 }
 
