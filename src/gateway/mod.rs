@@ -237,18 +237,20 @@ impl Gateway {
                 traceparent.get_or_insert(value);
             }
         }
+        let (trace_id, sampled) = traceparent
+            .and_then(|v| parse_traceparent(v.as_bytes()))
+            .unwrap_or_else(|| (upstream::new_id32(), true));
+        // A request without an id is known by its trace id, as a tracing
+        // backend shows it: one id to search the logs of every service for.
         let request_id = request_id
             .filter(|v| !v.is_empty() && v.len() <= 200 && v.to_str().is_ok())
             .cloned()
             .unwrap_or_else(|| {
                 // Owned by a shared buffer: cloned for the upstream and the
                 // answer, a count to bump rather than a copy to make.
-                HeaderValue::from_maybe_shared(Bytes::from_owner(upstream::new_id32()))
+                HeaderValue::from_maybe_shared(Bytes::from_owner(trace_id))
                     .expect("hex is a valid header value")
             });
-        let (trace_id, sampled) = traceparent
-            .and_then(|v| parse_traceparent(v.as_bytes()))
-            .unwrap_or_else(|| (upstream::new_id32(), true));
         CallCtx {
             deadline: std::time::Instant::now() + self.deadline,
             request_id,

@@ -528,6 +528,24 @@ async fn request_id_and_traceparent_reach_the_upstream() {
     assert_eq!((tp[0].as_str(), tp[3].as_str()), ("00", "01"), "sampled");
     assert!(lower_hex(&tp[1], 32) && lower_hex(&tp[2], 16), "{tp:?}");
     assert_ne!(tp[1], trace, "a new trace");
+    assert_eq!(tp[1], id, "a made-up request id is the trace id");
+
+    // With a trace but no request id, the trace id names the request.
+    let r = gw
+        .client
+        .get(format!("http://{}/api/users/1", gw.addr))
+        .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-00"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], trace);
+    let seen = users.state.seen.lock().last().cloned().unwrap();
+    assert_eq!(seen["x-request-id"], trace);
+    let tp = seen["traceparent"].to_str().unwrap();
+    assert!(
+        tp.starts_with(&format!("00-{trace}-")) && tp.ends_with("-00"),
+        "{tp}"
+    );
     gw.stop().await;
 
     // An overall deadline shorter than the try's timeout bounds the upstream instead.
