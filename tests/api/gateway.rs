@@ -252,16 +252,20 @@ fn registry(
     r
 }
 
-/// A gateway in front of one users instance; the orders and products
-/// services are down.
-async fn users_only(users: &Fake, tune: impl Fn(&mut ServiceSpec)) -> TestGateway {
-    TestGateway::start(registry(
+/// A registry of one users instance; the orders and products services are
+/// down.
+async fn users_only_registry(users: &Fake, tune: impl Fn(&mut ServiceSpec)) -> Registry {
+    registry(
         vec![users.url()],
         vec![dead_url().await],
         vec![dead_url().await],
         tune,
-    ))
-    .await
+    )
+}
+
+/// A gateway in front of one users instance (see `users_only_registry`).
+async fn users_only(users: &Fake, tune: impl Fn(&mut ServiceSpec)) -> TestGateway {
+    TestGateway::start(users_only_registry(users, tune).await).await
 }
 
 fn token() -> String {
@@ -549,12 +553,7 @@ async fn request_id_and_traceparent_reach_the_upstream() {
     gw.stop().await;
 
     // An overall deadline shorter than the try's timeout bounds the upstream instead.
-    let mut r = registry(
-        vec![users.url()],
-        vec![dead_url().await],
-        vec![dead_url().await],
-        |s| s.timeout_ms = 1500,
-    );
+    let mut r = users_only_registry(&users, |s| s.timeout_ms = 1500).await;
     r.deadline_ms = 700;
     let gw = TestGateway::start(r).await;
     assert_eq!(gw.send("/api/users/1").await.status(), StatusCode::OK);
@@ -704,12 +703,7 @@ async fn stopping_lets_a_proxied_request_finish() {
 async fn idle_and_stalled_client_connections_are_closed() {
     let release = Arc::new(tokio::sync::Barrier::new(2));
     let users = fake("users", Some(release.clone())).await;
-    let mut reg = registry(
-        vec![users.url()],
-        vec![dead_url().await],
-        vec![dead_url().await],
-        |s| s.timeout_ms = 10_000,
-    );
+    let mut reg = users_only_registry(&users, |s| s.timeout_ms = 10_000).await;
     reg.client_idle_timeout_ms = 100;
     let gw = TestGateway::start(reg).await;
     let slow = held_request(&gw, &users).await;
