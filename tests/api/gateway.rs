@@ -469,6 +469,15 @@ async fn fan_out_is_parallel() {
     gw.stop().await;
 }
 
+/// The milliseconds a request told its upstream it may take.
+fn time_limit(seen: &HeaderMap) -> u64 {
+    seen["x-request-timeout-ms"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 #[tokio::test]
 async fn request_id_and_traceparent_reach_the_upstream() {
     let users = fake("users", None).await;
@@ -494,11 +503,7 @@ async fn request_id_and_traceparent_reach_the_upstream() {
         !tp.contains("00f067aa0ba902b7"),
         "a new span id for the upstream call"
     );
-    let limit: u64 = seen["x-request-timeout-ms"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let limit = time_limit(&seen);
     // The try's 1.5 s timeout, not the 5 s overall deadline, bounds the upstream.
     assert!((1000..=1500).contains(&limit), "{limit}");
     assert_eq!(seen["host"], users.url().trim_start_matches("http://"));
@@ -558,11 +563,7 @@ async fn request_id_and_traceparent_reach_the_upstream() {
     let gw = TestGateway::start(r).await;
     assert_eq!(gw.send("/api/users/1").await.status(), StatusCode::OK);
     let seen = users.state.seen.lock().last().cloned().unwrap();
-    let limit: u64 = seen["x-request-timeout-ms"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let limit = time_limit(&seen);
     assert!((1..=700).contains(&limit), "{limit}");
     gw.stop().await;
 }
