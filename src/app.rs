@@ -286,17 +286,17 @@ impl App {
             (Some(grpc_listener), Some(grpc_addr)) => {
                 let grpc_routes = crate::grpc::routes(state.clone(), role).await?;
                 tracing::info!(%grpc_addr, "gRPC listening on {grpc_addr}");
-                let streams_end = streams_end.clone();
-                let server = tonic::transport::Server::builder()
-                    .layer(tower::util::MapResponseLayer::new(
-                        crate::grpc::size_limit_status::<tonic::body::Body>,
-                    ))
-                    .add_routes(grpc_routes)
-                    .serve_with_incoming_shutdown(
-                        tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
-                        async move { streams_end.cancelled().await },
-                    );
-                tokio::spawn(async move { server.await.map_err(anyhow::Error::from) })
+                let server = crate::grpc::serve(
+                    grpc_listener,
+                    grpc_routes,
+                    state.config.client_idle_timeout,
+                    drain,
+                    streams_end.clone(),
+                );
+                tokio::spawn(async move {
+                    server.await;
+                    anyhow::Ok(())
+                })
             }
             _ => tokio::spawn({
                 let streams_end = streams_end.clone();

@@ -1,6 +1,6 @@
 //! The HTTP accept loop that `prism serve`, the services and the gateway
-//! share: HTTP/1.1 and h2c on one port, each client connection watched for
-//! idleness, and a drain on shutdown.
+//! share, on their HTTP and gRPC ports: HTTP/1.1 and h2c on one port, each
+//! client connection watched for idleness, and a drain on shutdown.
 //!
 //! A connection is closed once no request has started on it for the idle
 //! timeout (`client_idle_timeout_ms`). That covers an idle keep-alive

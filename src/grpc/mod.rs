@@ -468,6 +468,71 @@ impl Events for Services {
     }
 }
 
+/// Serves `routes` on `listener` until `stop`, through the accept loop HTTP
+/// uses ([`crate::serve`]) rather than tonic's own server: a connection with
+/// no call in flight for `idle_timeout` (a silent one, or an HTTP/2
+/// connection whose calls have ended) is closed, as gRPC's `MaxConnectionIdle`
+/// does, while a stream however quiet keeps its connection; and shutdown
+/// drains for at most `drain`, then drops what is left. A call's
+/// `grpc-timeout` is its deadline, as under tonic's server.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    routes: tonic::service::Routes,
+    idle_timeout: std::time::Duration,
+    drain: std::time::Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    use tower::ServiceExt;
+    crate::serve::serve(listener, idle_timeout, drain, stop, move |_peer, conn| {
+        let (routes, conn) = (routes.clone(), conn.clone());
+        hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            let in_flight = conn.request();
+            let deadline = deadline(req.headers());
+            let answer = routes.clone().oneshot(req);
+            async move {
+                let answer = match deadline {
+                    None => answer.await,
+                    // The handler is dropped at the deadline, as when a
+                    // client cancels; what it committed stays committed.
+                    Some(limit) => tokio::time::timeout(limit, answer)
+                        .await
+                        .unwrap_or_else(|_| {
+                            Ok(Status::deadline_exceeded("Deadline exceeded").into_http())
+                        }),
+                };
+                let Ok(response) = answer;
+                Ok::<_, std::convert::Infallible>(
+                    size_limit_status(response)
+                        .map(|body| crate::serve::Guarded::new(body, in_flight)),
+                )
+            }
+        })
+    })
+    .await
+}
+
+/// The deadline a call's `grpc-timeout` sets: at most eight digits and a
+/// unit (gRPC over HTTP/2). A malformed value is ignored, as tonic's server
+/// ignores it.
+fn deadline(headers: &axum::http::HeaderMap) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let value = headers.get("grpc-timeout")?.as_bytes();
+    let (&unit, digits) = value.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b'H' => Duration::from_secs(n * 3600),
+        b'M' => Duration::from_secs(n * 60),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 /// tonic reports a request over the size limit as OUT_OF_RANGE; gRPC's own
 /// implementations (and SPEC §9) say RESOURCE_EXHAUSTED. The limit is checked
 /// before any handler runs, so the status is in the trailers-only response
@@ -543,4 +608,34 @@ pub async fn routes(
             .add_service(EventsServer::new(services).max_decoding_message_size(MAX_MESSAGE));
     }
     Ok(routes)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use axum::http::{HeaderMap, HeaderValue};
+
+    fn deadline_of(value: &'static str) -> Option<Duration> {
+        let mut headers = HeaderMap::new();
+        headers.insert("grpc-timeout", HeaderValue::from_static(value));
+        super::deadline(&headers)
+    }
+
+    #[test]
+    fn grpc_timeout_units_and_malformed_values() {
+        assert_eq!(deadline_of("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(deadline_of("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(deadline_of("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(deadline_of("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(
+            deadline_of("99999999u"),
+            Some(Duration::from_micros(99_999_999))
+        );
+        assert_eq!(deadline_of("7n"), Some(Duration::from_nanos(7)));
+        for bad in ["", "S", "5", "5s", "123456789S", "-5S", "5 S", "1.5S"] {
+            assert_eq!(deadline_of(bad), None, "{bad:?}");
+        }
+        assert_eq!(super::deadline(&HeaderMap::new()), None);
+    }
 }

@@ -15,7 +15,7 @@ use reqwest::StatusCode;
 use serde_json::json;
 use tonic::{Code, Request};
 
-use crate::helpers::{WAIT, spawn_app};
+use crate::helpers::{WAIT, spawn_app, spawn_with, test_config};
 
 fn authed<T>(msg: T, token: &str) -> Request<T> {
     let mut r = Request::new(msg);
@@ -23,6 +23,79 @@ fn authed<T>(msg: T, token: &str) -> Request<T> {
         .insert("authorization", format!("Bearer {token}").parse().unwrap());
     r
 }
+
+/// One unary call made by hand on a connection of its own, so that a test
+/// holds the connection and picks the headers. With no `message` the request
+/// body never ends. Returns the call's `grpc-status`, the connection's sender
+/// (while it lives, the client does not close the connection) and its task,
+/// which ends when the server closes the connection.
+async fn raw_call(
+    addr: std::net::SocketAddr,
+    path: &str,
+    message: Option<&[u8]>,
+    headers: &[(&str, &str)],
+) -> (
+    String,
+    hyper::client::conn::http2::SendRequest<RawBody>,
+    tokio::task::JoinHandle<()>,
+) {
+    use http_body_util::{BodyExt, Either, Full, StreamBody};
+    let tcp = tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(addr))
+        .await
+        .expect("connect hung")
+        .unwrap();
+    let (mut send, conn) = tokio::time::timeout(
+        WAIT,
+        hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        ),
+    )
+    .await
+    .expect("HTTP/2 handshake hung")
+    .unwrap();
+    let conn = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let body: RawBody = match message {
+        Some(m) => {
+            let mut framed = vec![0];
+            framed.extend((m.len() as u32).to_be_bytes());
+            framed.extend(m);
+            Either::Left(Full::new(bytes::Bytes::from(framed)))
+        }
+        None => Either::Right(StreamBody::new(futures::stream::pending())),
+    };
+    let mut req = hyper::Request::post(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let response = tokio::time::timeout(WAIT, send.send_request(req.body(body).unwrap()))
+        .await
+        .expect("no answer")
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let in_head = response.headers().get("grpc-status").cloned();
+    let rest = tokio::time::timeout(WAIT, response.into_body().collect())
+        .await
+        .expect("the answer's body hung")
+        .unwrap();
+    let status = in_head
+        .or_else(|| rest.trailers()?.get("grpc-status").cloned())
+        .expect("no grpc-status");
+    (status.to_str().unwrap().to_owned(), send, conn)
+}
+
+type RawBody = http_body_util::Either<
+    http_body_util::Full<bytes::Bytes>,
+    http_body_util::StreamBody<
+        futures::stream::Pending<
+            Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>,
+        >,
+    >,
+>;
 
 fn gizmo() -> Product {
     Product {
@@ -553,4 +626,88 @@ async fn shutdown_ends_server_streams() {
         .expect("stream did not end");
     assert!(end.is_none(), "expected the end of the stream, got {end:?}");
     stopping.await.unwrap();
+}
+
+/// gRPC connections are watched like HTTP ones: one that never speaks and an
+/// HTTP/2 connection whose calls have all ended are closed after the idle
+/// timeout; a server stream, however quiet, keeps its connection.
+#[tokio::test]
+async fn idle_grpc_connections_are_closed_but_quiet_streams_are_not() {
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.client_idle_timeout = std::time::Duration::from_millis(100);
+    let app = spawn_with(config).await;
+    let token = app.alice_token().await;
+    let mut live = EventsClient::new(app.grpc().await)
+        .subscribe(SubscribeRequest {
+            after_id: None,
+            types: vec!["order.created".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let mut silent = tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(app.grpc_addr))
+        .await
+        .expect("connect hung")
+        .unwrap();
+    let (status, _send, served) = raw_call(
+        app.grpc_addr,
+        "/grpc.health.v1.Health/Check",
+        Some(&[]),
+        &[],
+    )
+    .await;
+    assert_eq!(status, "0");
+    let mut got = Vec::new();
+    // A reset counts as closed.
+    let _ = tokio::time::timeout(WAIT, silent.read_to_end(&mut got))
+        .await
+        .expect("the silent connection was never closed");
+    assert!(got.is_empty(), "{got:?}");
+    tokio::time::timeout(WAIT, served)
+        .await
+        .expect("the idle HTTP/2 connection was never closed")
+        .unwrap();
+
+    // The stream, older than both and silent all along, still delivers.
+    let (_, order) = app
+        .send_json(
+            reqwest::Method::POST,
+            "/orders",
+            Some(&token),
+            Some(json!({"total": 3.0})),
+        )
+        .await;
+    let ev = tokio::time::timeout(WAIT, live.next())
+        .await
+        .expect("no event")
+        .expect("the quiet stream was closed")
+        .unwrap();
+    let payload: serde_json::Value = serde_json::from_str(&ev.payload_json).unwrap();
+    assert_eq!(payload["order_id"], order["id"]);
+    app.stop().await;
+}
+
+/// A call's `grpc-timeout` is its deadline on the server too: a call whose
+/// message never arrives ends with DEADLINE_EXCEEDED when it passes, and a
+/// call within its deadline is served.
+#[tokio::test]
+async fn grpc_timeout_is_the_calls_deadline() {
+    let app = spawn_app().await;
+    let get_user = "/user.UserService/GetUser";
+    let (status, _send, _conn) =
+        raw_call(app.grpc_addr, get_user, None, &[("grpc-timeout", "100m")]).await;
+    assert_eq!(status, (Code::DeadlineExceeded as i32).to_string());
+    // UserRequest { id: 1 }: field 1, varint 1.
+    let (status, _send, _conn) = raw_call(
+        app.grpc_addr,
+        get_user,
+        Some(&[0x08, 0x01]),
+        &[("grpc-timeout", "5S")],
+    )
+    .await;
+    assert_eq!(status, "0");
+    app.stop().await;
 }
