@@ -510,8 +510,9 @@ where
                     Err(s) if s.code() == tonic::Code::Unavailable => {
                         Err(Failure::Unavailable(s.message().to_owned()))
                     }
-                    // The server enforces the grpc-timeout the gateway sent and
-                    // answers CANCELLED ("Timeout expired"): a timeout either way.
+                    // The server enforces the grpc-timeout the gateway sent:
+                    // prism answers DEADLINE_EXCEEDED, a server on tonic's own
+                    // CANCELLED ("Timeout expired"). A timeout either way.
                     Err(s)
                         if matches!(
                             s.code(),
