@@ -20,8 +20,8 @@ printf '\x00\x00\x00\x00\x02\x08\x01' > "$work/get_user_1.bin"
 "$target/release/examples/bare_tonic" 18052 &
 wait_port 18051; wait_port 18052
 
-run() { # port -> "rps p50 p99"... h2load reports mean/sd per request; keep rps and mean
-    local args=(-c 16 -m 16 -t 1 -H 'content-type: application/grpc' -H 'te: trailers' -d "$work/get_user_1.bin")
+run() { # port [connections streams] -> "rps mean max ok failed"; h2load reports mean/sd per request
+    local args=(-c "${2:-16}" -m "${3:-16}" -t 1 -H 'content-type: application/grpc' -H 'te: trailers' -d "$work/get_user_1.bin")
     h2load "${args[@]}" -D 2 "http://127.0.0.1:$1/user.UserService/GetUser" >/dev/null
     h2load "${args[@]}" -D "$duration" "http://127.0.0.1:$1/user.UserService/GetUser" | awk '
         /^finished in/ {gsub(",", "", $4); rps=$4}
@@ -31,6 +31,11 @@ run() { # port -> "rps p50 p99"... h2load reports mean/sd per request; keep rps 
 }
 read -r bare_rps bare_mean bare_max bare_ok bare_failed < <(run 18052)
 read -r prism_rps prism_mean prism_max prism_ok prism_failed < <(run 18051)
+# One client connection with a few calls at a time: what a service calling
+# another sees. Small answers written while earlier ones are unacknowledged
+# are where a socket without TCP_NODELAY stalls (Nagle meets delayed ACKs).
+read -r bare1_rps bare1_mean bare1_max bare1_ok bare1_failed < <(run 18052 1 4)
+read -r prism1_rps prism1_mean prism1_max prism1_ok prism1_failed < <(run 18051 1 4)
 ratio=$(python3 -c "print(f'{100*$prism_rps/$bare_rps:.0f}')")
 
 write_section grpc <<MD
@@ -45,5 +50,12 @@ Goal: prism ≥ 60% of the bare tonic service's calls/s.
 | prism \`user.UserService/GetUser\` | $prism_rps | $prism_mean | $prism_max | $prism_ok | $prism_failed |
 
 prism reaches **$ratio%** of the bare service.
+
+One connection, 4 concurrent streams, ${duration}s:
+
+| server | calls/s | mean | max | succeeded | failed |
+|---|---:|---:|---:|---:|---:|
+| bare tonic | $bare1_rps | $bare1_mean | $bare1_max | $bare1_ok | $bare1_failed |
+| prism | $prism1_rps | $prism1_mean | $prism1_max | $prism1_ok | $prism1_failed |
 MD
 echo "bare: $bare_rps; prism: $prism_rps; $ratio%"
