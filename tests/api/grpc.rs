@@ -4,7 +4,10 @@
 
 use futures::StreamExt;
 use prism::grpc::pb::{
-    prism::{ChatSend, SubscribeRequest, chat_client::ChatClient, events_client::EventsClient},
+    prism::{
+        ChatSend, DomainEvent, SubscribeRequest, chat_client::ChatClient,
+        events_client::EventsClient,
+    },
     product::{
         Category, GetProductRequest, ListProductsRequest, Price, Product,
         product_service_client::ProductServiceClient,
@@ -15,7 +18,7 @@ use reqwest::StatusCode;
 use serde_json::json;
 use tonic::{Code, Request};
 
-use crate::helpers::{WAIT, spawn_app, spawn_with, test_config};
+use crate::helpers::{TestApp, WAIT, spawn_app, spawn_with, test_config};
 
 fn authed<T>(msg: T, token: &str) -> Request<T> {
     let mut r = Request::new(msg);
@@ -446,6 +449,32 @@ async fn chat_is_bidirectional_over_the_event_log() {
     app.stop().await;
 }
 
+/// Places an order over REST and checks that `live` delivers its
+/// `order.created` next; returns the event.
+async fn order_is_delivered(
+    app: &TestApp,
+    token: &str,
+    live: &mut tonic::Streaming<DomainEvent>,
+) -> DomainEvent {
+    let (_, order) = app
+        .send_json(
+            reqwest::Method::POST,
+            "/orders",
+            Some(token),
+            Some(json!({"total": 7.5})),
+        )
+        .await;
+    let ev = tokio::time::timeout(WAIT, live.next())
+        .await
+        .expect("no event")
+        .expect("the stream ended")
+        .unwrap();
+    assert_eq!(ev.r#type, "order.created");
+    let payload: serde_json::Value = serde_json::from_str(&ev.payload_json).unwrap();
+    assert_eq!(payload["order_id"], order["id"]);
+    ev
+}
+
 #[tokio::test]
 async fn event_feed_resumes_from_an_id() {
     let app = spawn_app().await;
@@ -459,22 +488,7 @@ async fn event_feed_resumes_from_an_id() {
         .await
         .unwrap()
         .into_inner();
-    let (_, order) = app
-        .send_json(
-            reqwest::Method::POST,
-            "/orders",
-            Some(&token),
-            Some(json!({"total": 7.5})),
-        )
-        .await;
-    let ev = tokio::time::timeout(WAIT, live.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(ev.r#type, "order.created");
-    let payload: serde_json::Value = serde_json::from_str(&ev.payload_json).unwrap();
-    assert_eq!(payload["order_id"], order["id"]);
+    let ev = order_is_delivered(&app, &token, &mut live).await;
     // Replay from the start of the log: the demo's two orders, then this one.
     let mut replay = events
         .subscribe(SubscribeRequest {
@@ -672,21 +686,7 @@ async fn idle_grpc_connections_are_closed_but_quiet_streams_are_not() {
         .unwrap();
 
     // The stream, older than both and silent all along, still delivers.
-    let (_, order) = app
-        .send_json(
-            reqwest::Method::POST,
-            "/orders",
-            Some(&token),
-            Some(json!({"total": 3.0})),
-        )
-        .await;
-    let ev = tokio::time::timeout(WAIT, live.next())
-        .await
-        .expect("no event")
-        .expect("the quiet stream was closed")
-        .unwrap();
-    let payload: serde_json::Value = serde_json::from_str(&ev.payload_json).unwrap();
-    assert_eq!(payload["order_id"], order["id"]);
+    order_is_delivered(&app, &token, &mut live).await;
     app.stop().await;
 }
 
