@@ -474,7 +474,8 @@ impl Events for Services {
 /// connection whose calls have ended) is closed, as gRPC's `MaxConnectionIdle`
 /// does, while a stream however quiet keeps its connection; and shutdown
 /// drains for at most `drain`, then drops what is left. A call's
-/// `grpc-timeout` is its deadline, as under tonic's server.
+/// `grpc-timeout` is its deadline: a handler still running then is dropped,
+/// and a stream still going is ended, each with DEADLINE_EXCEEDED.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     routes: tonic::service::Routes,
@@ -487,28 +488,90 @@ pub async fn serve(
         let (routes, conn) = (routes.clone(), conn.clone());
         hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
             let in_flight = conn.request();
-            let deadline = deadline(req.headers());
+            let deadline = deadline(req.headers()).map(|limit| tokio::time::Instant::now() + limit);
             let answer = routes.clone().oneshot(req);
             async move {
                 let answer = match deadline {
                     None => answer.await,
                     // The handler is dropped at the deadline, as when a
                     // client cancels; what it committed stays committed.
-                    Some(limit) => tokio::time::timeout(limit, answer)
+                    Some(at) => tokio::time::timeout_at(at, answer)
                         .await
-                        .unwrap_or_else(|_| {
-                            Ok(Status::deadline_exceeded("Deadline exceeded").into_http())
-                        }),
+                        .unwrap_or_else(|_| Ok(deadline_exceeded().into_http())),
                 };
                 let Ok(response) = answer;
-                Ok::<_, std::convert::Infallible>(
-                    size_limit_status(response)
-                        .map(|body| crate::serve::Guarded::new(body, in_flight)),
-                )
+                Ok::<_, std::convert::Infallible>(size_limit_status(response).map(|body| {
+                    crate::serve::Guarded::new(Deadlined::new(body, deadline), in_flight)
+                }))
             }
         })
     })
     .await
+}
+
+fn deadline_exceeded() -> Status {
+    Status::deadline_exceeded("Deadline exceeded")
+}
+
+/// An answer's body that ends at its call's deadline: a stream still going
+/// then ends with DEADLINE_EXCEEDED in its trailers, and what produced it is
+/// dropped. A client that set a deadline cancels at it anyway; this is for
+/// the one that does not.
+struct Deadlined<B> {
+    body: B,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    ended: bool,
+}
+
+impl<B> Deadlined<B> {
+    fn new(body: B, deadline: Option<tokio::time::Instant>) -> Self {
+        Deadlined {
+            body,
+            deadline: deadline.map(|at| Box::pin(tokio::time::sleep_until(at))),
+            ended: false,
+        }
+    }
+}
+
+impl<B> hyper::body::Body for Deadlined<B>
+where
+    B: hyper::body::Body<Data = bytes::Bytes> + Unpin,
+{
+    type Data = bytes::Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, B::Error>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) {
+            return Poll::Ready(frame);
+        }
+        let Some(at) = &mut this.deadline else {
+            return Poll::Pending;
+        };
+        if at.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        this.ended = true;
+        let mut trailers = axum::http::HeaderMap::new();
+        // Only a message that cannot be encoded fails; this one can.
+        let _ = deadline_exceeded().add_header(&mut trailers);
+        Poll::Ready(Some(Ok(hyper::body::Frame::trailers(trailers))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// The deadline a call's `grpc-timeout` sets: at most eight digits and a

@@ -691,15 +691,25 @@ async fn idle_grpc_connections_are_closed_but_quiet_streams_are_not() {
 }
 
 /// A call's `grpc-timeout` is its deadline on the server too: a call whose
-/// message never arrives ends with DEADLINE_EXCEEDED when it passes, and a
-/// call within its deadline is served.
+/// message never arrives and a stream still going when it passes end with
+/// DEADLINE_EXCEEDED, and a call within its deadline is served.
 #[tokio::test]
 async fn grpc_timeout_is_the_calls_deadline() {
     let app = spawn_app().await;
     let get_user = "/user.UserService/GetUser";
     let (status, _send, _conn) =
         raw_call(app.grpc_addr, get_user, None, &[("grpc-timeout", "100m")]).await;
-    assert_eq!(status, (Code::DeadlineExceeded as i32).to_string());
+    let deadline_exceeded = (Code::DeadlineExceeded as i32).to_string();
+    assert_eq!(status, deadline_exceeded);
+    // The live feed with no event to send: it would go on for ever.
+    let (status, _send, _conn) = raw_call(
+        app.grpc_addr,
+        "/prism.v1.Events/Subscribe",
+        Some(&[]),
+        &[("grpc-timeout", "200m")],
+    )
+    .await;
+    assert_eq!(status, deadline_exceeded);
     // UserRequest { id: 1 }: field 1, varint 1.
     let (status, _send, _conn) = raw_call(
         app.grpc_addr,
