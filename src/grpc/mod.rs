@@ -488,7 +488,9 @@ pub async fn serve(
         let (routes, conn) = (routes.clone(), conn.clone());
         hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
             let in_flight = conn.request();
-            let deadline = deadline(req.headers()).map(|limit| tokio::time::Instant::now() + limit);
+            // One too far off to represent is none.
+            let deadline = deadline(req.headers())
+                .and_then(|limit| tokio::time::Instant::now().checked_add(limit));
             let answer = routes.clone().oneshot(req);
             async move {
                 let answer = match deadline {
