@@ -87,6 +87,9 @@ pub async fn serve<M, S, B>(
         };
         // No Nagle delay: answers are written whole.
         let _ = tcp.set_nodelay(true);
+        if let Err(e) = watch_for_dead_peer(&tcp) {
+            tracing::debug!(error = %e, "could not set TCP keep-alive");
+        }
         let registered = clients.register();
         let service = make(peer, &registered.conn);
         let serve = http
@@ -136,6 +139,31 @@ pub async fn serve<M, S, B>(
         clients.kill_all();
         connections.wait().await;
     }
+}
+
+/// How long a connection may be silent before the kernel starts probing
+/// whether its client is still there, how far apart the probes are, and how
+/// many go unanswered before the connection is dropped.
+const DEAD_PEER_PROBES: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
+    .with_time(Duration::from_secs(60))
+    .with_interval(Duration::from_secs(15))
+    .with_retries(4);
+/// How long written data may go unacknowledged before the connection is
+/// dropped: the probes' whole span.
+const DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A client that vanishes without closing (a network gone, a laptop shut)
+/// is found within two minutes rather than never. The idle timeout covers a
+/// connection between requests, but a quiet stream (SSE between events, a
+/// WebSocket, a gRPC stream) is a request in flight, never idle, and with
+/// nothing written to it nothing fails; with something written, the kernel
+/// retries for about a quarter of an hour first.
+fn watch_for_dead_peer(tcp: &tokio::net::TcpStream) -> std::io::Result<()> {
+    let socket = socket2::SockRef::from(tcp);
+    socket.set_tcp_keepalive(&DEAD_PEER_PROBES)?;
+    #[cfg(target_os = "linux")]
+    socket.set_tcp_user_timeout(Some(DEAD_PEER_TIMEOUT))?;
+    Ok(())
 }
 
 /// Drops every connection still open when [`serve`] ends or is dropped.
@@ -376,6 +404,30 @@ impl Clients {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_probe_for_a_vanished_client() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (tcp, _) = listener.accept().await.unwrap();
+        let socket = socket2::SockRef::from(&tcp);
+        assert!(!socket.keepalive().unwrap());
+        watch_for_dead_peer(&tcp).unwrap();
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(
+            socket.tcp_keepalive_time().unwrap(),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            socket.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(15)
+        );
+        assert_eq!(socket.tcp_keepalive_retries().unwrap(), 4);
+        #[cfg(target_os = "linux")]
+        assert_eq!(socket.tcp_user_timeout().unwrap(), Some(DEAD_PEER_TIMEOUT));
+    }
 
     #[test]
     fn only_a_connection_without_requests_for_two_looks_is_closed_then_killed() {
