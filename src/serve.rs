@@ -149,7 +149,9 @@ const DEAD_PEER_PROBES: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
     .with_interval(Duration::from_secs(15))
     .with_retries(4);
 /// How long written data may go unacknowledged before the connection is
-/// dropped: the probes' whole span.
+/// dropped: the probes' whole span. Linux has the option; elsewhere the
+/// kernel's own retransmission limit applies.
+#[cfg(target_os = "linux")]
 const DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A client that vanishes without closing (a network gone, a laptop shut)
