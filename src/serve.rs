@@ -409,11 +409,14 @@ mod tests {
 
     #[tokio::test]
     async fn accepted_connections_probe_for_a_vanished_client() {
+        let wait = Duration::from_secs(10);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+        let connect = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
+        let _client = tokio::time::timeout(wait, connect).await.unwrap().unwrap();
+        let (tcp, _) = tokio::time::timeout(wait, listener.accept())
             .await
+            .unwrap()
             .unwrap();
-        let (tcp, _) = listener.accept().await.unwrap();
         let socket = socket2::SockRef::from(&tcp);
         assert!(!socket.keepalive().unwrap());
         watch_for_dead_peer(&tcp).unwrap();

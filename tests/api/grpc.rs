@@ -449,6 +449,23 @@ async fn chat_is_bidirectional_over_the_event_log() {
     app.stop().await;
 }
 
+/// A subscription to the event feed; the channel's timeout bounds the wait
+/// for it to start.
+async fn subscribe(
+    events: &mut EventsClient<tonic::transport::Channel>,
+    after_id: Option<i64>,
+    types: &[&str],
+) -> tonic::Streaming<DomainEvent> {
+    events
+        .subscribe(SubscribeRequest {
+            after_id,
+            types: types.iter().map(|t| (*t).to_owned()).collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 /// Places an order over REST and checks that `live` delivers its
 /// `order.created` next; returns the event.
 async fn order_is_delivered(
@@ -480,24 +497,10 @@ async fn event_feed_resumes_from_an_id() {
     let app = spawn_app().await;
     let token = app.alice_token().await;
     let mut events = EventsClient::new(app.grpc().await);
-    let mut live = events
-        .subscribe(SubscribeRequest {
-            after_id: None,
-            types: vec!["order.*".into()],
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut live = subscribe(&mut events, None, &["order.*"]).await;
     let ev = order_is_delivered(&app, &token, &mut live).await;
     // Replay from the start of the log: the demo's two orders, then this one.
-    let mut replay = events
-        .subscribe(SubscribeRequest {
-            after_id: Some(0),
-            types: vec!["order.created".into()],
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut replay = subscribe(&mut events, Some(0), &["order.created"]).await;
     let mut ids = Vec::new();
     for _ in 0..3 {
         let e = tokio::time::timeout(WAIT, replay.next())
@@ -625,14 +628,7 @@ async fn python_grpcio_stubs_interoperate() {
 async fn shutdown_ends_server_streams() {
     let app = spawn_app().await;
     let mut events = EventsClient::new(app.grpc().await);
-    let mut live = events
-        .subscribe(SubscribeRequest {
-            after_id: None,
-            types: vec![],
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut live = subscribe(&mut events, None, &[]).await;
     let stopping = tokio::spawn(app.stop());
     // The stream completes cleanly rather than hanging or erroring.
     let end = tokio::time::timeout(WAIT, live.next())
@@ -653,14 +649,12 @@ async fn idle_grpc_connections_are_closed_but_quiet_streams_are_not() {
     config.client_idle_timeout = std::time::Duration::from_millis(100);
     let app = spawn_with(config).await;
     let token = app.alice_token().await;
-    let mut live = EventsClient::new(app.grpc().await)
-        .subscribe(SubscribeRequest {
-            after_id: None,
-            types: vec!["order.created".into()],
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut live = subscribe(
+        &mut EventsClient::new(app.grpc().await),
+        None,
+        &["order.created"],
+    )
+    .await;
 
     let mut silent = tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(app.grpc_addr))
         .await
