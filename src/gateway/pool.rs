@@ -429,4 +429,63 @@ mod tests {
             .unwrap_err();
         assert!(e.0.contains("cannot connect"), "{e:?}");
     }
+
+    /// An upstream that ends its answer with `connection: close` gets a new
+    /// connection for the next request; the closed one is not pooled.
+    #[tokio::test]
+    async fn a_connection_the_upstream_closes_after_answering_is_not_reused() {
+        let (listener, url) = listen().await;
+        tokio::spawn(async move {
+            for _ in 0..2 {
+                let (mut s, _) = listener.accept().await.unwrap();
+                read_head(&mut s, &mut Vec::new()).await;
+                s.write_all(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok")
+                    .await
+                    .unwrap();
+            }
+        });
+        let pool = pool(&url, Duration::from_secs(60));
+        for _ in 0..2 {
+            let r = tokio::time::timeout(Duration::from_secs(5), pool.exchange(get("/c")))
+                .await
+                .expect("the exchange hung")
+                .unwrap();
+            assert_eq!(r.body().as_ref(), b"ok");
+            assert_eq!(pool.idle_count(), 0);
+        }
+    }
+
+    /// A try abandoned before its answer came (its time ran out) closes its
+    /// connection: a late answer must not be read as the next request's.
+    #[tokio::test]
+    async fn an_abandoned_exchange_closes_its_connection() {
+        let (listener, url) = listen().await;
+        let (closed_tx, mut closed) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            // The first connection never answers; the second does.
+            let (mut silent, _) = listener.accept().await.unwrap();
+            read_head(&mut silent, &mut Vec::new()).await;
+            tokio::spawn(async move {
+                let mut rest = [0u8; 64];
+                while !matches!(silent.read(&mut rest).await, Ok(0) | Err(_)) {}
+                let _ = closed_tx.send(());
+            });
+            let (mut s, _) = listener.accept().await.unwrap();
+            read_head(&mut s, &mut Vec::new()).await;
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nlater")
+                .await
+                .unwrap();
+            std::future::pending::<()>().await;
+        });
+        let pool = pool(&url, Duration::from_secs(60));
+        let abandoned =
+            tokio::time::timeout(Duration::from_millis(100), pool.exchange(get("/slow"))).await;
+        assert!(abandoned.is_err(), "the silent upstream answered");
+        next(&mut closed, "closing the abandoned connection").await;
+        let r = tokio::time::timeout(Duration::from_secs(5), pool.exchange(get("/next")))
+            .await
+            .expect("the exchange hung")
+            .unwrap();
+        assert_eq!(r.body().as_ref(), b"later");
+    }
 }
