@@ -329,6 +329,14 @@ mod tests {
         Request::get(path).body(Full::new(Bytes::new())).unwrap()
     }
 
+    /// The answer to a GET of `path`, which must come within five seconds.
+    async fn answered(pool: &Arc<ConnPool>, path: &str) -> Response<Bytes> {
+        tokio::time::timeout(Duration::from_secs(5), pool.exchange(get(path)))
+            .await
+            .expect("the exchange hung")
+            .unwrap()
+    }
+
     #[tokio::test]
     async fn one_connection_serves_requests_in_turn_and_is_reaped_when_idle() {
         let (url, mut accepted, mut closed) = server("hello", None).await;
@@ -410,10 +418,7 @@ mod tests {
         });
         let pool = pool(&url, Duration::from_secs(60));
         for _ in 0..2 {
-            let r = tokio::time::timeout(Duration::from_secs(5), pool.exchange(get("/c")))
-                .await
-                .expect("the exchange hung")
-                .unwrap();
+            let r = answered(&pool, "/c").await;
             assert_eq!(r.body().as_ref(), b"hello, world");
         }
     }
@@ -446,10 +451,7 @@ mod tests {
         });
         let pool = pool(&url, Duration::from_secs(60));
         for _ in 0..2 {
-            let r = tokio::time::timeout(Duration::from_secs(5), pool.exchange(get("/c")))
-                .await
-                .expect("the exchange hung")
-                .unwrap();
+            let r = answered(&pool, "/c").await;
             assert_eq!(r.body().as_ref(), b"ok");
             assert_eq!(pool.idle_count(), 0);
         }
@@ -482,10 +484,7 @@ mod tests {
             tokio::time::timeout(Duration::from_millis(100), pool.exchange(get("/slow"))).await;
         assert!(abandoned.is_err(), "the silent upstream answered");
         next(&mut closed, "closing the abandoned connection").await;
-        let r = tokio::time::timeout(Duration::from_secs(5), pool.exchange(get("/next")))
-            .await
-            .expect("the exchange hung")
-            .unwrap();
+        let r = answered(&pool, "/next").await;
         assert_eq!(r.body().as_ref(), b"later");
     }
 }
