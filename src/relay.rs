@@ -37,6 +37,55 @@ async fn pause(stop: &CancellationToken, d: Duration) -> bool {
     }
 }
 
+/// Reconnecting a long-running session (the relay, the consumer) after it
+/// broke: the wait before each new try, and how loudly to say so.
+#[derive(Debug)]
+struct Reconnect {
+    what: &'static str,
+    backoff: Duration,
+    /// Tries that failed since the session last got going.
+    failures: u32,
+}
+
+impl Reconnect {
+    const FIRST: Duration = Duration::from_millis(200);
+    const MAX: Duration = Duration::from_secs(5);
+
+    fn new(what: &'static str) -> Reconnect {
+        Reconnect {
+            what,
+            backoff: Self::FIRST,
+            failures: 0,
+        }
+    }
+
+    /// The session got going: a break after this is a new outage, retried
+    /// at once rather than after the last outage's longest wait.
+    fn connected(&mut self) {
+        if self.failures > 0 {
+            tracing::info!(failed_tries = self.failures, "{} resumed", self.what);
+        }
+        self.failures = 0;
+        self.backoff = Self::FIRST;
+    }
+
+    /// How long to wait after the session broke with `error`. The first
+    /// failure of an outage is a warning; the tries after it, every few
+    /// seconds for as long as the peer is away, would bury the log, so they
+    /// are debug lines until the session resumes.
+    fn failed(&mut self, error: &dyn std::fmt::Display) -> Duration {
+        if self.failures == 0 {
+            tracing::warn!(%error, "{} interrupted; retrying until it resumes", self.what);
+        } else {
+            tracing::debug!(%error, failed_tries = self.failures, "{} still interrupted", self.what);
+        }
+        self.failures += 1;
+        let wait = self.backoff;
+        self.backoff = (self.backoff * 2).min(Self::MAX);
+        wait
+    }
+}
+
 async fn jetstream_context(url: &str) -> Result<jetstream::Context, async_nats::Error> {
     let client = async_nats::ConnectOptions::new()
         .connection_timeout(Duration::from_secs(3))
@@ -54,17 +103,16 @@ async fn jetstream_context(url: &str) -> Result<jetstream::Context, async_nats::
 }
 
 /// Publishes every event matching `filter` to JetStream until `stop`.
+/// After a break it resumes from the last event JetStream acknowledged.
 pub async fn run_relay(domain: Domain, url: String, filter: EventFilter, stop: CancellationToken) {
-    let mut backoff = Duration::from_millis(200);
+    let mut reconnect = Reconnect::new("event relay");
     while !stop.is_cancelled() {
-        match relay_session(&domain, &url, &filter, &stop).await {
+        match relay_session(&domain, &url, &filter, &stop, &mut reconnect).await {
             Ok(()) => return,
             Err(e) => {
-                tracing::warn!(error = %e, "event relay interrupted; resuming from the last acknowledged event");
-                if !pause(&stop, backoff).await {
+                if !pause(&stop, reconnect.failed(&e)).await {
                     return;
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
     }
@@ -75,10 +123,12 @@ async fn relay_session(
     url: &str,
     filter: &EventFilter,
     stop: &CancellationToken,
+    reconnect: &mut Reconnect,
 ) -> Result<(), async_nats::Error> {
     let js = jetstream_context(url).await?;
     let origin = domain.origin().await?;
     tracing::info!(url, "event relay connected to NATS JetStream");
+    reconnect.connected();
     // A live subscription only as a wake-up; the log itself is read below.
     let mut wake = Box::pin(domain.events().subscribe(None, EventFilter::all()));
     loop {
@@ -136,20 +186,18 @@ pub async fn run_order_consumer(
     orders_url: String,
     stop: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(200);
+    let mut reconnect = Reconnect::new("order consumer");
     while !stop.is_cancelled() {
         let result = match &nats_url {
-            Some(url) => consume_jetstream(&domain, url, &stop).await,
-            None => consume_feed(&domain, &orders_url, &stop).await,
+            Some(url) => consume_jetstream(&domain, url, &stop, &mut reconnect).await,
+            None => consume_feed(&domain, &orders_url, &stop, &mut reconnect).await,
         };
         match result {
             Ok(()) => return,
             Err(e) => {
-                tracing::warn!(error = %e, "order consumer interrupted; resuming");
-                if !pause(&stop, backoff).await {
+                if !pause(&stop, reconnect.failed(&e)).await {
                     return;
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
     }
@@ -161,6 +209,7 @@ async fn consume_jetstream(
     domain: &Domain,
     url: &str,
     stop: &CancellationToken,
+    reconnect: &mut Reconnect,
 ) -> Result<(), async_nats::Error> {
     let js = jetstream_context(url).await?;
     let stream = js.get_stream(STREAM).await?;
@@ -178,6 +227,7 @@ async fn consume_jetstream(
         .await?;
     let mut messages = consumer.messages().await?;
     tracing::info!("users service consuming order.created from JetStream");
+    reconnect.connected();
     loop {
         let msg = tokio::select! {
             _ = stop.cancelled() => return Ok(()),
@@ -211,6 +261,7 @@ async fn consume_feed(
     domain: &Domain,
     orders_url: &str,
     stop: &CancellationToken,
+    reconnect: &mut Reconnect,
 ) -> Result<(), async_nats::Error> {
     let position = format!("{CONSUMER}:feed");
     let after = domain.offset(&position).await?;
@@ -228,8 +279,11 @@ async fn consume_feed(
         after,
         "users service consuming order.created from the orders feed"
     );
+    reconnect.connected();
     let mut body = response.bytes_stream();
-    let mut buf = String::new();
+    // Bytes until a whole event has arrived: a chunk may end inside a
+    // character, which decoding each chunk on its own would mangle.
+    let mut buf: Vec<u8> = Vec::new();
     loop {
         let chunk = tokio::select! {
             _ = stop.cancelled() => return Ok(()),
@@ -238,17 +292,11 @@ async fn consume_feed(
         let Some(chunk) = chunk else {
             return Err("the orders feed ended".into());
         };
-        buf.push_str(&String::from_utf8_lossy(&chunk?));
-        while let Some(end) = buf.find("\n\n") {
-            let block: String = buf.drain(..end + 2).collect();
-            let data: String = block
-                .lines()
-                .filter_map(|l| l.strip_prefix("data:"))
-                .map(str::trim_start)
-                .collect();
-            if data.is_empty() {
+        buf.extend_from_slice(&chunk?);
+        while let Some(block) = take_block(&mut buf) {
+            let Some(data) = sse_data(&block) else {
                 continue;
-            }
+            };
             if let Ok(ev) = serde_json::from_str::<WireEvent>(&data) {
                 domain
                     .apply_order_created(
@@ -261,5 +309,55 @@ async fn consume_feed(
                     .await?;
             }
         }
+    }
+}
+
+/// The next whole Server-Sent Events block taken off the front of `buf`,
+/// once one has arrived.
+fn take_block(buf: &mut Vec<u8>) -> Option<Vec<u8>> {
+    let end = buf.windows(2).position(|w| w == b"\n\n")?;
+    Some(buf.drain(..end + 2).collect())
+}
+
+/// The data of one Server-Sent Events block (its `data:` lines joined), or
+/// `None` for a block without data (a comment, a keep-alive).
+fn sse_data(block: &[u8]) -> Option<String> {
+    let data: String = String::from_utf8_lossy(block)
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(str::trim_start)
+        .collect();
+    (!data.is_empty()).then_some(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnecting_waits_longer_each_try_and_starts_over_once_connected() {
+        let mut r = Reconnect::new("test session");
+        let waits: Vec<Duration> = (0..8).map(|_| r.failed(&"down")).collect();
+        let ms: Vec<u128> = waits.iter().map(Duration::as_millis).collect();
+        assert_eq!(ms, [200, 400, 800, 1600, 3200, 5000, 5000, 5000]);
+        assert_eq!(r.failures, 8);
+        r.connected();
+        assert_eq!(r.failures, 0);
+        assert_eq!(r.failed(&"down again"), Reconnect::FIRST);
+    }
+
+    #[test]
+    fn an_event_split_inside_a_character_reads_whole() {
+        let stream = ": keep-alive\n\nid: 7\ndata: {\"name\":\"Zoë\"}\n\n".as_bytes();
+        // Inside the two bytes of "ë".
+        let split = stream.iter().position(|b| *b >= 0x80).unwrap() + 1;
+        let mut buf = stream[..split].to_vec();
+        let keep_alive = take_block(&mut buf).unwrap();
+        assert_eq!(sse_data(&keep_alive), None);
+        assert_eq!(take_block(&mut buf), None, "the event has not all arrived");
+        buf.extend_from_slice(&stream[split..]);
+        let event = take_block(&mut buf).unwrap();
+        assert_eq!(sse_data(&event).as_deref(), Some(r#"{"name":"Zoë"}"#));
+        assert!(buf.is_empty());
     }
 }

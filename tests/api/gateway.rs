@@ -928,6 +928,80 @@ async fn idle_upstream_connections_are_closed() {
     server.abort();
 }
 
+/// The products service closes the gateway's gRPC connection once it is idle
+/// (its `client_idle_timeout_ms`, with health checks too far apart to keep
+/// it busy): the next product request goes out on a new connection and is
+/// answered.
+#[tokio::test]
+async fn a_products_connection_closed_as_idle_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        demo: true,
+        client_idle_timeout: Duration::from_millis(100),
+        ..Config::for_tests(dir.path())
+    };
+    let products = App::build_as(Role::Products, config).await.unwrap();
+    let products_addr = products.grpc_addr();
+    let (stop_products, stopped) = oneshot::channel::<()>();
+    let products = tokio::spawn(products.run_until_stopped(async move {
+        let _ = stopped.await;
+    }));
+    // Between the gateway and the service: counts the connections open.
+    let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_url = format!("http://{}", relay.local_addr().unwrap());
+    let (open_tx, mut open) = tokio::sync::watch::channel((0usize, 0usize));
+    let relaying = tokio::spawn(async move {
+        while let Ok((mut client, _)) = relay.accept().await {
+            let mut upstream = tokio::net::TcpStream::connect(products_addr).await.unwrap();
+            open_tx.send_modify(|(accepted, open)| (*accepted, *open) = (*accepted + 1, *open + 1));
+            let open_tx = open_tx.clone();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                open_tx.send_modify(|(_, open)| *open -= 1);
+            });
+        }
+    });
+    let mut reg = registry(
+        vec![dead_url().await],
+        vec![dead_url().await],
+        vec![relay_url],
+        |_| {},
+    );
+    // One round of checks, at the start: none keeps the connection busy.
+    reg.health_interval_ms = 3_600_000;
+    let gw = TestGateway::start(reg).await;
+    let all_closed = async |open: &mut tokio::sync::watch::Receiver<(usize, usize)>| {
+        tokio::time::timeout(WAIT, open.wait_for(|(_, open)| *open == 0))
+            .await
+            .expect("the idle gRPC connection was never closed")
+            .map(|seen| seen.0)
+            .unwrap()
+    };
+    for round in 1..=2 {
+        let (status, product) = gw.get("/api/products/1").await;
+        assert_eq!(
+            (status, &product["name"]),
+            (StatusCode::OK, &json!("Widget")),
+            "request {round}"
+        );
+        let accepted = all_closed(&mut open).await;
+        assert!(
+            accepted >= round,
+            "{accepted} connections for {round} requests"
+        );
+    }
+    let (_, health) = gw.get("/healthz").await;
+    assert_eq!(health["upstreams"]["products"][0]["circuit"], "closed");
+    gw.stop().await;
+    relaying.abort();
+    let _ = stop_products.send(());
+    tokio::time::timeout(WAIT, products)
+        .await
+        .expect("products service shutdown hung")
+        .unwrap()
+        .unwrap();
+}
+
 /// Instances count as healthy until checked (a fresh gateway serves at once),
 /// so `/healthz` must not claim "ok" on that assumption.
 #[tokio::test]
