@@ -18,7 +18,14 @@ pub fn init(format: LogFormat, level: &str) {
     let registry = tracing_subscriber::registry().with(filter).with(TapLayer);
     let result = match format {
         LogFormat::Pretty => registry
-            .with(fmt::layer().with_writer(std::io::stderr))
+            .with(
+                fmt::layer()
+                    .with_ansi(colour(
+                        std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                        |name| std::env::var_os(name),
+                    ))
+                    .with_writer(std::io::stderr),
+            )
             .try_init(),
         LogFormat::Json => registry
             .with(
@@ -32,6 +39,16 @@ pub fn init(format: LogFormat, level: &str) {
     };
     // A second init (tests) keeps the first subscriber.
     let _ = result;
+}
+
+/// Whether pretty logs are coloured: on a terminal, unless `NO_COLOR` is set
+/// (no-color.org), or anywhere when `CLICOLOR_FORCE` is (as `prism up` does
+/// for its services when its own output is a terminal). A log file, a pipe
+/// or a container's log then holds no escape codes.
+fn colour(terminal: bool, env: impl Fn(&str) -> Option<std::ffi::OsString>) -> bool {
+    let no_color = env("NO_COLOR").is_some_and(|v| !v.is_empty());
+    let force = env("CLICOLOR_FORCE").is_some_and(|v| !v.is_empty() && v != "0");
+    !no_color && (terminal || force)
 }
 
 /// Only the `/logs` tap, writing nothing: for test processes, where many
@@ -110,5 +127,31 @@ impl tracing::field::Visit for Message {
         } else {
             self.fields.insert(field.name().into(), text.into());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::colour;
+
+    #[test]
+    fn colours_only_on_a_terminal_unless_forced_or_refused() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| vars.iter().find(|(n, _)| *n == name).map(|(_, v)| v.into())
+        };
+        assert!(colour(true, env(&[])));
+        assert!(!colour(false, env(&[])), "a file or a pipe");
+        assert!(colour(false, env(&[("CLICOLOR_FORCE", "1")])));
+        assert!(!colour(false, env(&[("CLICOLOR_FORCE", "0")])));
+        assert!(!colour(true, env(&[("NO_COLOR", "1")])));
+        assert!(
+            !colour(true, env(&[("NO_COLOR", "0")])),
+            "any value refuses"
+        );
+        assert!(colour(true, env(&[("NO_COLOR", "")])), "empty is unset");
+        assert!(!colour(
+            false,
+            env(&[("NO_COLOR", "1"), ("CLICOLOR_FORCE", "1")])
+        ));
     }
 }

@@ -12,7 +12,7 @@
 //! service follows the orders service's `/events/feed` directly.
 //! SIGINT/SIGTERM stops all four gracefully.
 
-use std::process::Stdio;
+use std::{process::Stdio, time::Duration};
 
 use anyhow::Context;
 use tokio::{
@@ -138,63 +138,155 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             ],
         },
     ];
+    // The services write to pipes, where colours would be off; they stay on
+    // when the lines end up on a terminal after all.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut stop = std::pin::pin!(stop);
     let mut children: Vec<(&'static str, Child)> = Vec::new();
-    for s in services {
-        let mut cmd = Command::new(&exe);
-        cmd.args(&s.args)
-            .args(&common)
-            .env("PRISM_JWT_SECRET", &secret)
-            .env_remove("PRISM_CONFIG")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        if let Some(p) = &config.admin_password {
-            cmd.env("PRISM_ADMIN_PASSWORD", p);
-        }
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start the {} service", s.name))?;
-        for stream in [
-            child
-                .stdout
-                .take()
-                .map(|o| Box::new(o) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-            child
-                .stderr
-                .take()
-                .map(|e| Box::new(e) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let name = s.name;
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(stream).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    eprintln!("[{name:>8}] {line}");
-                }
-            });
-        }
-        children.push((s.name, child));
+    let [backends @ .., gateway] = services;
+    for s in &backends {
+        children.push((s.name, start(&exe, s, &common, &secret, &config, colour)?));
     }
-    tracing::info!(gateway = %format!("http://{host}:{}", config.port), "topology started: users :{users}, orders :{orders}, products :{products} (gRPC)");
-
-    // Wait for a signal, or for a service to die (then stop the rest).
-    let died = async {
-        loop {
-            for (name, child) in children.iter_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    return (*name, status);
-                }
+    // The gateway starts once the services listen, so that its first health
+    // checks find them up, rather than logging them down and answering 503
+    // for a second.
+    let local = match host.as_str() {
+        "0.0.0.0" => "127.0.0.1",
+        "::" | "[::]" => "::1",
+        h => h,
+    };
+    let ports = [users, orders, products];
+    let waited = tokio::select! {
+        r = listening(&mut children, local, &ports) => Some(r),
+        _ = &mut stop => None,
+    };
+    let failure = match waited {
+        Some(Ok(())) => {
+            children.push((
+                gateway.name,
+                start(&exe, &gateway, &common, &secret, &config, colour)?,
+            ));
+            tracing::info!(gateway = %format!("http://{host}:{}", config.port), "topology started: users :{users}, orders :{orders}, products :{products} (gRPC)");
+            // Wait for a signal, or for a service to die (then stop the rest).
+            tokio::select! {
+                _ = &mut stop => None,
+                (name, status) = exited(&mut children) => Some(anyhow::anyhow!("the {name} service exited ({status}); stopping the others")),
             }
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
+        Some(Err(e)) => Some(e),
+        None => None,
     };
-    let failure = tokio::select! {
-        _ = stop => None,
-        (name, status) = died => Some(anyhow::anyhow!("the {name} service exited ({status}); stopping the others")),
-    };
-    for (_, child) in &children {
+    stop_all(&mut children, &config).await;
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Starts one service, its output prefixed with its name.
+fn start(
+    exe: &std::path::Path,
+    s: &Service,
+    common: &[String],
+    secret: &str,
+    config: &Config,
+    colour: bool,
+) -> anyhow::Result<Child> {
+    let mut cmd = Command::new(exe);
+    cmd.args(&s.args)
+        .args(common)
+        .env("PRISM_JWT_SECRET", secret)
+        .env_remove("PRISM_CONFIG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    if colour {
+        cmd.env("CLICOLOR_FORCE", "1");
+    }
+    if let Some(p) = &config.admin_password {
+        cmd.env("PRISM_ADMIN_PASSWORD", p);
+    }
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start the {} service", s.name))?;
+    for stream in [
+        child
+            .stdout
+            .take()
+            .map(|o| Box::new(o) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+        child
+            .stderr
+            .take()
+            .map(|e| Box::new(e) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let name = s.name;
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stream).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                eprintln!("[{name:>8}] {line}");
+            }
+        });
+    }
+    Ok(child)
+}
+
+/// How long the services may take to open their ports (migrations on a
+/// large database run first).
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Waits until every port on `host` accepts connections; fails when a
+/// service exits first or the ports are not all open within [`START_TIMEOUT`].
+async fn listening(
+    children: &mut [(&'static str, Child)],
+    host: &str,
+    ports: &[u16],
+) -> anyhow::Result<()> {
+    let give_up = tokio::time::Instant::now() + START_TIMEOUT;
+    let mut waiting: Vec<u16> = ports.to_vec();
+    loop {
+        for (name, child) in children.iter_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                anyhow::bail!("the {name} service exited ({status}) while starting");
+            }
+        }
+        let mut still = Vec::new();
+        for port in waiting {
+            if tokio::net::TcpStream::connect((host, port)).await.is_err() {
+                still.push(port);
+            }
+        }
+        waiting = still;
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= give_up {
+            anyhow::bail!("ports {waiting:?} on {host} did not open within {START_TIMEOUT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The first service to exit, and how it ended.
+async fn exited(
+    children: &mut [(&'static str, Child)],
+) -> (&'static str, std::process::ExitStatus) {
+    loop {
+        for (name, child) in children.iter_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                return (*name, status);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// SIGTERM to every service, then waits for each to finish draining; one
+/// that takes longer than its shutdown timeout is killed.
+async fn stop_all(children: &mut [(&'static str, Child)], config: &Config) {
+    for (_, child) in children.iter() {
         if let Some(pid) = child.id() {
             let _ = std::process::Command::new("kill")
                 .args(["-TERM", &pid.to_string()])
@@ -202,21 +294,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     for (name, child) in children.iter_mut() {
-        match tokio::time::timeout(
-            config.shutdown_timeout + std::time::Duration::from_secs(2),
+        if tokio::time::timeout(
+            config.shutdown_timeout + Duration::from_secs(2),
             child.wait(),
         )
         .await
+        .is_err()
         {
-            Ok(_) => {}
-            Err(_) => {
-                tracing::warn!(service = *name, "did not stop in time; killing it");
-                let _ = child.kill().await;
-            }
+            tracing::warn!(service = *name, "did not stop in time; killing it");
+            let _ = child.kill().await;
         }
-    }
-    match failure {
-        Some(e) => Err(e),
-        None => Ok(()),
     }
 }
