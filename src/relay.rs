@@ -15,7 +15,7 @@
 //! from the orders service's `/events/feed`, resuming with `Last-Event-ID`
 //! from the position it stores with each change.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use futures::StreamExt;
@@ -39,41 +39,59 @@ async fn pause(stop: &CancellationToken, d: Duration) -> bool {
 
 /// Reconnecting a long-running session (the relay, the consumer) after it
 /// broke: the wait before each new try, and how loudly to say so.
+///
+/// An outage ends once a session has stayed up for [`Reconnect::HEALTHY`]. A
+/// session that gets going and breaks again soon after (a peer that accepts
+/// and then fails every time) is the same outage: its waits keep growing and
+/// it is not reported again.
 #[derive(Debug)]
 struct Reconnect {
     what: &'static str,
     backoff: Duration,
-    /// Tries that failed since the session last got going.
+    /// Tries that failed in this outage.
     failures: u32,
+    /// When the current session got going.
+    up_since: Option<Instant>,
+    /// Whether this outage's first resumption has been reported.
+    resumed: bool,
 }
 
 impl Reconnect {
     const FIRST: Duration = Duration::from_millis(200);
     const MAX: Duration = Duration::from_secs(5);
+    const HEALTHY: Duration = Duration::from_secs(10);
 
     fn new(what: &'static str) -> Reconnect {
         Reconnect {
             what,
             backoff: Self::FIRST,
             failures: 0,
+            up_since: None,
+            resumed: false,
         }
     }
 
-    /// The session got going: a break after this is a new outage, retried
-    /// at once rather than after the last outage's longest wait.
-    fn connected(&mut self) {
-        if self.failures > 0 {
+    /// The session got going.
+    fn connected(&mut self, now: Instant) {
+        self.up_since = Some(now);
+        if self.failures > 0 && !self.resumed {
+            self.resumed = true;
             tracing::info!(failed_tries = self.failures, "{} resumed", self.what);
         }
-        self.failures = 0;
-        self.backoff = Self::FIRST;
     }
 
     /// How long to wait after the session broke with `error`. The first
     /// failure of an outage is a warning; the tries after it, every few
     /// seconds for as long as the peer is away, would bury the log, so they
-    /// are debug lines until the session resumes.
-    fn failed(&mut self, error: &dyn std::fmt::Display) -> Duration {
+    /// are debug lines.
+    fn failed(&mut self, error: &dyn std::fmt::Display, now: Instant) -> Duration {
+        if self
+            .up_since
+            .take()
+            .is_some_and(|t| now.duration_since(t) >= Self::HEALTHY)
+        {
+            *self = Reconnect::new(self.what);
+        }
         if self.failures == 0 {
             tracing::warn!(%error, "{} interrupted; retrying until it resumes", self.what);
         } else {
@@ -110,7 +128,7 @@ pub async fn run_relay(domain: Domain, url: String, filter: EventFilter, stop: C
         match relay_session(&domain, &url, &filter, &stop, &mut reconnect).await {
             Ok(()) => return,
             Err(e) => {
-                if !pause(&stop, reconnect.failed(&e)).await {
+                if !pause(&stop, reconnect.failed(&e, Instant::now())).await {
                     return;
                 }
             }
@@ -128,7 +146,7 @@ async fn relay_session(
     let js = jetstream_context(url).await?;
     let origin = domain.origin().await?;
     tracing::info!(url, "event relay connected to NATS JetStream");
-    reconnect.connected();
+    reconnect.connected(Instant::now());
     // A live subscription only as a wake-up; the log itself is read below.
     let mut wake = Box::pin(domain.events().subscribe(None, EventFilter::all()));
     loop {
@@ -195,7 +213,7 @@ pub async fn run_order_consumer(
         match result {
             Ok(()) => return,
             Err(e) => {
-                if !pause(&stop, reconnect.failed(&e)).await {
+                if !pause(&stop, reconnect.failed(&e, Instant::now())).await {
                     return;
                 }
             }
@@ -227,7 +245,7 @@ async fn consume_jetstream(
         .await?;
     let mut messages = consumer.messages().await?;
     tracing::info!("users service consuming order.created from JetStream");
-    reconnect.connected();
+    reconnect.connected(Instant::now());
     loop {
         let msg = tokio::select! {
             _ = stop.cancelled() => return Ok(()),
@@ -279,7 +297,7 @@ async fn consume_feed(
         after,
         "users service consuming order.created from the orders feed"
     );
-    reconnect.connected();
+    reconnect.connected(Instant::now());
     let mut body = response.bytes_stream();
     // Bytes until a whole event has arrived: a chunk may end inside a
     // character, which decoding each chunk on its own would mangle.
@@ -335,15 +353,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reconnecting_waits_longer_each_try_and_starts_over_once_connected() {
+    fn reconnecting_waits_longer_each_try_and_starts_over_after_a_healthy_session() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
         let mut r = Reconnect::new("test session");
-        let waits: Vec<Duration> = (0..8).map(|_| r.failed(&"down")).collect();
-        let ms: Vec<u128> = waits.iter().map(Duration::as_millis).collect();
-        assert_eq!(ms, [200, 400, 800, 1600, 3200, 5000, 5000, 5000]);
-        assert_eq!(r.failures, 8);
-        r.connected();
-        assert_eq!(r.failures, 0);
-        assert_eq!(r.failed(&"down again"), Reconnect::FIRST);
+        let ms = |r: &mut Reconnect, n, now| -> Vec<u128> {
+            (0..n).map(|_| r.failed(&"down", now).as_millis()).collect()
+        };
+        assert_eq!(
+            ms(&mut r, 8, at(0)),
+            [200, 400, 800, 1600, 3200, 5000, 5000, 5000]
+        );
+        // Up, and broken again at once: the same outage, still waiting long.
+        r.connected(at(1));
+        assert!(r.resumed);
+        assert_eq!(ms(&mut r, 1, at(2)), [5000]);
+        assert_eq!(r.failures, 9);
+        // Up for long enough: the next break is a new outage.
+        r.connected(at(3));
+        assert_eq!(
+            ms(&mut r, 2, at(3 + Reconnect::HEALTHY.as_secs())),
+            [200, 400]
+        );
+        assert_eq!((r.failures, r.resumed), (2, false));
     }
 
     #[test]
