@@ -110,12 +110,17 @@ impl std::fmt::Debug for TokenKeys {
 }
 
 impl TokenKeys {
-    pub fn new(secret: &[u8], ttl: Duration) -> Self {
-        TokenKeys {
-            encoding: EncodingKey::from_secret(secret),
-            decoding: DecodingKey::from_secret(secret),
+    /// Keys from a shared HMAC secret of at least 32 bytes.
+    pub fn new(secret: &[u8], ttl: Duration) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            secret.len() >= 32,
+            "a token signing secret must be at least 32 bytes"
+        );
+        Ok(TokenKeys {
+            encoding: EncodingKey::from_secret(secret)?,
+            decoding: DecodingKey::from_secret(secret)?,
             ttl,
-        }
+        })
     }
 
     /// Uses the configured secret, or the one kept in `<data_dir>/jwt-secret`,
@@ -123,20 +128,20 @@ impl TokenKeys {
     pub fn load(configured: Option<&str>, data_dir: &Path, ttl: Duration) -> anyhow::Result<Self> {
         if let Some(secret) = configured {
             anyhow::ensure!(secret.len() >= 32, "jwt_secret must be at least 32 bytes");
-            return Ok(Self::new(secret.as_bytes(), ttl));
+            return Self::new(secret.as_bytes(), ttl);
         }
         let path = data_dir.join("jwt-secret");
         if let Ok(secret) = std::fs::read_to_string(&path) {
             let secret = secret.trim();
             anyhow::ensure!(secret.len() >= 32, "{} is too short", path.display());
-            return Ok(Self::new(secret.as_bytes(), ttl));
+            return Self::new(secret.as_bytes(), ttl);
         }
         std::fs::create_dir_all(data_dir)?;
         let secret = random_token(32);
         write_private(&path, &secret)
             .with_context(|| format!("cannot write {}", path.display()))?;
         tracing::info!(path = %path.display(), "generated a token signing secret");
-        Ok(Self::new(secret.as_bytes(), ttl))
+        Self::new(secret.as_bytes(), ttl)
     }
 
     pub fn ttl(&self) -> Duration {
@@ -293,14 +298,15 @@ mod tests {
 
     #[test]
     fn tokens_verify_and_reject_tampering() {
-        let keys = TokenKeys::new(&[7u8; 32], Duration::from_secs(60));
+        let keys = TokenKeys::new(&[7u8; 32], Duration::from_secs(60)).unwrap();
         let t = keys.issue(42, Role::Admin).unwrap();
         let p = keys.verify(&t).unwrap();
         assert_eq!(p.user_id, 42);
         assert!(p.is_admin());
-        let other = TokenKeys::new(&[8u8; 32], Duration::from_secs(60));
+        let other = TokenKeys::new(&[8u8; 32], Duration::from_secs(60)).unwrap();
         assert!(matches!(other.verify(&t), Err(Error::Unauthenticated(_))));
         assert!(keys.verify("garbage").is_err());
+        assert!(TokenKeys::new(&[7u8; 31], Duration::from_secs(60)).is_err());
     }
 
     #[test]

@@ -164,6 +164,7 @@ async fn tampered_and_foreign_tokens_are_refused() {
     tampered.pop();
     tampered.push(if token.ends_with('A') { 'B' } else { 'A' });
     let foreign = prism::auth::TokenKeys::new(&[9u8; 32], std::time::Duration::from_secs(60))
+        .unwrap()
         .issue(1, prism::auth::Role::Admin)
         .unwrap();
     for bad in [tampered, foreign] {

@@ -270,6 +270,7 @@ async fn users_only(users: &Fake, tune: impl Fn(&mut ServiceSpec)) -> TestGatewa
 
 fn token() -> String {
     prism::auth::TokenKeys::new(SECRET.as_bytes(), Duration::from_secs(60))
+        .unwrap()
         .issue(1, prism::auth::Role::User)
         .unwrap()
 }
