@@ -238,7 +238,7 @@ impl Gateway {
             }
         }
         let (trace_id, sampled) = traceparent
-            .and_then(|v| parse_traceparent(v.as_bytes()))
+            .and_then(|v| upstream::parse_traceparent(v.as_bytes()))
             .unwrap_or_else(|| (upstream::new_id32(), true));
         // A request without an id is known by its trace id, as a tracing
         // backend shows it: one id to search the logs of every service for.
@@ -272,18 +272,6 @@ impl Gateway {
                 .inc();
         }
     }
-}
-
-/// The trace id and sampled flag of a W3C `traceparent`
-/// (`00-<32 hex trace id>-<16 hex parent>-<2 hex flags>`).
-fn parse_traceparent(tp: &[u8]) -> Option<([u8; 32], bool)> {
-    let mut parts = tp.split(|b| *b == b'-');
-    let (_version, trace, _parent, flags) =
-        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    if parts.next().is_some() || !trace.iter().all(u8::is_ascii_hexdigit) {
-        return None;
-    }
-    Some((trace.try_into().ok()?, flags == b"01"))
 }
 
 /// The upstream's answer, passed through as a reverse proxy passes it: its

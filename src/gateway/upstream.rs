@@ -77,7 +77,7 @@ pub struct CallCtx {
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
-const X_REQUEST_TIMEOUT_MS: HeaderName = HeaderName::from_static("x-request-timeout-ms");
+pub const X_REQUEST_TIMEOUT_MS: HeaderName = HeaderName::from_static("x-request-timeout-ms");
 
 /// Unique ids without a random draw per request: a random per-process
 /// prefix and a counter (the W3C format only asks for uniqueness). Fills
@@ -126,17 +126,42 @@ fn hex(out: &mut [u8], n: u64) {
     }
 }
 
+/// The trace id and sampled flag of a W3C `traceparent`
+/// (`00-<32 hex trace id>-<16 hex parent>-<2 hex flags>`).
+pub fn parse_traceparent(tp: &[u8]) -> Option<([u8; 32], bool)> {
+    let mut parts = tp.split(|b| *b == b'-');
+    let (_version, trace, _parent, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || !trace.iter().all(u8::is_ascii_hexdigit) {
+        return None;
+    }
+    Some((trace.try_into().ok()?, flags == b"01"))
+}
+
+/// A `traceparent` naming a new span in the trace `trace_id`.
+fn new_span(trace_id: &[u8; 32], sampled: bool) -> HeaderValue {
+    // 00-<32 hex trace id>-<16 hex span id>-<2 hex flags>
+    let mut out = *b"00-________________________________-________________-00";
+    out[3..35].copy_from_slice(trace_id);
+    next_id(&mut out[36..52]);
+    if sampled {
+        out[54] = b'1';
+    }
+    HeaderValue::from_bytes(&out).expect("hex digits and dashes are a valid header value")
+}
+
+/// The `traceparent` for a call made while serving a request that carried
+/// `incoming`: the same trace and sampling, this call's own span. `None`
+/// when `incoming` is not a `traceparent`.
+pub fn child_traceparent(incoming: &[u8]) -> Option<HeaderValue> {
+    let (trace_id, sampled) = parse_traceparent(incoming)?;
+    Some(new_span(&trace_id, sampled))
+}
+
 impl CallCtx {
     /// A `traceparent` for one outgoing call: same trace, a new span.
     pub fn traceparent(&self) -> HeaderValue {
-        // 00-<32 hex trace id>-<16 hex span id>-<2 hex flags>
-        let mut out = *b"00-________________________________-________________-00";
-        out[3..35].copy_from_slice(&self.trace_id);
-        next_id(&mut out[36..52]);
-        if self.sampled {
-            out[54] = b'1';
-        }
-        HeaderValue::from_bytes(&out).expect("hex digits and dashes are a valid header value")
+        new_span(&self.trace_id, self.sampled)
     }
 
     pub fn remaining(&self) -> Duration {

@@ -11,7 +11,7 @@ use axum::{
     routing::get,
 };
 use serde_json::json;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::{
     error::ApiError,
@@ -21,6 +21,7 @@ use super::{
 use crate::{
     domain::{NewOrder, consumers::OrderStats},
     error::Error,
+    gateway::upstream::{TRACEPARENT, X_REQUEST_ID, X_REQUEST_TIMEOUT_MS, child_traceparent},
     state::AppState,
 };
 
@@ -59,33 +60,58 @@ impl axum::extract::FromRef<OrdersCtx> for AppState {
     }
 }
 
+/// How long the orders service waits for the users service when its caller
+/// has not said how long it may take.
+const USER_FETCH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// When the answer to this request is due: the time its caller gave it
+/// (`x-request-timeout-ms`, as the gateway sends), counted from now, or
+/// [`USER_FETCH_TIMEOUT`] from now if that is sooner or none was given.
+fn answer_due(headers: &HeaderMap) -> Instant {
+    let given = headers
+        .get(X_REQUEST_TIMEOUT_MS)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(USER_FETCH_TIMEOUT, Duration::from_millis);
+    Instant::now() + given.min(USER_FETCH_TIMEOUT)
+}
+
 /// The user of an order, from the users service: `Ok(None)` when it does not
-/// exist, `Err` when the service cannot say.
+/// exist, `Err` when the service cannot say by `due`. The request's id, its
+/// trace (a new span) and the time left go with the call.
 async fn fetch_user(
     ctx: &OrdersCtx,
     user_id: i64,
     headers: &HeaderMap,
+    due: Instant,
 ) -> Result<Option<serde_json::Value>, Error> {
+    let unavailable = || Error::Unavailable("User service unavailable".into());
+    let left = due.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(unavailable());
+    }
     let mut req = ctx
         .http
         .get(format!(
             "{}/users/{user_id}",
             ctx.users_url.trim_end_matches('/')
         ))
-        .timeout(Duration::from_secs(2));
-    for name in ["x-request-id", "traceparent"] {
-        if let Some(v) = headers.get(name) {
-            req = req.header(name, v.clone());
-        }
+        .timeout(left)
+        .header(X_REQUEST_TIMEOUT_MS, left.as_millis().max(1).to_string());
+    if let Some(v) = headers.get(X_REQUEST_ID) {
+        req = req.header(X_REQUEST_ID, v.clone());
     }
-    let r = req
-        .send()
-        .await
-        .map_err(|_| Error::Unavailable("User service unavailable".into()))?;
+    if let Some(tp) = headers
+        .get(TRACEPARENT)
+        .and_then(|v| child_traceparent(v.as_bytes()))
+    {
+        req = req.header(TRACEPARENT, tp);
+    }
+    let r = req.send().await.map_err(|_| unavailable())?;
     match r.status().as_u16() {
         200 => Ok(r.json().await.ok()),
         404 => Ok(None),
-        _ => Err(Error::Unavailable("User service unavailable".into())),
+        _ => Err(unavailable()),
     }
 }
 
@@ -115,8 +141,9 @@ async fn get_order(
     headers: HeaderMap,
     Path(id): Path<i64>,
 ) -> Result<Response, ApiError> {
+    let due = answer_due(&headers);
     let order = ctx.app.domain.get_order(id).await?;
-    let user = match fetch_user(&ctx, order.user_id, &headers).await {
+    let user = match fetch_user(&ctx, order.user_id, &headers, due).await {
         Ok(u) => u,
         Err(e) => {
             tracing::warn!(error = %e, "order served without its user");
@@ -135,12 +162,13 @@ async fn create_order(
     headers: HeaderMap,
     Json(new): Json<NewOrder>,
 ) -> Result<Response, ApiError> {
+    let due = answer_due(&headers);
     let user_id = new.user_id.unwrap_or(by.user_id);
     crate::domain::validate::Check::new()
         .non_negative("total", new.total)
         .finish()?;
     by.ensure_self_or_admin(user_id, "place orders for yourself")?;
-    if fetch_user(&ctx, user_id, &headers).await?.is_none() {
+    if fetch_user(&ctx, user_id, &headers, due).await?.is_none() {
         return Err(Error::invalid("user_id", "value_error", "User does not exist").into());
     }
     let order = ctx

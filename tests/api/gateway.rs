@@ -569,6 +569,80 @@ async fn request_id_and_traceparent_reach_the_upstream() {
     gw.stop().await;
 }
 
+/// The orders service passes on what the gateway sent it when it asks the
+/// users service for an order's user: the request id, the trace (with a
+/// span of its own) and the time left, never more than it was given.
+#[tokio::test]
+async fn the_orders_service_passes_the_deadline_and_trace_on() {
+    let users = fake("users", None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let orders = service(Role::Orders, dir.path(), Some(users.url())).await;
+    let orders_url = format!("http://{}", orders.http_addr());
+    let (stop_orders, stopped) = oneshot::channel::<()>();
+    let orders = tokio::spawn(orders.run_until_stopped(async move {
+        let _ = stopped.await;
+    }));
+    let mut reg = registry(vec![users.url()], vec![orders_url.clone()], vec![], |_| {});
+    reg.deadline_ms = 700;
+    let gw = TestGateway::start(reg).await;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let r = gw
+        .client
+        .get(format!("http://{}/api/orders/1", gw.addr))
+        .header("x-request-id", "req-456")
+        .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-01"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let order: Value = r.json().await.unwrap();
+    assert_eq!(order["user"]["name"], "users user", "{order}");
+    let seen = users.state.seen.lock().last().cloned().unwrap();
+    assert_eq!(seen["x-request-id"], "req-456");
+    let tp: Vec<&str> = seen["traceparent"].to_str().unwrap().split('-').collect();
+    assert_eq!((tp[0], tp[1], tp[3]), ("00", trace, "01"), "{tp:?}");
+    assert_ne!(
+        tp[2], "00f067aa0ba902b7",
+        "a span of the orders service's own"
+    );
+    let limit = time_limit(&seen);
+    assert!((1..=700).contains(&limit), "{limit}");
+
+    // Asked directly, without a time limit: its own two seconds at most.
+    let r = gw
+        .client
+        .get(format!("{orders_url}/orders/1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let seen = users.state.seen.lock().last().cloned().unwrap();
+    let limit = time_limit(&seen);
+    assert!((1..=2000).contains(&limit), "{limit}");
+    assert!(seen.get("traceparent").is_none(), "no trace to pass on");
+    // No time left: the order comes without its user, and the users service
+    // is not asked.
+    let asked = users.hits();
+    let r = gw
+        .client
+        .get(format!("{orders_url}/orders/1"))
+        .header("x-request-timeout-ms", "0")
+        .send()
+        .await
+        .unwrap();
+    let order: Value = r.json().await.unwrap();
+    assert_eq!(order["user"], Value::Null, "{order}");
+    assert_eq!(users.hits(), asked);
+
+    gw.stop().await;
+    let _ = stop_orders.send(());
+    tokio::time::timeout(WAIT, orders)
+        .await
+        .expect("orders service shutdown hung")
+        .unwrap()
+        .unwrap();
+}
+
 /// Requests the gateway cannot route or read get an error in the usual JSON
 /// form and never reach an upstream.
 #[tokio::test]
