@@ -39,7 +39,9 @@ use crate::{
     },
 };
 use registry::Registry;
-use upstream::{CallCtx, Failure, HttpAnswer, TRACEPARENT, Upstream, X_REQUEST_ID};
+use upstream::{
+    CallCtx, Failure, HttpAnswer, TRACEPARENT, Upstream, X_REQUEST_ID, X_REQUEST_TIMEOUT_MS,
+};
 
 /// Shared by every request (one reference count to clone per request).
 #[derive(Clone)]
@@ -229,14 +231,23 @@ impl Gateway {
     fn ctx(&self, headers: &HeaderMap) -> CallCtx {
         // One pass over the client's few headers costs less than two
         // lookups, each hashing its name.
-        let (mut request_id, mut traceparent) = (None, None);
+        let (mut request_id, mut traceparent, mut time_given) = (None, None, None);
         for (name, value) in headers {
             if *name == X_REQUEST_ID {
                 request_id.get_or_insert(value);
             } else if *name == TRACEPARENT {
                 traceparent.get_or_insert(value);
+            } else if *name == X_REQUEST_TIMEOUT_MS {
+                time_given.get_or_insert(value);
             }
         }
+        // A client that says how long it will wait (another gateway, say)
+        // shortens the deadline; it cannot lengthen it.
+        let time = time_given
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            .map_or(self.deadline, |ms| {
+                self.deadline.min(Duration::from_millis(ms))
+            });
         let (trace_id, sampled) = traceparent
             .and_then(|v| upstream::parse_traceparent(v.as_bytes()))
             .unwrap_or_else(|| (upstream::new_id32(), true));
@@ -252,7 +263,7 @@ impl Gateway {
                     .expect("hex is a valid header value")
             });
         CallCtx {
-            deadline: std::time::Instant::now() + self.deadline,
+            deadline: std::time::Instant::now() + time,
             request_id,
             trace_id,
             sampled,

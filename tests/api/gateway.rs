@@ -556,6 +556,19 @@ async fn request_id_and_traceparent_reach_the_upstream() {
         tp.starts_with(&format!("00-{trace}-")) && tp.ends_with("-00"),
         "{tp}"
     );
+
+    // A client that gives less time than the deadline bounds the upstream.
+    let r = gw
+        .client
+        .get(format!("http://{}/api/users/1", gw.addr))
+        .header("x-request-timeout-ms", "300")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let seen = users.state.seen.lock().last().cloned().unwrap();
+    let limit = time_limit(&seen);
+    assert!((1..=300).contains(&limit), "{limit}");
     gw.stop().await;
 
     // An overall deadline shorter than the try's timeout bounds the upstream instead.
