@@ -36,6 +36,7 @@ pub mod relay;
 pub mod serve;
 pub mod state;
 pub mod telemetry;
+pub mod trace;
 pub mod up;
 
 pub use app::App;

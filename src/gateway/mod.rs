@@ -37,11 +37,10 @@ use crate::{
         error::{ApiError, detail, not_an_integer_path_param},
         extract::{bearer_token, parse_urlencoded},
     },
+    trace::{self, TRACEPARENT, X_REQUEST_ID, X_REQUEST_TIMEOUT_MS},
 };
 use registry::Registry;
-use upstream::{
-    CallCtx, Failure, HttpAnswer, TRACEPARENT, Upstream, X_REQUEST_ID, X_REQUEST_TIMEOUT_MS,
-};
+use upstream::{CallCtx, Failure, HttpAnswer, Upstream};
 
 /// Shared by every request (one reference count to clone per request).
 #[derive(Clone)]
@@ -249,8 +248,8 @@ impl Gateway {
                 self.deadline.min(Duration::from_millis(ms))
             });
         let (trace_id, sampled) = traceparent
-            .and_then(|v| upstream::parse_traceparent(v.as_bytes()))
-            .unwrap_or_else(|| (upstream::new_id32(), true));
+            .and_then(|v| trace::parse_traceparent(v.as_bytes()))
+            .unwrap_or_else(|| (trace::new_id32(), true));
         // A request without an id is known by its trace id, as a tracing
         // backend shows it: one id to search the logs of every service for.
         let request_id = request_id

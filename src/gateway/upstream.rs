@@ -19,6 +19,8 @@ use hyper::{
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::trace::{self, TRACEPARENT, X_REQUEST_ID, X_REQUEST_TIMEOUT_MS};
+
 use super::{
     breaker::{Breaker, State},
     pool::ConnPool,
@@ -75,93 +77,10 @@ pub struct CallCtx {
     pub sampled: bool,
 }
 
-pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
-pub const X_REQUEST_TIMEOUT_MS: HeaderName = HeaderName::from_static("x-request-timeout-ms");
-
-/// Unique ids without a random draw per request: a random per-process
-/// prefix and a counter (the W3C format only asks for uniqueness). Fills
-/// `out` (16 or 32 bytes) with lowercase hex digits.
-fn next_id(out: &mut [u8]) {
-    use std::sync::OnceLock;
-    static PREFIX: OnceLock<u64> = OnceLock::new();
-    static COUNTER: AtomicU64 = AtomicU64::new(1);
-    let prefix = *PREFIX.get_or_init(|| {
-        let mut b = [0u8; 8];
-        let _ = getrandom::fill(&mut b);
-        u64::from_le_bytes(b)
-    });
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    match out.len() {
-        16 => hex(out, prefix ^ n.rotate_left(32)),
-        _ => {
-            hex(&mut out[..16], prefix);
-            hex(&mut out[16..32], n);
-        }
-    }
-}
-
-/// A new 32-hex-digit id (request and trace ids).
-pub fn new_id32() -> [u8; 32] {
-    let mut id = [0u8; 32];
-    next_id(&mut id);
-    id
-}
-
-/// `n` as sixteen lowercase hex digits into `out[..16]` (this runs several
-/// times per proxied request, so a byte at a time from a table, no `format!`).
-fn hex(out: &mut [u8], n: u64) {
-    const PAIRS: [[u8; 2]; 256] = {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
-        let mut t = [[0u8; 2]; 256];
-        let mut i = 0;
-        while i < 256 {
-            t[i] = [DIGITS[i >> 4], DIGITS[i & 0xf]];
-            i += 1;
-        }
-        t
-    };
-    for (pair, byte) in out[..16].chunks_exact_mut(2).zip(n.to_be_bytes()) {
-        pair.copy_from_slice(&PAIRS[byte as usize]);
-    }
-}
-
-/// The trace id and sampled flag of a W3C `traceparent`
-/// (`00-<32 hex trace id>-<16 hex parent>-<2 hex flags>`).
-pub fn parse_traceparent(tp: &[u8]) -> Option<([u8; 32], bool)> {
-    let mut parts = tp.split(|b| *b == b'-');
-    let (_version, trace, _parent, flags) =
-        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    if parts.next().is_some() || !trace.iter().all(u8::is_ascii_hexdigit) {
-        return None;
-    }
-    Some((trace.try_into().ok()?, flags == b"01"))
-}
-
-/// A `traceparent` naming a new span in the trace `trace_id`.
-fn new_span(trace_id: &[u8; 32], sampled: bool) -> HeaderValue {
-    // 00-<32 hex trace id>-<16 hex span id>-<2 hex flags>
-    let mut out = *b"00-________________________________-________________-00";
-    out[3..35].copy_from_slice(trace_id);
-    next_id(&mut out[36..52]);
-    if sampled {
-        out[54] = b'1';
-    }
-    HeaderValue::from_bytes(&out).expect("hex digits and dashes are a valid header value")
-}
-
-/// The `traceparent` for a call made while serving a request that carried
-/// `incoming`: the same trace and sampling, this call's own span. `None`
-/// when `incoming` is not a `traceparent`.
-pub fn child_traceparent(incoming: &[u8]) -> Option<HeaderValue> {
-    let (trace_id, sampled) = parse_traceparent(incoming)?;
-    Some(new_span(&trace_id, sampled))
-}
-
 impl CallCtx {
     /// A `traceparent` for one outgoing call: same trace, a new span.
     pub fn traceparent(&self) -> HeaderValue {
-        new_span(&self.trace_id, self.sampled)
+        trace::new_span(&self.trace_id, self.sampled)
     }
 
     pub fn remaining(&self) -> Duration {
@@ -542,35 +461,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hex_digits_are_the_number_in_lowercase() {
-        let mut out = [0u8; 16];
-        for n in [0, 1, 0xdead_beef, 0x0123_4567_89ab_cdef, u64::MAX] {
-            hex(&mut out, n);
-            assert_eq!(std::str::from_utf8(&out).unwrap(), format!("{n:016x}"));
-        }
-    }
-
-    #[test]
-    fn ids_are_lowercase_hex_and_unique() {
-        let (a, b) = (new_id32(), new_id32());
-        assert_ne!(a, b);
-        assert_eq!(a[..16], b[..16], "one per-process prefix");
-        let (mut s1, mut s2) = ([0u8; 16], [0u8; 16]);
-        next_id(&mut s1);
-        next_id(&mut s2);
-        assert_ne!(s1, s2);
+    fn each_call_gets_a_span_of_the_requests_trace() {
+        let trace_id = crate::trace::new_id32();
         let lower_hex = |s: &[u8]| {
             s.iter()
                 .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
         };
-        assert!(lower_hex(&a) && lower_hex(&s1));
         let mut ctx = CallCtx {
             deadline: Instant::now(),
             request_id: HeaderValue::from_static("r"),
-            trace_id: a,
+            trace_id,
             sampled: false,
         };
-        let trace = std::str::from_utf8(&a).unwrap();
+        let trace = std::str::from_utf8(&trace_id).unwrap();
         for (sampled, flags) in [(false, "00"), (true, "01")] {
             ctx.sampled = sampled;
             let tp = ctx.traceparent();

@@ -21,8 +21,8 @@ use super::{
 use crate::{
     domain::{NewOrder, consumers::OrderStats},
     error::Error,
-    gateway::upstream::{TRACEPARENT, X_REQUEST_ID, X_REQUEST_TIMEOUT_MS, child_traceparent},
     state::AppState,
+    trace::{TRACEPARENT, X_REQUEST_ID, X_REQUEST_TIMEOUT_MS, child_traceparent},
 };
 
 /// `GET /users/{user_id}/order-stats`: what the users service learned from
