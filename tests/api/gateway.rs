@@ -74,6 +74,10 @@ impl Fake {
     fn hits(&self) -> u64 {
         self.state.hits.load(Ordering::SeqCst)
     }
+    /// The headers of the last request the fake served.
+    fn last_seen(&self) -> HeaderMap {
+        self.state.seen.lock().last().cloned().unwrap()
+    }
     fn set(&self, mode: Mode) {
         *self.state.mode.lock() = mode;
     }
@@ -296,6 +300,31 @@ async fn service(role: Role, dir: &std::path::Path, users_url: Option<String>) -
     App::build_as(role, config).await.unwrap()
 }
 
+/// A service running in the background until stopped.
+struct Running {
+    stop: oneshot::Sender<()>,
+    handle: JoinHandle<anyhow::Result<()>>,
+}
+
+fn run(app: App) -> Running {
+    let (stop, stopped) = oneshot::channel::<()>();
+    let handle = tokio::spawn(app.run_until_stopped(async move {
+        let _ = stopped.await;
+    }));
+    Running { stop, handle }
+}
+
+impl Running {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        tokio::time::timeout(WAIT, self.handle)
+            .await
+            .expect("service shutdown hung")
+            .unwrap()
+            .unwrap();
+    }
+}
+
 async fn topology(dir: &std::path::Path) -> Topology {
     let users = service(Role::Users, &dir.join("users"), None).await;
     let users_url = format!("http://{}", users.http_addr());
@@ -318,16 +347,10 @@ async fn routes_over_the_real_services() {
         vec![format!("http://{}", t.products.grpc_addr())],
         |_| {},
     );
-    let mut running = Vec::new();
-    for app in [t.users, t.orders, t.products] {
-        let (tx, rx) = oneshot::channel::<()>();
-        running.push((
-            tx,
-            tokio::spawn(app.run_until_stopped(async move {
-                let _ = rx.await;
-            })),
-        ));
-    }
+    let running: Vec<Running> = [t.users, t.orders, t.products]
+        .into_iter()
+        .map(run)
+        .collect();
     let gw = TestGateway::start(reg).await;
 
     let (s, user) = gw.get("/api/users/1").await;
@@ -437,13 +460,8 @@ async fn routes_over_the_real_services() {
     assert_eq!(health["upstreams"]["products"][0]["healthy"], true);
 
     gw.stop().await;
-    for (tx, handle) in running {
-        let _ = tx.send(());
-        tokio::time::timeout(WAIT, handle)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+    for service in running {
+        service.stop().await;
     }
 }
 
@@ -470,6 +488,15 @@ async fn fan_out_is_parallel() {
     gw.stop().await;
 }
 
+/// GET `url`, telling the server it may take `ms` milliseconds, if given.
+async fn get_within(client: &reqwest::Client, url: String, ms: Option<u64>) -> reqwest::Response {
+    let mut req = client.get(url);
+    if let Some(ms) = ms {
+        req = req.header("x-request-timeout-ms", ms.to_string());
+    }
+    req.send().await.unwrap()
+}
+
 /// The milliseconds a request told its upstream it may take.
 fn time_limit(seen: &HeaderMap) -> u64 {
     seen["x-request-timeout-ms"]
@@ -479,19 +506,28 @@ fn time_limit(seen: &HeaderMap) -> u64 {
         .unwrap()
 }
 
+/// The trace a test client's request belongs to, and the client's span.
+const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const CLIENT_SPAN: &str = "00f067aa0ba902b7";
+
+/// GET `path` through the gateway with the request id `id`, as a sampled
+/// span of [`TRACE`].
+async fn traced_get(gw: &TestGateway, path: &str, id: &str) -> reqwest::Response {
+    gw.client
+        .get(format!("http://{}{path}", gw.addr))
+        .header("x-request-id", id)
+        .header("traceparent", format!("00-{TRACE}-{CLIENT_SPAN}-01"))
+        .send()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn request_id_and_traceparent_reach_the_upstream() {
     let users = fake("users", None).await;
     let gw = users_only(&users, |s| s.timeout_ms = 1500).await;
-    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
-    let r = gw
-        .client
-        .get(format!("http://{}/api/users/1", gw.addr))
-        .header("x-request-id", "req-123")
-        .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-01"))
-        .send()
-        .await
-        .unwrap();
+    let trace = TRACE;
+    let r = traced_get(&gw, "/api/users/1", "req-123").await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.headers()["x-request-id"], "req-123");
     assert_eq!(r.headers()["x-served-by"], "users");
@@ -501,7 +537,7 @@ async fn request_id_and_traceparent_reach_the_upstream() {
     let tp = seen["traceparent"].to_str().unwrap();
     assert!(tp.starts_with(&format!("00-{trace}-")), "{tp}");
     assert!(
-        !tp.contains("00f067aa0ba902b7"),
+        !tp.contains(CLIENT_SPAN),
         "a new span id for the upstream call"
     );
     let limit = time_limit(&seen);
@@ -544,7 +580,7 @@ async fn request_id_and_traceparent_reach_the_upstream() {
     let r = gw
         .client
         .get(format!("http://{}/api/users/1", gw.addr))
-        .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-00"))
+        .header("traceparent", format!("00-{trace}-{CLIENT_SPAN}-00"))
         .send()
         .await
         .unwrap();
@@ -558,16 +594,14 @@ async fn request_id_and_traceparent_reach_the_upstream() {
     );
 
     // A client that gives less time than the deadline bounds the upstream.
-    let r = gw
-        .client
-        .get(format!("http://{}/api/users/1", gw.addr))
-        .header("x-request-timeout-ms", "300")
-        .send()
-        .await
-        .unwrap();
+    let r = get_within(
+        &gw.client,
+        format!("http://{}/api/users/1", gw.addr),
+        Some(300),
+    )
+    .await;
     assert_eq!(r.status(), StatusCode::OK);
-    let seen = users.state.seen.lock().last().cloned().unwrap();
-    let limit = time_limit(&seen);
+    let limit = time_limit(&users.last_seen());
     assert!((1..=300).contains(&limit), "{limit}");
     gw.stop().await;
 
@@ -591,69 +625,39 @@ async fn the_orders_service_passes_the_deadline_and_trace_on() {
     let dir = tempfile::tempdir().unwrap();
     let orders = service(Role::Orders, dir.path(), Some(users.url())).await;
     let orders_url = format!("http://{}", orders.http_addr());
-    let (stop_orders, stopped) = oneshot::channel::<()>();
-    let orders = tokio::spawn(orders.run_until_stopped(async move {
-        let _ = stopped.await;
-    }));
+    let orders = run(orders);
     let mut reg = registry(vec![users.url()], vec![orders_url.clone()], vec![], |_| {});
     reg.deadline_ms = 700;
     let gw = TestGateway::start(reg).await;
-    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
-    let r = gw
-        .client
-        .get(format!("http://{}/api/orders/1", gw.addr))
-        .header("x-request-id", "req-456")
-        .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-01"))
-        .send()
-        .await
-        .unwrap();
+    let r = traced_get(&gw, "/api/orders/1", "req-456").await;
     assert_eq!(r.status(), StatusCode::OK);
     let order: Value = r.json().await.unwrap();
     assert_eq!(order["user"]["name"], "users user", "{order}");
     let seen = users.state.seen.lock().last().cloned().unwrap();
     assert_eq!(seen["x-request-id"], "req-456");
     let tp: Vec<&str> = seen["traceparent"].to_str().unwrap().split('-').collect();
-    assert_eq!((tp[0], tp[1], tp[3]), ("00", trace, "01"), "{tp:?}");
-    assert_ne!(
-        tp[2], "00f067aa0ba902b7",
-        "a span of the orders service's own"
-    );
+    assert_eq!((tp[0], tp[1], tp[3]), ("00", TRACE, "01"), "{tp:?}");
+    assert_ne!(tp[2], CLIENT_SPAN, "a span of the orders service's own");
     let limit = time_limit(&seen);
     assert!((1..=700).contains(&limit), "{limit}");
 
     // Asked directly, without a time limit: its own two seconds at most.
-    let r = gw
-        .client
-        .get(format!("{orders_url}/orders/1"))
-        .send()
-        .await
-        .unwrap();
+    let r = get_within(&gw.client, format!("{orders_url}/orders/1"), None).await;
     assert_eq!(r.status(), StatusCode::OK);
-    let seen = users.state.seen.lock().last().cloned().unwrap();
+    let seen = users.last_seen();
     let limit = time_limit(&seen);
     assert!((1..=2000).contains(&limit), "{limit}");
     assert!(seen.get("traceparent").is_none(), "no trace to pass on");
     // No time left: the order comes without its user, and the users service
     // is not asked.
     let asked = users.hits();
-    let r = gw
-        .client
-        .get(format!("{orders_url}/orders/1"))
-        .header("x-request-timeout-ms", "0")
-        .send()
-        .await
-        .unwrap();
+    let r = get_within(&gw.client, format!("{orders_url}/orders/1"), Some(0)).await;
     let order: Value = r.json().await.unwrap();
     assert_eq!(order["user"], Value::Null, "{order}");
     assert_eq!(users.hits(), asked);
 
     gw.stop().await;
-    let _ = stop_orders.send(());
-    tokio::time::timeout(WAIT, orders)
-        .await
-        .expect("orders service shutdown hung")
-        .unwrap()
-        .unwrap();
+    orders.stop().await;
 }
 
 /// Requests the gateway cannot route or read get an error in the usual JSON
@@ -1030,10 +1034,7 @@ async fn a_products_connection_closed_as_idle_is_replaced() {
     };
     let products = App::build_as(Role::Products, config).await.unwrap();
     let products_addr = products.grpc_addr();
-    let (stop_products, stopped) = oneshot::channel::<()>();
-    let products = tokio::spawn(products.run_until_stopped(async move {
-        let _ = stopped.await;
-    }));
+    let products = run(products);
     // Between the gateway and the service: counts the connections open.
     let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let relay_url = format!("http://{}", relay.local_addr().unwrap());
@@ -1082,12 +1083,7 @@ async fn a_products_connection_closed_as_idle_is_replaced() {
     assert_eq!(health["upstreams"]["products"][0]["circuit"], "closed");
     gw.stop().await;
     relaying.abort();
-    let _ = stop_products.send(());
-    tokio::time::timeout(WAIT, products)
-        .await
-        .expect("products service shutdown hung")
-        .unwrap()
-        .unwrap();
+    products.stop().await;
 }
 
 /// Instances count as healthy until checked (a fresh gateway serves at once),
