@@ -145,7 +145,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut children: Vec<(&'static str, Child)> = Vec::new();
     let [backends @ .., gateway] = services;
     for s in &backends {
-        children.push((s.name, start(&exe, s, &common, &secret, &config, colour)?));
+        match start(&exe, s, &common, &secret, &config, colour) {
+            Ok(child) => children.push((s.name, child)),
+            Err(e) => {
+                stop_all(&mut children, &config).await;
+                return Err(e);
+            }
+        }
     }
     // The gateway starts once the services listen, so that its first health
     // checks find them up, rather than logging them down and answering 503
@@ -161,18 +167,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         _ = &mut stop => None,
     };
     let failure = match waited {
-        Some(Ok(())) => {
-            children.push((
-                gateway.name,
-                start(&exe, &gateway, &common, &secret, &config, colour)?,
-            ));
-            tracing::info!(gateway = %format!("http://{host}:{}", config.port), "topology started: users :{users}, orders :{orders}, products :{products} (gRPC)");
-            // Wait for a signal, or for a service to die (then stop the rest).
-            tokio::select! {
-                _ = &mut stop => None,
-                (name, status) = exited(&mut children) => Some(anyhow::anyhow!("the {name} service exited ({status}); stopping the others")),
+        Some(Ok(())) => match start(&exe, &gateway, &common, &secret, &config, colour) {
+            Err(e) => Some(e),
+            Ok(child) => {
+                children.push((gateway.name, child));
+                tracing::info!(gateway = %format!("http://{host}:{}", config.port), "topology started: users :{users}, orders :{orders}, products :{products} (gRPC)");
+                // Wait for a signal, or for a service to die (then stop the rest).
+                tokio::select! {
+                    _ = &mut stop => None,
+                    (name, status) = exited(&mut children) => Some(anyhow::anyhow!("the {name} service exited ({status}); stopping the others")),
+                }
             }
-        }
+        },
         Some(Err(e)) => Some(e),
         None => None,
     };
