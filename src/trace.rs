@@ -11,6 +11,13 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 pub const X_REQUEST_TIMEOUT_MS: HeaderName = HeaderName::from_static("x-request-timeout-ms");
 
+/// The time an `x-request-timeout-ms` value gives, or `None` when it is not
+/// a number of milliseconds.
+pub fn time_given(value: &HeaderValue) -> Option<std::time::Duration> {
+    let ms = value.to_str().ok()?.parse::<u64>().ok()?;
+    Some(std::time::Duration::from_millis(ms))
+}
+
 /// Unique ids without a random draw per request: a random per-process
 /// prefix and a counter (the W3C format only asks for uniqueness). Fills
 /// `out` (16 or 32 bytes) with lowercase hex digits.
@@ -131,5 +138,15 @@ mod tests {
         assert_ne!(parts[2], "00f067aa0ba902b7");
         assert_eq!(child_traceparent(b"not a traceparent"), None);
         assert_eq!(child_traceparent(b"00-zz-00f067aa0ba902b7-01"), None);
+    }
+
+    #[test]
+    fn a_time_limit_is_whole_milliseconds() {
+        let ms = |v: &'static str| time_given(&HeaderValue::from_static(v));
+        assert_eq!(ms("250"), Some(std::time::Duration::from_millis(250)));
+        assert_eq!(ms("0"), Some(std::time::Duration::ZERO));
+        for bad in ["", "-5", "1.5", "soon"] {
+            assert_eq!(ms(bad), None, "{bad:?}");
+        }
     }
 }

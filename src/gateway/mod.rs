@@ -243,10 +243,8 @@ impl Gateway {
         // A client that says how long it will wait (another gateway, say)
         // shortens the deadline; it cannot lengthen it.
         let time = time_given
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-            .map_or(self.deadline, |ms| {
-                self.deadline.min(Duration::from_millis(ms))
-            });
+            .and_then(trace::time_given)
+            .map_or(self.deadline, |t| self.deadline.min(t));
         let (trace_id, sampled) = traceparent
             .and_then(|v| trace::parse_traceparent(v.as_bytes()))
             .unwrap_or_else(|| (trace::new_id32(), true));

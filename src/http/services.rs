@@ -22,7 +22,7 @@ use crate::{
     domain::{NewOrder, consumers::OrderStats},
     error::Error,
     state::AppState,
-    trace::{TRACEPARENT, X_REQUEST_ID, X_REQUEST_TIMEOUT_MS, child_traceparent},
+    trace::{TRACEPARENT, X_REQUEST_ID, X_REQUEST_TIMEOUT_MS, child_traceparent, time_given},
 };
 
 /// `GET /users/{user_id}/order-stats`: what the users service learned from
@@ -70,9 +70,8 @@ const USER_FETCH_TIMEOUT: Duration = Duration::from_secs(2);
 fn answer_due(headers: &HeaderMap) -> Instant {
     let given = headers
         .get(X_REQUEST_TIMEOUT_MS)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .map_or(USER_FETCH_TIMEOUT, Duration::from_millis);
+        .and_then(time_given)
+        .unwrap_or(USER_FETCH_TIMEOUT);
     Instant::now() + given.min(USER_FETCH_TIMEOUT)
 }
 

@@ -1041,7 +1041,11 @@ async fn a_products_connection_closed_as_idle_is_replaced() {
     let (open_tx, mut open) = tokio::sync::watch::channel((0usize, 0usize));
     let relaying = tokio::spawn(async move {
         while let Ok((mut client, _)) = relay.accept().await {
-            let mut upstream = tokio::net::TcpStream::connect(products_addr).await.unwrap();
+            let mut upstream =
+                tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(products_addr))
+                    .await
+                    .expect("connecting to the products service hung")
+                    .unwrap();
             open_tx.send_modify(|(accepted, open)| (*accepted, *open) = (*accepted + 1, *open + 1));
             let open_tx = open_tx.clone();
             tokio::spawn(async move {
