@@ -46,11 +46,37 @@ impl Default for Policy {
     }
 }
 
+/// How a permitted call went, as far as the instance is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    /// The instance answered that it is unavailable, or took longer than
+    /// its timeout.
+    Failed,
+    /// The instance could not be reached: nothing listened, or the
+    /// connection broke.
+    Unreachable,
+    /// The caller gave up first (its deadline, not the instance's timeout,
+    /// cut the call short): nothing is known about the instance. Counting
+    /// it would let a client open circuits by sending short deadlines.
+    Abandoned,
+}
+
 #[derive(Debug)]
 enum Inner {
-    Closed { failures: u32 },
-    Open { until: Instant },
-    HalfOpen { in_flight: u32, successes: u32 },
+    Closed {
+        failures: u32,
+    },
+    /// `unreachable`: the failure that opened it was the instance not being
+    /// reached, so a health check that reaches it again ends the wait.
+    Open {
+        until: Instant,
+        unreachable: bool,
+    },
+    HalfOpen {
+        in_flight: u32,
+        successes: u32,
+    },
 }
 
 #[derive(Debug)]
@@ -59,11 +85,30 @@ pub struct Breaker {
     inner: Mutex<Inner>,
 }
 
-/// Permission to make one call; report how it went with [`Breaker::record`].
+/// Permission to make one call; report how it went with [`Permit::record`].
+/// A probe's permit dropped unreported (its caller went away) gives its
+/// half-open slot back, or the circuit would wait for it forever.
 #[derive(Debug)]
 #[must_use]
-pub struct Permit {
+pub struct Permit<'a> {
+    breaker: &'a Breaker,
     probe: bool,
+}
+
+impl Permit<'_> {
+    pub fn record(mut self, outcome: Outcome, now: Instant) {
+        self.breaker.settle(self.probe, outcome, now);
+        self.probe = false;
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        if self.probe {
+            self.breaker
+                .settle(true, Outcome::Abandoned, Instant::now());
+        }
+    }
 }
 
 impl Breaker {
@@ -77,26 +122,23 @@ impl Breaker {
     pub fn state(&self, now: Instant) -> State {
         match &*self.inner.lock() {
             Inner::Closed { .. } => State::Closed,
-            Inner::Open { until } if now < *until => State::Open,
+            Inner::Open { until, .. } if now < *until => State::Open,
             Inner::Open { .. } | Inner::HalfOpen { .. } => State::HalfOpen,
         }
     }
 
-    /// Whether a call may go to this instance now (without taking a permit).
-    pub fn would_allow(&self, now: Instant) -> bool {
-        match &*self.inner.lock() {
-            Inner::Closed { .. } => true,
-            Inner::Open { until } => now >= *until,
-            Inner::HalfOpen { in_flight, .. } => *in_flight < self.policy.half_open_probes,
-        }
-    }
-
     /// A permit to call, or `None` while the circuit is open (fail fast).
-    pub fn try_acquire(&self, now: Instant) -> Option<Permit> {
+    pub fn try_acquire(&self, now: Instant) -> Option<Permit<'_>> {
+        let permit = |probe| {
+            Some(Permit {
+                breaker: self,
+                probe,
+            })
+        };
         let mut inner = self.inner.lock();
         match &mut *inner {
-            Inner::Closed { .. } => Some(Permit { probe: false }),
-            Inner::Open { until } => {
+            Inner::Closed { .. } => permit(false),
+            Inner::Open { until, .. } => {
                 if now < *until {
                     return None;
                 }
@@ -104,42 +146,68 @@ impl Breaker {
                     in_flight: 1,
                     successes: 0,
                 };
-                Some(Permit { probe: true })
+                permit(true)
             }
             Inner::HalfOpen { in_flight, .. } => {
                 if *in_flight >= self.policy.half_open_probes {
                     return None;
                 }
                 *in_flight += 1;
-                Some(Permit { probe: true })
+                permit(true)
             }
         }
     }
 
-    /// Reports the outcome of a permitted call.
-    pub fn record(&self, permit: Permit, success: bool, now: Instant) {
+    /// A health check reached the instance. A circuit opened because the
+    /// instance could not be reached lets a probe through at once: the
+    /// instance was gone and is back (a restart, say), and waiting out the
+    /// open period would keep a serving instance out of rotation, or, when
+    /// every instance was restarted in turn, fail every request. A circuit
+    /// opened by bad answers waits as usual: `/healthz` passing says little
+    /// about why the instance's answers failed.
+    pub fn reached(&self, now: Instant) {
+        if let Inner::Open {
+            until,
+            unreachable: true,
+        } = &mut *self.inner.lock()
+        {
+            *until = (*until).min(now);
+        }
+    }
+
+    fn open(&self, outcome: Outcome, now: Instant) -> Inner {
+        Inner::Open {
+            until: now + self.policy.open_for,
+            unreachable: outcome == Outcome::Unreachable,
+        }
+    }
+
+    fn settle(&self, probe: bool, outcome: Outcome, now: Instant) {
         let mut inner = self.inner.lock();
-        let next = match &mut *inner {
-            Inner::Closed { failures } => {
-                if success {
-                    *failures = 0;
-                    None
-                } else {
-                    *failures += 1;
-                    (*failures >= self.policy.failures_to_open).then(|| Inner::Open {
-                        until: now + self.policy.open_for,
-                    })
-                }
-            }
-            Inner::HalfOpen {
-                in_flight,
-                successes,
-            } if permit.probe => {
+        let next = match (&mut *inner, outcome) {
+            (Inner::HalfOpen { in_flight, .. }, Outcome::Abandoned) if probe => {
                 *in_flight = in_flight.saturating_sub(1);
-                if !success {
-                    Some(Inner::Open {
-                        until: now + self.policy.open_for,
-                    })
+                None
+            }
+            (_, Outcome::Abandoned) => None,
+            (Inner::Closed { failures }, Outcome::Success) => {
+                *failures = 0;
+                None
+            }
+            (Inner::Closed { failures }, _) => {
+                *failures += 1;
+                (*failures >= self.policy.failures_to_open).then(|| self.open(outcome, now))
+            }
+            (
+                Inner::HalfOpen {
+                    in_flight,
+                    successes,
+                },
+                _,
+            ) if probe => {
+                *in_flight = in_flight.saturating_sub(1);
+                if outcome != Outcome::Success {
+                    Some(self.open(outcome, now))
                 } else {
                     *successes += 1;
                     (*successes >= self.policy.half_open_probes)
@@ -168,22 +236,23 @@ mod tests {
         })
     }
 
+    /// `n` calls that each end with `outcome`.
+    fn calls(b: &Breaker, n: usize, outcome: Outcome, t: Instant) {
+        for _ in 0..n {
+            b.try_acquire(t).unwrap().record(outcome, t);
+        }
+    }
+
     #[test]
     fn opens_after_consecutive_failures() {
         let b = breaker();
         let t = Instant::now();
-        for _ in 0..2 {
-            let p = b.try_acquire(t).unwrap();
-            b.record(p, false, t);
-        }
+        calls(&b, 2, Outcome::Failed, t);
         assert_eq!(b.state(t), State::Closed);
         // A success resets the count.
-        let p = b.try_acquire(t).unwrap();
-        b.record(p, true, t);
-        for _ in 0..3 {
-            let p = b.try_acquire(t).unwrap();
-            b.record(p, false, t);
-        }
+        calls(&b, 1, Outcome::Success, t);
+        calls(&b, 2, Outcome::Failed, t);
+        calls(&b, 1, Outcome::Unreachable, t);
         assert_eq!(b.state(t), State::Open);
         assert!(b.try_acquire(t + Duration::from_secs(1)).is_none());
     }
@@ -192,15 +261,12 @@ mod tests {
     fn half_open_admits_limited_probes_then_closes() {
         let b = breaker();
         let t = Instant::now();
-        for _ in 0..3 {
-            let p = b.try_acquire(t).unwrap();
-            b.record(p, false, t);
-        }
+        calls(&b, 3, Outcome::Failed, t);
         let later = t + Duration::from_secs(11);
         assert_eq!(b.state(later), State::HalfOpen);
         let probe = b.try_acquire(later).expect("one probe allowed");
         assert!(b.try_acquire(later).is_none(), "only one probe at a time");
-        b.record(probe, true, later);
+        probe.record(Outcome::Success, later);
         assert_eq!(b.state(later), State::Closed);
         assert!(b.try_acquire(later).is_some());
     }
@@ -209,15 +275,75 @@ mod tests {
     fn a_failed_probe_reopens() {
         let b = breaker();
         let t = Instant::now();
-        for _ in 0..3 {
-            let p = b.try_acquire(t).unwrap();
-            b.record(p, false, t);
-        }
+        calls(&b, 3, Outcome::Failed, t);
         let later = t + Duration::from_secs(11);
-        let probe = b.try_acquire(later).unwrap();
-        b.record(probe, false, later);
+        b.try_acquire(later).unwrap().record(Outcome::Failed, later);
         assert_eq!(b.state(later), State::Open);
         assert!(b.try_acquire(later + Duration::from_secs(1)).is_none());
         assert!(b.try_acquire(later + Duration::from_secs(11)).is_some());
+    }
+
+    #[test]
+    fn abandoned_calls_count_neither_way() {
+        let b = breaker();
+        let t = Instant::now();
+        calls(&b, 10, Outcome::Abandoned, t);
+        assert_eq!(
+            b.state(t),
+            State::Closed,
+            "a caller's deadline is not a failure"
+        );
+        calls(&b, 2, Outcome::Failed, t);
+        calls(&b, 1, Outcome::Abandoned, t);
+        calls(&b, 1, Outcome::Failed, t);
+        assert_eq!(b.state(t), State::Open, "nor does it reset the count");
+        let later = t + Duration::from_secs(11);
+        b.try_acquire(later)
+            .unwrap()
+            .record(Outcome::Abandoned, later);
+        assert_eq!(b.state(later), State::HalfOpen);
+        let probe = b
+            .try_acquire(later)
+            .expect("the abandoned probe's slot is free again");
+        probe.record(Outcome::Success, later);
+        assert_eq!(b.state(later), State::Closed);
+    }
+
+    #[test]
+    fn a_probe_dropped_unreported_frees_its_slot() {
+        let b = breaker();
+        let t = Instant::now();
+        calls(&b, 3, Outcome::Failed, t);
+        let later = t + Duration::from_secs(11);
+        drop(b.try_acquire(later).unwrap());
+        assert!(
+            b.try_acquire(later).is_some(),
+            "a probe whose caller went away does not hold the circuit half-open"
+        );
+    }
+
+    #[test]
+    fn a_health_check_ends_the_wait_only_of_a_circuit_opened_by_unreachability() {
+        let t = Instant::now();
+        let soon = t + Duration::from_secs(1);
+        let unreachable = breaker();
+        calls(&unreachable, 3, Outcome::Unreachable, t);
+        let failing = breaker();
+        calls(&failing, 3, Outcome::Failed, t);
+        for b in [&unreachable, &failing] {
+            b.reached(soon);
+        }
+        assert_eq!(unreachable.state(soon), State::HalfOpen);
+        assert!(unreachable.try_acquire(soon).is_some());
+        assert_eq!(
+            failing.state(soon),
+            State::Open,
+            "bad answers wait out the period"
+        );
+        assert!(failing.try_acquire(soon).is_none());
+        // A closed circuit is left alone.
+        let closed = breaker();
+        closed.reached(soon);
+        assert_eq!(closed.state(soon), State::Closed);
     }
 }

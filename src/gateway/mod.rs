@@ -483,9 +483,8 @@ pub fn grpc_to_http(code: tonic::Code) -> StatusCode {
     }
 }
 
-/// One gRPC call through the products upstream; UNAVAILABLE and
-/// DEADLINE_EXCEEDED are the upstream failing (retried, counted by the
-/// breaker), other statuses are its answer.
+/// One gRPC call through the products upstream; see [`grpc_failure`] for
+/// which statuses are the upstream failing rather than answering.
 async fn products_call<T, F, Fut>(
     g: &Gateway,
     ctx: &CallCtx,
@@ -503,25 +502,29 @@ where
                 let client = ProductServiceClient::new(channel?);
                 match call(client, timeout).await {
                     Ok(v) => Ok(Ok(v)),
-                    Err(s) if s.code() == tonic::Code::Unavailable => {
-                        Err(Failure::Unavailable(s.message().to_owned()))
-                    }
-                    // The server enforces the grpc-timeout the gateway sent:
-                    // prism answers DEADLINE_EXCEEDED, a server on tonic's own
-                    // CANCELLED ("Timeout expired"). A timeout either way.
-                    Err(s)
-                        if matches!(
-                            s.code(),
-                            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
-                        ) =>
-                    {
-                        Err(Failure::Timeout)
-                    }
-                    Err(s) => Ok(Err(s)),
+                    Err(s) => grpc_failure(&s).map_or(Ok(Err(s)), Err),
                 }
             }
         })
         .await
+}
+
+/// Whether a status from a products call is the upstream failing (retried,
+/// counted by its breaker) rather than its answer.
+fn grpc_failure(s: &tonic::Status) -> Option<Failure> {
+    match s.code() {
+        // The server enforces the grpc-timeout the gateway sent: prism
+        // answers DEADLINE_EXCEEDED, a server on tonic's own CANCELLED
+        // ("Timeout expired"). A timeout either way.
+        tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => Some(Failure::Timeout),
+        // A status with a source was made here, from a transport error: no
+        // connection, or it broke. One without came from the service.
+        _ if std::error::Error::source(s).is_some() => {
+            Some(Failure::Connect(s.message().to_owned()))
+        }
+        tonic::Code::Unavailable => Some(Failure::Unavailable(s.message().to_owned())),
+        _ => None,
+    }
 }
 
 fn grpc_request<T>(ctx: &CallCtx, msg: T, timeout: Duration) -> tonic::Request<T> {
@@ -873,7 +876,10 @@ impl GatewayApp {
 mod tests {
     use futures::StreamExt;
 
-    use super::{HeaderMap, HeaderValue, MAX_BODY, Method, Route, StatusCode, read_body};
+    use super::{
+        Failure, HeaderMap, HeaderValue, MAX_BODY, Method, Route, StatusCode, grpc_failure,
+        read_body,
+    };
 
     /// An answer as `pass` gives it to the client, from the upstream's headers.
     fn passed(upstream: &[(&'static str, &'static str)]) -> Vec<(String, String)> {
@@ -935,6 +941,30 @@ mod tests {
             upstream.extend_from_slice(ids);
             assert_eq!(passed(&upstream), own(&[("etag", "\"v1\"")]), "{ids:?}");
         }
+    }
+
+    #[test]
+    fn grpc_statuses_made_from_transport_errors_mean_unreachable() {
+        let refused = tonic::Status::from_error(Box::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "connection refused",
+        )));
+        assert!(matches!(grpc_failure(&refused), Some(Failure::Connect(_))));
+        let overloaded = tonic::Status::unavailable("overloaded");
+        assert!(matches!(
+            grpc_failure(&overloaded),
+            Some(Failure::Unavailable(_))
+        ));
+        for s in [
+            tonic::Status::deadline_exceeded("late"),
+            tonic::Status::cancelled("Timeout expired"),
+        ] {
+            assert_eq!(grpc_failure(&s), Some(Failure::Timeout));
+        }
+        assert_eq!(
+            grpc_failure(&tonic::Status::not_found("no such product")),
+            None
+        );
     }
 
     /// `Inner::ok` is indexed by a route's discriminant and built from `ALL`.

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::trace::{self, TRACEPARENT, X_REQUEST_ID, X_REQUEST_TIMEOUT_MS};
 
 use super::{
-    breaker::{Breaker, State},
+    breaker::{Breaker, Outcome, Permit, State},
     pool::ConnPool,
     registry::ServiceSpec,
     retry::{Budget, backoff, unit_random},
@@ -48,6 +48,20 @@ pub enum Failure {
 }
 
 impl Failure {
+    /// What the failure says about the instance, for its breaker.
+    fn outcome(&self) -> Outcome {
+        match self {
+            Failure::Connect(_) => Outcome::Unreachable,
+            Failure::Timeout | Failure::Unavailable(_) => Outcome::Failed,
+            // The call's deadline cut the try short; the instance may be
+            // fine (and a client choosing a short deadline must not be
+            // able to open circuits for everyone).
+            Failure::DeadlineExceeded | Failure::NoInstance | Failure::CircuitOpen => {
+                Outcome::Abandoned
+            }
+        }
+    }
+
     pub fn retryable(&self) -> bool {
         matches!(
             self,
@@ -200,7 +214,7 @@ impl Upstream {
     }
 
     /// Round robin over healthy instances whose circuit lets a call through.
-    fn pick(&self, now: Instant) -> Result<(Arc<Instance>, super::breaker::Permit), Failure> {
+    fn pick(&self, now: Instant) -> Result<(&Arc<Instance>, Permit<'_>), Failure> {
         let n = self.instances.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut any_healthy = false;
@@ -211,7 +225,7 @@ impl Upstream {
             }
             any_healthy = true;
             if let Some(permit) = inst.breaker.try_acquire(now) {
-                return Ok((inst.clone(), permit));
+                return Ok((inst, permit));
             }
         }
         Err(if any_healthy {
@@ -265,16 +279,16 @@ impl Upstream {
                     Failure::Timeout
                 }),
             };
-            // The breaker needs the time only to open the circuit, after a
-            // failure; a success saves the clock read.
-            let ok = outcome.is_ok();
-            instance
-                .breaker
-                .record(permit, ok, if ok { now } else { Instant::now() });
             let failure = match outcome {
-                Ok(v) => return Ok(v),
+                Ok(v) => {
+                    // The breaker needs the time only to open the circuit,
+                    // after a failure; a success saves the clock read.
+                    permit.record(Outcome::Success, now);
+                    return Ok(v);
+                }
                 Err(f) => f,
             };
+            permit.record(failure.outcome(), Instant::now());
             tracing::debug!(upstream = %self.name, instance = %instance.url, ?failure, tries, "upstream try failed");
             if !idempotent || !failure.retryable() || tries >= self.spec.retries {
                 return Err(failure);
@@ -413,6 +427,9 @@ impl Upstream {
                 Ok(r) if r.status().is_success()
             )
         };
+        if ok {
+            instance.breaker.reached(Instant::now());
+        }
         let was = instance.healthy.swap(ok, Ordering::Relaxed);
         if was != ok {
             tracing::info!(upstream = %self.name, instance = %instance.url, healthy = ok, "instance health changed");

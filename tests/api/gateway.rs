@@ -48,6 +48,10 @@ enum Mode {
     Failing,
     /// 503 for the next N requests, then OK.
     FailFirst(u64),
+    /// Never answers.
+    Hang,
+    /// Starts an answer and breaks the connection.
+    Break,
 }
 
 #[derive(Clone)]
@@ -100,17 +104,27 @@ async fn fake_answer(s: &FakeState, headers: HeaderMap, body: Value) -> axum::re
     let fail = {
         let mut mode = s.mode.lock();
         match *mode {
-            Mode::Ok => false,
-            Mode::Failing => true,
+            Mode::Hang => None,
+            Mode::Break => {
+                let broken = futures::stream::once(async {
+                    Err::<bytes::Bytes, _>(std::io::Error::other("gone"))
+                });
+                return axum::body::Body::from_stream(broken).into_response();
+            }
+            Mode::Ok => Some(false),
+            Mode::Failing => Some(true),
             Mode::FailFirst(0) => {
                 *mode = Mode::Ok;
-                false
+                Some(false)
             }
             Mode::FailFirst(n) => {
                 *mode = Mode::FailFirst(n - 1);
-                true
+                Some(true)
             }
         }
+    };
+    let Some(fail) = fail else {
+        return std::future::pending().await;
     };
     if fail {
         return (
@@ -134,6 +148,16 @@ async fn fake_answer(s: &FakeState, headers: HeaderMap, body: Value) -> axum::re
 }
 
 async fn fake(name: &'static str, barrier: Option<Arc<tokio::sync::Barrier>>) -> Fake {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    fake_on(listener, name, barrier)
+}
+
+/// A fake upstream serving on `listener`.
+fn fake_on(
+    listener: tokio::net::TcpListener,
+    name: &'static str,
+    barrier: Option<Arc<tokio::sync::Barrier>>,
+) -> Fake {
     let state = FakeState {
         name,
         mode: Arc::new(Mutex::new(Mode::Ok)),
@@ -164,7 +188,6 @@ async fn fake(name: &'static str, barrier: Option<Arc<tokio::sync::Barrier>>) ->
             }),
         )
         .with_state(state.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(async move {
         axum::serve(listener, app).await.unwrap();
@@ -963,6 +986,71 @@ async fn a_dead_upstream_opens_its_circuit_and_probes_close_it() {
     gw.stop().await;
 }
 
+/// A client's `x-request-timeout-ms` cuts its own requests short, but the
+/// instance is not blamed for them: only the upstream's configured timeout
+/// counts toward opening its circuit.
+#[tokio::test]
+async fn a_clients_short_deadline_opens_no_circuit() {
+    let users = fake("users", None).await;
+    users.set(Mode::Hang);
+    let gw = users_only(&users, |s| {
+        s.retries = 0;
+        s.timeout_ms = 200;
+        s.failures_to_open = 2;
+        s.open_ms = 600_000;
+    })
+    .await;
+    let url = format!("http://{}/api/users/1", gw.addr);
+    for _ in 0..3 {
+        let r = get_within(&gw.client, url.clone(), Some(20)).await;
+        assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
+    }
+    users.set(Mode::Ok);
+    let (s, body) = gw.get("/api/users/1").await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    // The upstream's own timeout is its fault, and opens the circuit.
+    users.set(Mode::Hang);
+    for _ in 0..2 {
+        assert_eq!(gw.get("/api/users/1").await.0, StatusCode::GATEWAY_TIMEOUT);
+    }
+    let (s, body) = gw.get("/api/users/1").await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        body["detail"].as_str().unwrap().contains("circuit open"),
+        "{body}"
+    );
+    gw.stop().await;
+}
+
+/// An instance whose connections break (it went away mid-answer) opens its
+/// circuit; once a health check reaches it, it is let back in at once, not
+/// after the open period (ten minutes here).
+#[tokio::test]
+async fn an_unreachable_instance_is_back_once_a_health_check_reaches_it() {
+    let users = fake("users", None).await;
+    users.set(Mode::Break);
+    let gw = users_only(&users, |s| {
+        s.retries = 0;
+        s.failures_to_open = 2;
+        s.open_ms = 600_000;
+    })
+    .await;
+    for _ in 0..2 {
+        let (s, body) = gw.get("/api/users/1").await;
+        assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    }
+    let (_, h) = gw.get("/healthz").await;
+    assert_ne!(h["upstreams"]["users"][0]["circuit"], "closed", "{h}");
+    users.set(Mode::Ok);
+    eventually("the instance to be let back in", || async {
+        (gw.get("/api/users/1").await.0 == StatusCode::OK).then_some(())
+    })
+    .await;
+    let (_, h) = gw.get("/healthz").await;
+    assert_eq!(h["upstreams"]["users"][0]["circuit"], "closed");
+    gw.stop().await;
+}
+
 /// Pooled upstream connections are closed once idle for `idle_timeout_ms`
 /// (hyper's pool ignores the timeout unless it is given a timer).
 #[tokio::test]
@@ -1207,11 +1295,10 @@ mod fake_products {
     }
 }
 
-#[tokio::test]
-async fn grpc_statuses_map_to_http_codes() {
+/// The fake `ProductService`, reporting itself serving over
+/// grpc.health.v1, on `listener`.
+async fn fake_products_on(listener: tokio::net::TcpListener) {
     use prism::grpc::pb::product::product_service_server::ProductServiceServer;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<ProductServiceServer<fake_products::Fake>>()
@@ -1222,6 +1309,13 @@ async fn grpc_statuses_map_to_http_codes() {
             .add_service(health)
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
+}
+
+#[tokio::test]
+async fn grpc_statuses_map_to_http_codes() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    fake_products_on(listener).await;
     let gw = TestGateway::start(registry(
         vec![dead_url().await],
         vec![dead_url().await],
