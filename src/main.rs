@@ -72,6 +72,7 @@ impl Args {
 
 fn run(config: Config, f: impl AsyncFnOnce(Config) -> anyhow::Result<()>) -> anyhow::Result<()> {
     prism::telemetry::init(config.log_format, &config.log_level);
+    raise_open_file_limit();
     // One worker means one thread: the current-thread scheduler skips the
     // work-stealing machinery (and its cross-thread atomics) that has nobody
     // to steal from.
@@ -85,6 +86,17 @@ fn run(config: Config, f: impl AsyncFnOnce(Config) -> anyhow::Result<()>) -> any
         None => tokio::runtime::Builder::new_multi_thread(),
     };
     runtime.enable_all().build()?.block_on(f(config))
+}
+
+/// Every connection is a file descriptor (two for each request the gateway
+/// passes on), and the usual soft limit, 1024, is far below what the hard
+/// limit allows: it is raised as far as allowed, as Go's runtime does for
+/// its servers.
+fn raise_open_file_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "open file limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open file limit"),
+    }
 }
 
 fn service(role: Role, config: Config) -> anyhow::Result<()> {

@@ -352,6 +352,7 @@ fn failed(service: &str, f: &Failure) -> Response {
     let text = match f {
         Failure::CircuitOpen => format!("{service} service unavailable (circuit open)"),
         Failure::Timeout | Failure::DeadlineExceeded => format!("{service} service timed out"),
+        Failure::Local(_) => "gateway overloaded: out of connections, try again".to_owned(),
         _ => format!("{service} service unavailable"),
     };
     detail(status, text)

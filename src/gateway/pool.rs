@@ -49,9 +49,29 @@ struct Idle {
     since: Instant,
 }
 
-/// Why an exchange failed; the caller turns it into a retryable failure.
+/// Why an exchange failed.
 #[derive(Debug)]
-pub struct ExchangeError(pub String);
+pub struct ExchangeError {
+    pub message: String,
+    /// The gateway itself was out of file descriptors: says nothing about
+    /// the instance.
+    pub local: bool,
+}
+
+impl ExchangeError {
+    fn new(message: impl Into<String>) -> ExchangeError {
+        ExchangeError {
+            message: message.into(),
+            local: false,
+        }
+    }
+}
+
+/// Whether an error is this process (or the system) running out of file
+/// descriptors.
+pub fn out_of_files(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
 
 impl ConnPool {
     /// `url` is an instance's base URL, `http://host:port`.
@@ -101,13 +121,13 @@ impl ConnPool {
                         req = unsent;
                         continue;
                     }
-                    _ => return Err(ExchangeError(e.into_error().to_string())),
+                    _ => return Err(ExchangeError::new(e.into_error().to_string())),
                 },
             };
             let (parts, body) = resp.into_parts();
             let body = whole(body)
                 .await
-                .map_err(|e| ExchangeError(e.to_string()))?;
+                .map_err(|e| ExchangeError::new(e.to_string()))?;
             self.checkin(sender);
             return Ok(Response::from_parts(parts, body));
         }
@@ -153,15 +173,18 @@ impl ConnPool {
             tokio::net::TcpStream::connect(&self.authority),
         )
         .await
-        .map_err(|_| ExchangeError(format!("connecting to {} timed out", self.authority)))?
-        .map_err(|e| ExchangeError(format!("cannot connect to {}: {e}", self.authority)))?;
+        .map_err(|_| ExchangeError::new(format!("connecting to {} timed out", self.authority)))?
+        .map_err(|e| ExchangeError {
+            message: format!("cannot connect to {}: {e}", self.authority),
+            local: out_of_files(&e),
+        })?;
         let _ = tcp.set_nodelay(true);
         // Plain writes, as the gateway's server side does (see there).
         let (sender, conn) = http1::Builder::new()
             .writev(false)
             .handshake(TokioIo::new(tcp))
             .await
-            .map_err(|e| ExchangeError(e.to_string()))?;
+            .map_err(|e| ExchangeError::new(e.to_string()))?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream connection ended");
@@ -235,6 +258,16 @@ async fn reap(pool: Weak<ConnPool>, timeout: Duration) {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn running_out_of_descriptors_is_the_gateways_own_trouble() {
+        use std::io::Error;
+        for errno in [libc::EMFILE, libc::ENFILE] {
+            assert!(out_of_files(&Error::from_raw_os_error(errno)));
+        }
+        assert!(!out_of_files(&Error::from_raw_os_error(libc::ECONNREFUSED)));
+        assert!(!out_of_files(&Error::other("no errno")));
+    }
 
     /// A bare HTTP/1.1 server answering every request with `body`. It reports
     /// each accepted connection, and each connection that ended (closed by
@@ -391,7 +424,7 @@ mod tests {
         .await
         .expect("the exchange hung")
         .unwrap_err();
-        assert!(!e.0.is_empty());
+        assert!(!e.message.is_empty());
     }
 
     /// An answer in several chunks is read whole, and the connection is
@@ -432,7 +465,8 @@ mod tests {
             .exchange(get("/x"))
             .await
             .unwrap_err();
-        assert!(e.0.contains("cannot connect"), "{e:?}");
+        assert!(e.message.contains("cannot connect"), "{e:?}");
+        assert!(!e.local, "refused is the instance's doing");
     }
 
     /// An upstream that ends its answer with `connection: close` gets a new

@@ -45,6 +45,8 @@ pub enum Failure {
     Connect(String),
     /// The upstream answered that it is unavailable (502/503/504, gRPC UNAVAILABLE).
     Unavailable(String),
+    /// The gateway could not make the call: it is out of file descriptors.
+    Local(String),
 }
 
 impl Failure {
@@ -53,12 +55,14 @@ impl Failure {
         match self {
             Failure::Connect(_) => Outcome::Unreachable,
             Failure::Timeout | Failure::Unavailable(_) => Outcome::Failed,
-            // The call's deadline cut the try short; the instance may be
-            // fine (and a client choosing a short deadline must not be
-            // able to open circuits for everyone).
-            Failure::DeadlineExceeded | Failure::NoInstance | Failure::CircuitOpen => {
-                Outcome::Abandoned
-            }
+            // The call's deadline cut the try short, or the gateway ran
+            // out of descriptors: the instance may be fine (and a client
+            // choosing a short deadline must not be able to open circuits
+            // for everyone).
+            Failure::DeadlineExceeded
+            | Failure::Local(_)
+            | Failure::NoInstance
+            | Failure::CircuitOpen => Outcome::Abandoned,
         }
     }
 
@@ -362,7 +366,10 @@ impl Upstream {
                     .pool
                     .exchange(req)
                     .await
-                    .map_err(|e| Failure::Connect(e.0))?;
+                    .map_err(|e| match e.local {
+                        true => Failure::Local(e.message),
+                        false => Failure::Connect(e.message),
+                    })?;
                 let status = resp.status().as_u16();
                 if matches!(status, 502..=504) {
                     return Err(Failure::Unavailable(format!(
@@ -476,6 +483,23 @@ impl HttpAnswer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_instances_own_failures_count_against_it() {
+        let said = |f: Failure| f.outcome();
+        assert_eq!(
+            said(Failure::Connect("refused".into())),
+            Outcome::Unreachable
+        );
+        assert_eq!(said(Failure::Unavailable("503".into())), Outcome::Failed);
+        assert_eq!(said(Failure::Timeout), Outcome::Failed);
+        for f in [
+            Failure::DeadlineExceeded,
+            Failure::Local("out of files".into()),
+        ] {
+            assert_eq!(said(f), Outcome::Abandoned);
+        }
+    }
 
     #[test]
     fn each_call_gets_a_span_of_the_requests_trace() {
