@@ -56,10 +56,11 @@ pub enum Outcome {
     /// The instance could not be reached: nothing listened, or the
     /// connection broke.
     Unreachable,
-    /// The caller gave up first (its deadline, not the instance's timeout,
-    /// cut the call short): nothing is known about the instance. Counting
-    /// it would let a client open circuits by sending short deadlines.
-    Abandoned,
+    /// Nothing is known about the instance: the caller gave up first (its
+    /// deadline, not the instance's timeout, cut the call short; counting
+    /// that would let a client open circuits by sending short deadlines),
+    /// or the call failed for reasons of the gateway's or of one answer's.
+    Inconclusive,
 }
 
 #[derive(Debug)]
@@ -106,7 +107,7 @@ impl Drop for Permit<'_> {
     fn drop(&mut self) {
         if self.probe {
             self.breaker
-                .settle(true, Outcome::Abandoned, Instant::now());
+                .settle(true, Outcome::Inconclusive, Instant::now());
         }
     }
 }
@@ -185,11 +186,11 @@ impl Breaker {
     fn settle(&self, probe: bool, outcome: Outcome, now: Instant) {
         let mut inner = self.inner.lock();
         let next = match (&mut *inner, outcome) {
-            (Inner::HalfOpen { in_flight, .. }, Outcome::Abandoned) if probe => {
+            (Inner::HalfOpen { in_flight, .. }, Outcome::Inconclusive) if probe => {
                 *in_flight = in_flight.saturating_sub(1);
                 None
             }
-            (_, Outcome::Abandoned) => None,
+            (_, Outcome::Inconclusive) => None,
             (Inner::Closed { failures }, Outcome::Success) => {
                 *failures = 0;
                 None
@@ -284,27 +285,27 @@ mod tests {
     }
 
     #[test]
-    fn abandoned_calls_count_neither_way() {
+    fn inconclusive_calls_count_neither_way() {
         let b = breaker();
         let t = Instant::now();
-        calls(&b, 10, Outcome::Abandoned, t);
+        calls(&b, 10, Outcome::Inconclusive, t);
         assert_eq!(
             b.state(t),
             State::Closed,
             "a caller's deadline is not a failure"
         );
         calls(&b, 2, Outcome::Failed, t);
-        calls(&b, 1, Outcome::Abandoned, t);
+        calls(&b, 1, Outcome::Inconclusive, t);
         calls(&b, 1, Outcome::Failed, t);
         assert_eq!(b.state(t), State::Open, "nor does it reset the count");
         let later = t + Duration::from_secs(11);
         b.try_acquire(later)
             .unwrap()
-            .record(Outcome::Abandoned, later);
+            .record(Outcome::Inconclusive, later);
         assert_eq!(b.state(later), State::HalfOpen);
         let probe = b
             .try_acquire(later)
-            .expect("the abandoned probe's slot is free again");
+            .expect("the inconclusive probe's slot is free again");
         probe.record(Outcome::Success, later);
         assert_eq!(b.state(later), State::Closed);
     }

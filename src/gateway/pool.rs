@@ -49,20 +49,34 @@ struct Idle {
     since: Instant,
 }
 
+/// The largest answer read from an upstream. prism's own answers are far
+/// smaller (a page holds at most 1,000 items); a larger one is an upstream
+/// misbehaving, and is not held in memory.
+pub const MAX_ANSWER: usize = 16 << 20;
+
 /// Why an exchange failed.
 #[derive(Debug)]
 pub struct ExchangeError {
     pub message: String,
+    pub trouble: Trouble,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trouble {
+    /// Connecting failed or the connection broke.
+    Connection,
     /// The gateway itself was out of file descriptors: says nothing about
     /// the instance.
-    pub local: bool,
+    OutOfFiles,
+    /// The answer was over [`MAX_ANSWER`].
+    TooLarge,
 }
 
 impl ExchangeError {
     fn new(message: impl Into<String>) -> ExchangeError {
         ExchangeError {
             message: message.into(),
-            local: false,
+            trouble: Trouble::Connection,
         }
     }
 }
@@ -125,9 +139,9 @@ impl ConnPool {
                 },
             };
             let (parts, body) = resp.into_parts();
-            let body = whole(body)
-                .await
-                .map_err(|e| ExchangeError::new(e.to_string()))?;
+            // On an error the connection is dropped with the sender: what is
+            // left of the answer is not read.
+            let body = whole(body, MAX_ANSWER).await?;
             self.checkin(sender);
             return Ok(Response::from_parts(parts, body));
         }
@@ -176,7 +190,11 @@ impl ConnPool {
         .map_err(|_| ExchangeError::new(format!("connecting to {} timed out", self.authority)))?
         .map_err(|e| ExchangeError {
             message: format!("cannot connect to {}: {e}", self.authority),
-            local: out_of_files(&e),
+            trouble: if out_of_files(&e) {
+                Trouble::OutOfFiles
+            } else {
+                Trouble::Connection
+            },
         })?;
         let _ = tcp.set_nodelay(true);
         // Plain writes, as the gateway's server side does (see there).
@@ -203,12 +221,20 @@ impl ConnPool {
     }
 }
 
-/// A body read whole. Most answers arrive as one chunk with a declared
-/// length: that chunk is the body, taken as soon as the length is reached.
-/// `collect` would poll once more for the end, and gather the chunks in a
-/// queue of its own first (about 500 instructions per proxied request).
-async fn whole(mut body: hyper::body::Incoming) -> Result<Bytes, hyper::Error> {
+/// A body read whole, up to `limit` bytes. Most answers arrive as one chunk
+/// with a declared length: that chunk is the body, taken as soon as the
+/// length is reached. `collect` would poll once more for the end, and gather
+/// the chunks in a queue of its own first (about 500 instructions per
+/// proxied request).
+async fn whole(mut body: hyper::body::Incoming, limit: usize) -> Result<Bytes, ExchangeError> {
     use hyper::body::Body;
+    let too_large = || ExchangeError {
+        message: format!("the upstream's answer is over {limit} bytes"),
+        trouble: Trouble::TooLarge,
+    };
+    if body.size_hint().lower() > limit as u64 {
+        return Err(too_large());
+    }
     let mut first = Bytes::new();
     let mut more: Option<bytes::BytesMut> = None;
     while !body.is_end_stream() {
@@ -216,12 +242,17 @@ async fn whole(mut body: hyper::body::Incoming) -> Result<Bytes, hyper::Error> {
             break;
         };
         // Trailers end the body; an upstream's trailers are not passed on.
-        let Ok(data) = frame?.into_data() else {
+        let Ok(data) = frame
+            .map_err(|e| ExchangeError::new(e.to_string()))?
+            .into_data()
+        else {
             continue;
         };
         match &mut more {
+            Some(buf) if buf.len() + data.len() > limit => return Err(too_large()),
             Some(buf) => buf.extend_from_slice(&data),
             None if first.is_empty() => first = data,
+            None if first.len() + data.len() > limit => return Err(too_large()),
             None => {
                 let mut buf = bytes::BytesMut::with_capacity(first.len() + data.len());
                 buf.extend_from_slice(&first);
@@ -456,6 +487,49 @@ mod tests {
         }
     }
 
+    /// An answer over the limit is refused, whether its length is declared
+    /// or it keeps coming in chunks, and its connection is not used again.
+    #[tokio::test]
+    async fn answers_over_the_limit_are_refused() {
+        let (listener, url) = listen().await;
+        tokio::spawn(async move {
+            let declared = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n",
+                MAX_ANSWER + 1
+            );
+            let chunk = format!("100000\r\n{}\r\n", "x".repeat(0x10_0000));
+            for answer in [declared, String::new()] {
+                let (mut s, _) = listener.accept().await.unwrap();
+                read_head(&mut s, &mut Vec::new()).await;
+                // Writes fail once the gateway hangs up; that is the point.
+                if answer.is_empty() {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                        .await;
+                    for _ in 0..=MAX_ANSWER / 0x10_0000 {
+                        if s.write_all(chunk.as_bytes()).await.is_err() {
+                            break;
+                        }
+                    }
+                } else {
+                    let _ = s.write_all(answer.as_bytes()).await;
+                }
+                let _ = s.flush().await;
+                // Held open until the gateway closes it.
+                let _ = s.read(&mut [0u8; 1]).await;
+            }
+        });
+        let pool = pool(&url, Duration::from_secs(60));
+        for _ in 0..2 {
+            let e = tokio::time::timeout(Duration::from_secs(10), pool.exchange(get("/big")))
+                .await
+                .expect("the exchange hung")
+                .unwrap_err();
+            assert_eq!(e.trouble, Trouble::TooLarge, "{e:?}");
+            assert_eq!(pool.idle_count(), 0);
+        }
+    }
+
     #[tokio::test]
     async fn an_unreachable_instance_is_an_error() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -466,7 +540,11 @@ mod tests {
             .await
             .unwrap_err();
         assert!(e.message.contains("cannot connect"), "{e:?}");
-        assert!(!e.local, "refused is the instance's doing");
+        assert_eq!(
+            e.trouble,
+            Trouble::Connection,
+            "refused is the instance's doing"
+        );
     }
 
     /// An upstream that ends its answer with `connection: close` gets a new

@@ -23,7 +23,7 @@ use crate::trace::{self, TRACEPARENT, X_REQUEST_ID, X_REQUEST_TIMEOUT_MS};
 
 use super::{
     breaker::{Breaker, Outcome, Permit, State},
-    pool::ConnPool,
+    pool::{ConnPool, Trouble},
     registry::ServiceSpec,
     retry::{Budget, backoff, unit_random},
 };
@@ -47,6 +47,8 @@ pub enum Failure {
     Unavailable(String),
     /// The gateway could not make the call: it is out of file descriptors.
     Local(String),
+    /// The upstream's answer could not be passed on (over the size limit).
+    BadAnswer(String),
 }
 
 impl Failure {
@@ -55,14 +57,15 @@ impl Failure {
         match self {
             Failure::Connect(_) => Outcome::Unreachable,
             Failure::Timeout | Failure::Unavailable(_) => Outcome::Failed,
-            // The call's deadline cut the try short, or the gateway ran
-            // out of descriptors: the instance may be fine (and a client
-            // choosing a short deadline must not be able to open circuits
-            // for everyone).
+            // The call's deadline cut the try short, the gateway ran out of
+            // descriptors, or one answer was unusable: the instance may be
+            // fine (and a client choosing a short deadline must not be able
+            // to open circuits for everyone).
             Failure::DeadlineExceeded
             | Failure::Local(_)
+            | Failure::BadAnswer(_)
             | Failure::NoInstance
-            | Failure::CircuitOpen => Outcome::Abandoned,
+            | Failure::CircuitOpen => Outcome::Inconclusive,
         }
     }
 
@@ -77,6 +80,7 @@ impl Failure {
     pub fn http_status(&self) -> u16 {
         match self {
             Failure::Timeout | Failure::DeadlineExceeded => 504,
+            Failure::BadAnswer(_) => 502,
             _ => 503,
         }
     }
@@ -366,9 +370,10 @@ impl Upstream {
                     .pool
                     .exchange(req)
                     .await
-                    .map_err(|e| match e.local {
-                        true => Failure::Local(e.message),
-                        false => Failure::Connect(e.message),
+                    .map_err(|e| match e.trouble {
+                        Trouble::Connection => Failure::Connect(e.message),
+                        Trouble::OutOfFiles => Failure::Local(e.message),
+                        Trouble::TooLarge => Failure::BadAnswer(e.message),
                     })?;
                 let status = resp.status().as_u16();
                 if matches!(status, 502..=504) {
@@ -496,8 +501,9 @@ mod tests {
         for f in [
             Failure::DeadlineExceeded,
             Failure::Local("out of files".into()),
+            Failure::BadAnswer("too large".into()),
         ] {
-            assert_eq!(said(f), Outcome::Abandoned);
+            assert_eq!(said(f), Outcome::Inconclusive);
         }
     }
 
