@@ -4,7 +4,10 @@
 //!
 //! Time is passed in (`now`), so the state machine is tested without sleeping.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
 
 use parking_lot::Mutex;
 
@@ -84,6 +87,8 @@ enum Inner {
 pub struct Breaker {
     policy: Policy,
     inner: Mutex<Inner>,
+    /// Times the circuit opened (for `/metrics`).
+    opened: AtomicU64,
 }
 
 /// Permission to make one call; report how it went with [`Permit::record`].
@@ -117,6 +122,7 @@ impl Breaker {
         Breaker {
             policy,
             inner: Mutex::new(Inner::Closed { failures: 0 }),
+            opened: AtomicU64::new(0),
         }
     }
 
@@ -176,7 +182,13 @@ impl Breaker {
         }
     }
 
+    /// Times the circuit has opened.
+    pub fn opened(&self) -> u64 {
+        self.opened.load(Ordering::Relaxed)
+    }
+
     fn open(&self, outcome: Outcome, now: Instant) -> Inner {
+        self.opened.fetch_add(1, Ordering::Relaxed);
         Inner::Open {
             until: now + self.policy.open_for,
             unreachable: outcome == Outcome::Unreachable,
@@ -255,6 +267,7 @@ mod tests {
         calls(&b, 2, Outcome::Failed, t);
         calls(&b, 1, Outcome::Unreachable, t);
         assert_eq!(b.state(t), State::Open);
+        assert_eq!(b.opened(), 1);
         assert!(b.try_acquire(t + Duration::from_secs(1)).is_none());
     }
 

@@ -40,7 +40,7 @@ use crate::{
     trace::{self, TRACEPARENT, X_REQUEST_ID, X_REQUEST_TIMEOUT_MS},
 };
 use registry::Registry;
-use upstream::{CallCtx, Failure, HttpAnswer, Upstream};
+use upstream::{CallCtx, Failure, HttpAnswer, Upstream, UpstreamMetrics};
 
 /// Shared by every request (one reference count to clone per request).
 #[derive(Clone)]
@@ -192,6 +192,16 @@ impl Gateway {
             "Gateway requests by route and status",
             (*requests).clone(),
         );
+        let (users, orders, products) = (
+            upstream("users", false),
+            upstream("orders", false),
+            upstream("products", true),
+        );
+        metrics.register_collector(Box::new(UpstreamMetrics(vec![
+            users.clone(),
+            orders.clone(),
+            products.clone(),
+        ])));
         let ok = Route::ALL
             .iter()
             .map(|r| {
@@ -204,9 +214,9 @@ impl Gateway {
             })
             .collect();
         Ok(Gateway(Arc::new(Inner {
-            users: upstream("users", false),
-            orders: upstream("orders", false),
-            products: upstream("products", true),
+            users,
+            orders,
+            products,
             deadline: Duration::from_millis(registry.deadline_ms),
             keys,
             requests,

@@ -69,6 +69,17 @@ impl Failure {
         }
     }
 
+    /// Where the instance's own failures are counted, as an index into
+    /// [`FAILURE_KINDS`].
+    fn kind(&self) -> Option<usize> {
+        match self {
+            Failure::Connect(_) => Some(0),
+            Failure::Timeout => Some(1),
+            Failure::Unavailable(_) => Some(2),
+            _ => None,
+        }
+    }
+
     pub fn retryable(&self) -> bool {
         matches!(
             self,
@@ -85,6 +96,9 @@ impl Failure {
         }
     }
 }
+
+/// The kinds of failure counted against an instance, as `/metrics` labels them.
+pub const FAILURE_KINDS: [&str; 3] = ["unreachable", "timeout", "unavailable"];
 
 /// Context that travels with one client request through every try.
 #[derive(Debug, Clone)]
@@ -117,6 +131,8 @@ pub struct Instance {
     breaker: Breaker,
     /// Tries sent to this instance (tests and `/healthz` read it).
     pub tries: AtomicU64,
+    /// Failed tries by [`Failure::kind`] (for `/metrics`).
+    failures: [AtomicU64; FAILURE_KINDS.len()],
     grpc: std::sync::OnceLock<tonic::transport::Channel>,
     /// Keep-alive HTTP/1.1 connections, for HTTP services.
     pool: Arc<ConnPool>,
@@ -163,6 +179,8 @@ pub struct Upstream {
     /// Whether every instance has been health-checked at least once.
     checked: AtomicBool,
     budget: Budget,
+    /// Tries after the first (for `/metrics`).
+    retries: AtomicU64,
     /// Whether instances speak gRPC (health-checked with grpc.health.v1).
     grpc: bool,
     /// For health checks.
@@ -186,6 +204,7 @@ impl Upstream {
                     healthy: AtomicBool::new(true),
                     breaker: Breaker::new(spec.breaker_policy()),
                     tries: AtomicU64::new(0),
+                    failures: Default::default(),
                     grpc: std::sync::OnceLock::new(),
                     headers: request_headers(pool.host(), spec.timeout_ms),
                     pool: Arc::new(pool),
@@ -198,6 +217,7 @@ impl Upstream {
             spec,
             instances,
             next: AtomicUsize::new(0),
+            retries: AtomicU64::new(0),
             checked: AtomicBool::new(false),
             grpc,
             http,
@@ -297,6 +317,9 @@ impl Upstream {
                 Err(f) => f,
             };
             permit.record(failure.outcome(), Instant::now());
+            if let Some(kind) = failure.kind() {
+                instance.failures[kind].fetch_add(1, Ordering::Relaxed);
+            }
             tracing::debug!(upstream = %self.name, instance = %instance.url, ?failure, tries, "upstream try failed");
             if !idempotent || !failure.retryable() || tries >= self.spec.retries {
                 return Err(failure);
@@ -316,6 +339,7 @@ impl Upstream {
             }
             tokio::time::sleep(pause).await;
             tries += 1;
+            self.retries.fetch_add(1, Ordering::Relaxed);
             now = Instant::now();
         }
     }
@@ -455,6 +479,114 @@ impl Upstream {
             .iter()
             .map(|i| i.breaker.state(now))
             .collect()
+    }
+}
+
+/// The upstreams' state for `/metrics`, read when scraped: the request path
+/// only bumps counters it keeps anyway.
+#[derive(Debug)]
+pub struct UpstreamMetrics(pub Vec<Arc<Upstream>>);
+
+impl prometheus_client::collector::Collector for UpstreamMetrics {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::{
+            encoding::EncodeMetric,
+            metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+        };
+        let now = Instant::now();
+        let instances: Vec<(&str, &Instance)> = self
+            .0
+            .iter()
+            .flat_map(|u| u.instances.iter().map(|i| (u.name.as_str(), i.as_ref())))
+            .collect();
+
+        let mut family = encoder.encode_descriptor(
+            "upstream_tries",
+            "Tries sent to each upstream instance.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (upstream, i) in &instances {
+            let labels = [("upstream", *upstream), ("instance", i.url.as_str())];
+            ConstCounter::new(i.tries.load(Ordering::Relaxed))
+                .encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "upstream_failures",
+            "Failed tries counted against each instance, by kind.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (upstream, i) in &instances {
+            for (kind, n) in FAILURE_KINDS.iter().zip(&i.failures) {
+                let labels = [
+                    ("upstream", *upstream),
+                    ("instance", i.url.as_str()),
+                    ("kind", kind),
+                ];
+                ConstCounter::new(n.load(Ordering::Relaxed))
+                    .encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "upstream_healthy",
+            "Whether the last health check found the instance serving.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (upstream, i) in &instances {
+            let labels = [("upstream", *upstream), ("instance", i.url.as_str())];
+            ConstGauge::new(i64::from(i.healthy())).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "circuit_state",
+            "1 for the state each instance's circuit is in.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (upstream, i) in &instances {
+            let now = i.breaker.state(now);
+            for state in [State::Closed, State::Open, State::HalfOpen] {
+                let labels = [
+                    ("upstream", *upstream),
+                    ("instance", i.url.as_str()),
+                    ("state", state.as_str()),
+                ];
+                ConstGauge::new(i64::from(state == now)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "circuit_opened",
+            "Times each instance's circuit opened.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (upstream, i) in &instances {
+            let labels = [("upstream", *upstream), ("instance", i.url.as_str())];
+            ConstCounter::new(i.breaker.opened()).encode(family.encode_family(&labels)?)?;
+        }
+        for (name, help, value) in [
+            (
+                "upstream_retries",
+                "Tries after the first, per upstream.",
+                (|u: &Upstream| u.retries.load(Ordering::Relaxed)) as fn(&Upstream) -> u64,
+            ),
+            (
+                "retry_budget_exhausted",
+                "Retries refused by the retry budget, per upstream.",
+                |u: &Upstream| u.budget.denied.load(Ordering::Relaxed),
+            ),
+        ] {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for u in &self.0 {
+                ConstCounter::new(value(u))
+                    .encode(family.encode_family(&[("upstream", u.name.as_str())])?)?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -252,6 +252,14 @@ impl TestGateway {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// Asserts that `/metrics` has each of `lines`.
+    async fn assert_metrics(&self, lines: &[String]) {
+        let text = self.send("/metrics").await.text().await.unwrap();
+        for line in lines {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
+        }
+    }
+
     async fn stop(mut self) {
         let _ = self.stop.take().unwrap().send(());
         tokio::time::timeout(WAIT, self.handle.take().unwrap())
@@ -845,22 +853,20 @@ async fn metrics_count_requests_by_route_and_status() {
         gw.get("/api/orders/1").await.0,
         StatusCode::SERVICE_UNAVAILABLE
     );
-    let text = gw
-        .client
-        .get(format!("http://{}/metrics", gw.addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    for line in [
-        r#"prism_gateway_requests_total{route="/api/users/{id}",status="200"} 2"#,
-        r#"prism_gateway_requests_total{route="/api/orders/{id}",status="503"} 1"#,
-        r#"prism_gateway_requests_total{route="/api/products",status="200"} 0"#,
-    ] {
-        assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
-    }
+    gw.assert_metrics(&[
+        r#"prism_gateway_requests_total{route="/api/users/{id}",status="200"} 2"#.into(),
+        r#"prism_gateway_requests_total{route="/api/orders/{id}",status="503"} 1"#.into(),
+        r#"prism_gateway_requests_total{route="/api/products",status="200"} 0"#.into(),
+        format!(
+            r#"prism_gateway_upstream_tries_total{{upstream="users",instance="{}"}} 2"#,
+            users.url()
+        ),
+        format!(
+            r#"prism_gateway_upstream_healthy{{upstream="users",instance="{}"}} 1"#,
+            users.url()
+        ),
+    ])
+    .await;
     gw.stop().await;
 }
 
@@ -938,6 +944,19 @@ async fn a_flaky_upstream_is_retried_and_succeeds() {
     assert_eq!(s, StatusCode::OK, "{body}");
     assert_eq!(body["id"], 7);
     assert_eq!(users.hits(), 3, "two failures, then the success");
+    let instance = users.url();
+    gw.assert_metrics(&[
+        format!(r#"prism_gateway_upstream_tries_total{{upstream="users",instance="{instance}"}} 3"#),
+        format!(
+            r#"prism_gateway_upstream_failures_total{{upstream="users",instance="{instance}",kind="unavailable"}} 2"#
+        ),
+        format!(
+            r#"prism_gateway_upstream_failures_total{{upstream="users",instance="{instance}",kind="timeout"}} 0"#
+        ),
+        r#"prism_gateway_upstream_retries_total{upstream="users"} 2"#.into(),
+        r#"prism_gateway_retry_budget_exhausted_total{upstream="users"} 0"#.into(),
+    ])
+    .await;
     gw.stop().await;
 }
 
@@ -974,6 +993,17 @@ async fn a_dead_upstream_opens_its_circuit_and_probes_close_it() {
     );
     let (_, h) = gw.get("/healthz").await;
     assert_eq!(h["upstreams"]["users"][0]["circuit"], "open");
+    let instance = users.url();
+    gw.assert_metrics(&[
+        format!(
+            r#"prism_gateway_circuit_state{{upstream="users",instance="{instance}",state="open"}} 1"#
+        ),
+        format!(
+            r#"prism_gateway_circuit_state{{upstream="users",instance="{instance}",state="closed"}} 0"#
+        ),
+        format!(r#"prism_gateway_circuit_opened_total{{upstream="users",instance="{instance}"}} 1"#),
+    ])
+    .await;
     // The upstream comes back; after the open period a probe closes the circuit.
     users.set(Mode::Ok);
     eventually("a half-open probe to close the circuit", || async {
