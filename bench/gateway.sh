@@ -51,6 +51,8 @@ http {
             proxy_pass http://users/users/;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
+            # The client's address, as the gateway passes it on.
+            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
         }
     }
 }

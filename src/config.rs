@@ -111,6 +111,10 @@ pub struct Settings {
     #[arg(long, env = "PRISM_LOGIN_MAX_FAILURES")]
     pub login_max_failures: Option<u32>,
 
+    /// Reverse proxies whose `X-Forwarded-For` names the client (login limits, logs): addresses or CIDR ranges separated by commas, `*` for any, empty for none [default: 127.0.0.0/8,::1]
+    #[arg(long, env = "PRISM_TRUSTED_PROXIES")]
+    pub trusted_proxies: Option<String>,
+
     /// Database connections in the pool [default: 8]
     #[arg(long, env = "PRISM_DB_MAX_CONNECTIONS")]
     pub db_max_connections: Option<u32>,
@@ -226,6 +230,12 @@ impl Settings {
                 .map_or(d.event_poll, Duration::from_millis),
             cache_capacity: self.cache_capacity.unwrap_or(d.cache_capacity),
             login_max_failures: self.login_max_failures.unwrap_or(d.login_max_failures),
+            trusted_proxies: match self.trusted_proxies {
+                Some(p) => p
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("trusted_proxies: {e}"))?,
+                None => d.trusted_proxies,
+            },
             db_max_connections: self.db_max_connections.unwrap_or(d.db_max_connections),
             max_ws_frame: self.max_ws_frame.unwrap_or(d.max_ws_frame),
             worker_threads: self.worker_threads.filter(|n| *n > 0),
@@ -285,6 +295,7 @@ pub struct Config {
     pub event_poll: Duration,
     pub cache_capacity: usize,
     pub login_max_failures: u32,
+    pub trusted_proxies: crate::forwarded::TrustedProxies,
     pub db_max_connections: u32,
     pub max_ws_frame: usize,
     pub worker_threads: Option<usize>,
@@ -321,6 +332,7 @@ impl Default for Config {
             event_poll: Duration::from_millis(1000),
             cache_capacity: 10_000,
             login_max_failures: 10,
+            trusted_proxies: crate::forwarded::TrustedProxies::loopback(),
             db_max_connections: 8,
             max_ws_frame: 1 << 20,
             worker_threads: None,
@@ -410,6 +422,7 @@ impl Config {
             "event_poll_ms": self.event_poll.as_millis() as u64,
             "cache_capacity": self.cache_capacity,
             "login_max_failures": self.login_max_failures,
+            "trusted_proxies": self.trusted_proxies.to_string(),
             "db_max_connections": self.db_max_connections,
             "max_ws_frame": self.max_ws_frame,
             "heartbeat_secs": self.heartbeat_interval.as_secs(),
@@ -441,6 +454,7 @@ mod tests {
         assert_eq!(c.event_retention, Duration::from_secs(7 * 24 * 3600));
         assert_eq!(c.event_buffer, 4096);
         assert_eq!(c.login_max_failures, 10);
+        assert_eq!(c.trusted_proxies.to_string(), "127.0.0.0/8,::1/128");
         assert_eq!(c.log_format, LogFormat::Pretty);
         assert!(!c.demo);
         assert!(c.database_url.is_none());

@@ -8,6 +8,7 @@
 //! - [`events`]: the transactional event log and its in-process fan-out, which
 //!   feeds every real-time surface.
 //! - [`auth`]: password hashing, tokens, the caller's identity, login limits.
+//! - [`forwarded`]: the client behind a trusted reverse proxy (`X-Forwarded-For`).
 //! - [`state`]: application state and metrics shared by every protocol.
 //! - [`http`]: the REST edge (axum): routing, extractors, error mapping, docs.
 //! - [`graphql`]: the GraphQL schema, DataLoaders and transports (HTTP, WebSocket).
@@ -27,6 +28,7 @@ pub mod demo;
 pub mod domain;
 pub mod error;
 pub mod events;
+pub mod forwarded;
 pub mod gateway;
 pub mod graphql;
 pub mod grpc;

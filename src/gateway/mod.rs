@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     auth::TokenKeys,
+    forwarded::X_FORWARDED_FOR,
     grpc::pb::product::{
         GetProductRequest, ListProductsRequest, product_service_client::ProductServiceClient,
     },
@@ -237,10 +238,11 @@ impl Gateway {
         }
     }
 
-    fn ctx(&self, headers: &HeaderMap) -> CallCtx {
+    fn ctx(&self, headers: &HeaderMap, client: &HeaderValue) -> CallCtx {
         // One pass over the client's few headers costs less than two
         // lookups, each hashing its name.
         let (mut request_id, mut traceparent, mut time_given) = (None, None, None);
+        let mut forwarded = false;
         for (name, value) in headers {
             if *name == X_REQUEST_ID {
                 request_id.get_or_insert(value);
@@ -248,8 +250,17 @@ impl Gateway {
                 traceparent.get_or_insert(value);
             } else if *name == X_REQUEST_TIMEOUT_MS {
                 time_given.get_or_insert(value);
+            } else if *name == X_FORWARDED_FOR {
+                forwarded = true;
             }
         }
+        // The client's address goes after any a proxy in front of the
+        // gateway wrote; the services decide which of them to believe.
+        let forwarded_for = if forwarded {
+            forwarded_for(headers, client)
+        } else {
+            client.clone()
+        };
         // A client that says how long it will wait (another gateway, say)
         // shortens the deadline; it cannot lengthen it.
         let time = time_given
@@ -271,6 +282,7 @@ impl Gateway {
             });
         CallCtx {
             deadline: std::time::Instant::now() + time,
+            forwarded_for,
             request_id,
             trace_id,
             sampled,
@@ -290,6 +302,17 @@ impl Gateway {
                 .inc();
         }
     }
+}
+
+/// The `x-forwarded-for` a request arrived with, with `client` appended.
+fn forwarded_for(headers: &HeaderMap, client: &HeaderValue) -> HeaderValue {
+    let mut v = Vec::new();
+    for line in headers.get_all(X_FORWARDED_FOR) {
+        v.extend_from_slice(line.as_bytes());
+        v.extend_from_slice(b", ");
+    }
+    v.extend_from_slice(client.as_bytes());
+    HeaderValue::from_bytes(&v).unwrap_or_else(|_| client.clone())
 }
 
 /// The upstream's answer, passed through as a reverse proxy passes it: its
@@ -549,6 +572,9 @@ fn grpc_request<T>(ctx: &CallCtx, msg: T, timeout: Duration) -> tonic::Request<T
     if let Some(v) = ctx.traceparent().to_str().ok().and_then(|v| v.parse().ok()) {
         r.metadata_mut().insert("traceparent", v);
     }
+    if let Some(v) = ctx.forwarded_for.to_str().ok().and_then(|v| v.parse().ok()) {
+        r.metadata_mut().insert("x-forwarded-for", v);
+    }
     r
 }
 
@@ -705,7 +731,8 @@ impl Gateway {
     /// patterns directly rather than through a router: on a proxy's hot path
     /// a router's per-request bookkeeping was a sixth of the gateway's own
     /// work.
-    pub async fn handle(&self, req: Request<Incoming>) -> Response {
+    /// `client` is the address of the connection's peer, as a header value.
+    pub async fn handle(&self, req: Request<Incoming>, client: &HeaderValue) -> Response {
         let (parts, body) = req.into_parts();
         let path = parts.uri.path();
         let Some((route, param)) = Route::find(path) else {
@@ -718,7 +745,7 @@ impl Gateway {
             };
         };
         let r = if route.allows(&parts.method) {
-            self.route(route, param, &parts, body).await
+            self.route(route, param, &parts, body, client).await
         } else {
             method_not_allowed(route.allow())
         };
@@ -726,8 +753,15 @@ impl Gateway {
         r
     }
 
-    async fn route(&self, route: Route, param: &str, parts: &Parts, body: Incoming) -> Response {
-        let ctx = &self.ctx(&parts.headers);
+    async fn route(
+        &self,
+        route: Route,
+        param: &str,
+        parts: &Parts,
+        body: Incoming,
+        client: &HeaderValue,
+    ) -> Response {
+        let ctx = &self.ctx(&parts.headers, client);
         let headers = &parts.headers;
         match route {
             Route::User => {
@@ -860,15 +894,19 @@ impl GatewayApp {
             self.client_idle_timeout,
             self.shutdown_timeout,
             stop.clone(),
-            move |_peer, conn| {
+            move |peer, conn| {
                 let (g, conn) = (g.clone(), conn.clone());
+                // Made once per connection; each request clones it (a count
+                // to bump) into its upstream requests' `x-forwarded-for`.
+                let client = HeaderValue::from_maybe_shared(Bytes::from(peer.ip().to_string()))
+                    .expect("an IP address is a valid header value");
                 // The answers are whole bodies: the request is over when the
                 // handler returns, so no body needs to carry the guard.
                 hyper::service::service_fn(move |req| {
-                    let g = g.clone();
+                    let (g, client) = (g.clone(), client.clone());
                     let in_flight = conn.request();
                     async move {
-                        let r = g.handle(req).await;
+                        let r = g.handle(req, &client).await;
                         drop(in_flight);
                         Ok::<_, std::convert::Infallible>(r)
                     }

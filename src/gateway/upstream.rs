@@ -19,7 +19,10 @@ use hyper::{
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::trace::{self, TRACEPARENT, X_REQUEST_ID, X_REQUEST_TIMEOUT_MS};
+use crate::{
+    forwarded::X_FORWARDED_FOR,
+    trace::{self, TRACEPARENT, X_REQUEST_ID, X_REQUEST_TIMEOUT_MS},
+};
 
 use super::{
     breaker::{Breaker, Outcome, Permit, State},
@@ -104,6 +107,9 @@ pub const FAILURE_KINDS: [&str; 3] = ["unreachable", "timeout", "unavailable"];
 #[derive(Debug, Clone)]
 pub struct CallCtx {
     pub deadline: Instant,
+    /// The client's address after any the request came with, for the
+    /// upstream's `x-forwarded-for`.
+    pub forwarded_for: HeaderValue,
     /// The client's `x-request-id`, or a new one; sent to every upstream and
     /// back to the client.
     pub request_id: HeaderValue,
@@ -378,6 +384,8 @@ impl Upstream {
                     *value = ctx.request_id.clone();
                 } else if *name == TRACEPARENT {
                     *value = ctx.traceparent();
+                } else if *name == X_FORWARDED_FOR {
+                    *value = ctx.forwarded_for.clone();
                 } else if *name == X_REQUEST_TIMEOUT_MS && limit != self.spec.timeout() {
                     *value =
                         HeaderValue::from(u64::try_from(limit.as_millis()).unwrap_or(u64::MAX));
@@ -598,6 +606,7 @@ fn request_headers(host: Option<&HeaderValue>, timeout_ms: u64) -> HeaderMap {
     }
     h.insert(X_REQUEST_ID, HeaderValue::from_static(""));
     h.insert(TRACEPARENT, HeaderValue::from_static(""));
+    h.insert(X_FORWARDED_FOR, HeaderValue::from_static(""));
     h.insert(X_REQUEST_TIMEOUT_MS, HeaderValue::from(timeout_ms));
     h
 }
@@ -648,6 +657,7 @@ mod tests {
         };
         let mut ctx = CallCtx {
             deadline: Instant::now(),
+            forwarded_for: HeaderValue::from_static("192.0.2.1"),
             request_id: HeaderValue::from_static("r"),
             trace_id,
             sampled: false,

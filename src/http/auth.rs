@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use axum::{
     Router,
     extract::{ConnectInfo, State},
-    http::StatusCode,
+    http::{HeaderMap, StatusCode},
     routing::post,
 };
 use serde::{Deserialize, Serialize};
@@ -51,16 +51,18 @@ async fn register(
 
 /// Exchange a username (or email) and password for a bearer token. Form, JSON
 /// or query parameters. Too many failures from one client for one username in
-/// a minute answer 429 with `Retry-After`.
+/// a minute answer 429 with `Retry-After`; behind a trusted proxy (the
+/// gateway) the client is the one its `X-Forwarded-For` names.
 #[utoipa::path(post, path = "/auth/login", request_body = Login, tag = "auth",
     responses((status = 200, body = TokenResponse), (status = 401, body = Detail),
               (status = 429, body = Detail)))]
 async fn login(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     Input(creds): Input<Login>,
 ) -> Result<Json<TokenResponse>, ApiError> {
-    let ip = peer.ip();
+    let ip = state.config.trusted_proxies.client(peer.ip(), &headers);
     state.limiter.check(ip, &creds.username)?;
     match state
         .domain

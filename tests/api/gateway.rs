@@ -368,6 +368,48 @@ async fn topology(dir: &std::path::Path) -> Topology {
     }
 }
 
+/// Login failures through the gateway count against the client that made
+/// them, not against the gateway: a client that locks itself out of an
+/// account does not lock everyone out of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_limits_count_the_client_behind_the_gateway() {
+    let dir = tempfile::tempdir().unwrap();
+    let users = service(Role::Users, &dir.path().join("users"), None).await;
+    let users_url = format!("http://{}", users.http_addr());
+    let users = run(users);
+    let gw = TestGateway::start(registry(
+        vec![users_url],
+        vec![dead_url().await],
+        vec![dead_url().await],
+        |_| {},
+    ))
+    .await;
+    // Two clients on two loopback addresses.
+    let client = |ip: &str| {
+        reqwest::Client::builder()
+            .local_address(ip.parse::<std::net::IpAddr>().unwrap())
+            .timeout(WAIT)
+            .build()
+            .unwrap()
+    };
+    let (attacker, alice) = (client("127.0.0.2"), client("127.0.0.3"));
+    let login = |c: &reqwest::Client, password: &str| {
+        c.post(format!("http://{}/auth/login", gw.addr))
+            .form(&[("username", "alice"), ("password", password)])
+            .send()
+    };
+    let mut statuses = Vec::new();
+    for _ in 0..11 {
+        statuses.push(login(&attacker, "wrong").await.unwrap().status());
+    }
+    assert_eq!(statuses[0], StatusCode::UNAUTHORIZED);
+    assert_eq!(statuses[10], StatusCode::TOO_MANY_REQUESTS, "{statuses:?}");
+    let r = login(&alice, prism::demo::ALICE_PASSWORD).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "another client still logs in");
+    gw.stop().await;
+    users.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_over_the_real_services() {
     let dir = tempfile::tempdir().unwrap();
@@ -575,14 +617,30 @@ async fn request_id_and_traceparent_reach_the_upstream() {
     // The try's 1.5 s timeout, not the 5 s overall deadline, bounds the upstream.
     assert!((1000..=1500).contains(&limit), "{limit}");
     assert_eq!(seen["host"], users.url().trim_start_matches("http://"));
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1", "the client's address");
     for name in [
         "host",
         "x-request-id",
         "traceparent",
         "x-request-timeout-ms",
+        "x-forwarded-for",
     ] {
         assert_eq!(seen.get_all(name).iter().count(), 1, "one {name}: {seen:?}");
     }
+    // Behind another proxy: the client's address goes after the ones given.
+    let r = gw
+        .client
+        .get(format!("http://{}/api/users/1", gw.addr))
+        .header("x-forwarded-for", "203.0.113.7")
+        .header("x-forwarded-for", "198.51.100.2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        users.last_seen()["x-forwarded-for"],
+        "203.0.113.7, 198.51.100.2, 127.0.0.1"
+    );
 
     // Without either header the gateway makes both up.
     let r = gw.send("/api/users/1").await;
