@@ -553,8 +553,11 @@ fn grpc_failure(s: &tonic::Status) -> Option<Failure> {
         // ("Timeout expired"). A timeout either way.
         tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => Some(Failure::Timeout),
         // A status with a source was made here, from a transport error: no
-        // connection, or it broke. One without came from the service.
-        _ if std::error::Error::source(s).is_some() => {
+        // connection, or it broke (UNKNOWN when tonic has no better code).
+        // One without came from the service.
+        tonic::Code::Unavailable | tonic::Code::Unknown
+            if std::error::Error::source(s).is_some() =>
+        {
             Some(Failure::Connect(s.message().to_owned()))
         }
         tonic::Code::Unavailable => Some(Failure::Unavailable(s.message().to_owned())),
@@ -1013,6 +1016,12 @@ mod tests {
         }
         assert_eq!(
             grpc_failure(&tonic::Status::not_found("no such product")),
+            None
+        );
+        // A message that did not decode is an answer gone wrong, not a
+        // connection.
+        assert_eq!(
+            grpc_failure(&tonic::Status::internal("failed to decode Product")),
             None
         );
     }

@@ -83,7 +83,7 @@ impl ExchangeError {
 
 /// Whether an error is this process (or the system) running out of file
 /// descriptors.
-pub fn out_of_files(e: &std::io::Error) -> bool {
+fn out_of_files(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
 }
 

@@ -495,6 +495,22 @@ impl Upstream {
 #[derive(Debug)]
 pub struct UpstreamMetrics(pub Vec<Arc<Upstream>>);
 
+/// One metric family with a value per instance, labelled by upstream and
+/// instance.
+fn per_instance<M: prometheus_client::encoding::EncodeMetric>(
+    encoder: &mut prometheus_client::encoding::DescriptorEncoder,
+    instances: &[(&str, &Instance)],
+    (name, help, kind): (&str, &str, prometheus_client::metrics::MetricType),
+    value: impl Fn(&Instance) -> M,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, kind)?;
+    for (upstream, i) in instances {
+        let labels = [("upstream", *upstream), ("instance", i.url.as_str())];
+        value(i).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
 impl prometheus_client::collector::Collector for UpstreamMetrics {
     fn encode(
         &self,
@@ -502,7 +518,11 @@ impl prometheus_client::collector::Collector for UpstreamMetrics {
     ) -> Result<(), std::fmt::Error> {
         use prometheus_client::{
             encoding::EncodeMetric,
-            metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+            metrics::{
+                MetricType::{Counter, Gauge},
+                counter::ConstCounter,
+                gauge::ConstGauge,
+            },
         };
         let now = Instant::now();
         let instances: Vec<(&str, &Instance)> = self
@@ -510,23 +530,41 @@ impl prometheus_client::collector::Collector for UpstreamMetrics {
             .iter()
             .flat_map(|u| u.instances.iter().map(|i| (u.name.as_str(), i.as_ref())))
             .collect();
-
-        let mut family = encoder.encode_descriptor(
-            "upstream_tries",
-            "Tries sent to each upstream instance.",
-            None,
-            MetricType::Counter,
+        per_instance(
+            &mut encoder,
+            &instances,
+            (
+                "upstream_tries",
+                "Tries sent to each upstream instance.",
+                Counter,
+            ),
+            |i| ConstCounter::new(i.tries.load(Ordering::Relaxed)),
         )?;
-        for (upstream, i) in &instances {
-            let labels = [("upstream", *upstream), ("instance", i.url.as_str())];
-            ConstCounter::new(i.tries.load(Ordering::Relaxed))
-                .encode(family.encode_family(&labels)?)?;
-        }
+        per_instance(
+            &mut encoder,
+            &instances,
+            (
+                "upstream_healthy",
+                "Whether the last health check found the instance serving.",
+                Gauge,
+            ),
+            |i| ConstGauge::new(i64::from(i.healthy())),
+        )?;
+        per_instance(
+            &mut encoder,
+            &instances,
+            (
+                "circuit_opened",
+                "Times each instance's circuit opened.",
+                Counter,
+            ),
+            |i| ConstCounter::new(i.breaker.opened()),
+        )?;
         let mut family = encoder.encode_descriptor(
             "upstream_failures",
             "Failed tries counted against each instance, by kind.",
             None,
-            MetricType::Counter,
+            Counter,
         )?;
         for (upstream, i) in &instances {
             for (kind, n) in FAILURE_KINDS.iter().zip(&i.failures) {
@@ -540,20 +578,10 @@ impl prometheus_client::collector::Collector for UpstreamMetrics {
             }
         }
         let mut family = encoder.encode_descriptor(
-            "upstream_healthy",
-            "Whether the last health check found the instance serving.",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (upstream, i) in &instances {
-            let labels = [("upstream", *upstream), ("instance", i.url.as_str())];
-            ConstGauge::new(i64::from(i.healthy())).encode(family.encode_family(&labels)?)?;
-        }
-        let mut family = encoder.encode_descriptor(
             "circuit_state",
             "1 for the state each instance's circuit is in.",
             None,
-            MetricType::Gauge,
+            Gauge,
         )?;
         for (upstream, i) in &instances {
             let now = i.breaker.state(now);
@@ -565,16 +593,6 @@ impl prometheus_client::collector::Collector for UpstreamMetrics {
                 ];
                 ConstGauge::new(i64::from(state == now)).encode(family.encode_family(&labels)?)?;
             }
-        }
-        let mut family = encoder.encode_descriptor(
-            "circuit_opened",
-            "Times each instance's circuit opened.",
-            None,
-            MetricType::Counter,
-        )?;
-        for (upstream, i) in &instances {
-            let labels = [("upstream", *upstream), ("instance", i.url.as_str())];
-            ConstCounter::new(i.breaker.opened()).encode(family.encode_family(&labels)?)?;
         }
         for (name, help, value) in [
             (
@@ -588,7 +606,7 @@ impl prometheus_client::collector::Collector for UpstreamMetrics {
                 |u: &Upstream| u.budget.denied.load(Ordering::Relaxed),
             ),
         ] {
-            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            let mut family = encoder.encode_descriptor(name, help, None, Counter)?;
             for u in &self.0 {
                 ConstCounter::new(value(u))
                     .encode(family.encode_family(&[("upstream", u.name.as_str())])?)?;

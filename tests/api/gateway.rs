@@ -252,6 +252,16 @@ impl TestGateway {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// Asserts that `path` is refused at once: its upstream's circuit is open.
+    async fn assert_circuit_open(&self, path: &str) {
+        let (s, body) = self.get(path).await;
+        assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(
+            body["detail"].as_str().unwrap().contains("circuit open"),
+            "{body}"
+        );
+    }
+
     /// Asserts that `/metrics` has each of `lines`.
     async fn assert_metrics(&self, lines: &[String]) {
         let text = self.send("/metrics").await.text().await.unwrap();
@@ -1037,12 +1047,7 @@ async fn a_dead_upstream_opens_its_circuit_and_probes_close_it() {
     assert_eq!(users.hits(), 3);
     // Open: fail fast, and the upstream sees nothing.
     for _ in 0..5 {
-        let (s, body) = gw.get("/api/users/1").await;
-        assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
-        assert!(
-            body["detail"].as_str().unwrap().contains("circuit open"),
-            "{body}"
-        );
+        gw.assert_circuit_open("/api/users/1").await;
     }
     assert_eq!(
         users.hits(),
@@ -1101,12 +1106,7 @@ async fn a_clients_short_deadline_opens_no_circuit() {
     for _ in 0..2 {
         assert_eq!(gw.get("/api/users/1").await.0, StatusCode::GATEWAY_TIMEOUT);
     }
-    let (s, body) = gw.get("/api/users/1").await;
-    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(
-        body["detail"].as_str().unwrap().contains("circuit open"),
-        "{body}"
-    );
+    gw.assert_circuit_open("/api/users/1").await;
     gw.stop().await;
 }
 
