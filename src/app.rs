@@ -11,10 +11,12 @@ use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc};
 
 use anyhow::Context;
 use axum::{body::Body, extract::ConnectInfo};
+use hyper::body::Body as _;
 use hyper::{Request, body::Incoming};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::ServiceExt;
+use tower_http::timeout::TimeoutBody;
 
 use crate::{
     auth::{LoginLimiter, TokenKeys},
@@ -239,6 +241,7 @@ impl App {
         let mut server = match (listener, http_addr) {
             (Some(listener), Some(http_addr)) => {
                 let app = http::router_for(role, state.clone());
+                let idle = state.config.client_idle_timeout;
                 tracing::info!(%http_addr, "HTTP listening on http://{http_addr}");
                 let server = crate::serve::serve(
                     listener,
@@ -252,6 +255,18 @@ impl App {
                             // body ends: an SSE stream is not idle.
                             let in_flight = conn.request();
                             req.extensions_mut().insert(ConnectInfo(peer));
+                            // A body that stops arriving for the idle timeout
+                            // is cut off (408), as a connection that sends
+                            // nothing is: a request in flight is never closed
+                            // as idle, so a trickled body would hold it for
+                            // ever. Bodiless requests get no timer.
+                            let req = req.map(|b| {
+                                if b.is_end_stream() {
+                                    Body::new(b)
+                                } else {
+                                    Body::new(TimeoutBody::new(idle, b))
+                                }
+                            });
                             let answer = app.clone().oneshot(req);
                             async move {
                                 let r = answer.await?;

@@ -783,9 +783,9 @@ impl Gateway {
             Route::Profile => by_id(route, param, |id| user_profile(self, ctx, id)).await,
             Route::Product => by_id(route, param, |id| get_product(self, ctx, id)).await,
             Route::Products => list_products(self, ctx, parts.uri.query()).await,
-            Route::Orders => with_body(body, |b| create_order(self, ctx, headers, b)).await,
+            Route::Orders => with_body(body, ctx, |b| create_order(self, ctx, headers, b)).await,
             Route::Register => {
-                with_body(body, |b| {
+                with_body(body, ctx, |b| {
                     forward_post(
                         &self.users,
                         "User",
@@ -802,7 +802,7 @@ impl Gateway {
                     Some(q) => format!("/auth/login?{q}"),
                     None => "/auth/login".to_owned(),
                 };
-                with_body(body, |b| {
+                with_body(body, ctx, |b| {
                     forward_post(&self.users, "User", path, ctx, headers, b)
                 })
                 .await
@@ -828,11 +828,16 @@ async fn by_id<T: std::str::FromStr, F: Future<Output = Response>>(
 /// be read.
 async fn with_body<F: Future<Output = Response>>(
     body: Incoming,
+    ctx: &CallCtx,
     handler: impl FnOnce(Bytes) -> F,
 ) -> Response {
-    match read_body(body).await {
-        Ok(b) => handler(b).await,
-        Err(r) => r,
+    // The deadline covers the whole request, reading its body included: a
+    // client trickling a body does not hold a connection past it.
+    let deadline = tokio::time::Instant::from_std(ctx.deadline);
+    match tokio::time::timeout_at(deadline, read_body(body)).await {
+        Ok(Ok(b)) => handler(b).await,
+        Ok(Err(r)) => r,
+        Err(_) => crate::http::error::body_not_in_time(),
     }
 }
 

@@ -156,11 +156,35 @@ pub fn path_rejection(r: PathRejection, first_param: Option<String>) -> Response
     unprocessable(vec!["path".into()], "value_error", r.body_text())
 }
 
-/// A body that could not be read: too large (413) or broken off.
+/// A body that could not be read: too large (413), stalled (408) or broken
+/// off.
 pub fn bytes_rejection(r: BytesRejection) -> Response {
     if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::payload_too_large().into_response()
+    } else if stalled(&r) {
+        body_not_in_time()
     } else {
         detail(r.status(), r.body_text())
     }
+}
+
+/// 408: the client stopped sending its request body.
+pub fn body_not_in_time() -> Response {
+    detail(
+        StatusCode::REQUEST_TIMEOUT,
+        "The request body did not arrive in time",
+    )
+}
+
+/// Whether reading a body failed because it stopped arriving (see
+/// `crate::app`).
+fn stalled(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut e = Some(e);
+    while let Some(err) = e {
+        if err.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        e = err.source();
+    }
+    false
 }

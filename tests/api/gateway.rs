@@ -34,8 +34,8 @@ use tokio::{
 };
 
 use crate::helpers::{
-    ADMIN_PASSWORD, WAIT, eventually, idle_connections_are_closed,
-    ports_outside_the_ephemeral_range,
+    ADMIN_PASSWORD, STALLED_LOGIN, WAIT, eventually, idle_connections_are_closed,
+    ports_outside_the_ephemeral_range, stalled_body_answer,
 };
 
 const SECRET: &str = "a test secret shared by the whole topology";
@@ -852,6 +852,21 @@ async fn answer(
         .expect("the held request never finished")
         .unwrap()
         .unwrap()
+}
+
+/// A request body that stops arriving is cut off at the request's deadline
+/// (408), and nothing reaches the upstream.
+#[tokio::test]
+async fn a_request_body_that_stops_arriving_gets_408() {
+    let users = fake("users", None).await;
+    let mut reg = users_only_registry(&users, |_| {}).await;
+    reg.deadline_ms = 200;
+    let gw = TestGateway::start(reg).await;
+    let got = stalled_body_answer(gw.addr, STALLED_LOGIN).await;
+    assert!(got.starts_with("HTTP/1.1 408"), "{got}");
+    assert!(got.contains("did not arrive in time"), "{got}");
+    assert_eq!(users.hits(), 0);
+    gw.stop().await;
 }
 
 /// Once told to stop, the gateway takes no new connections but finishes the

@@ -339,6 +339,30 @@ pub async fn idle_connections_are_closed(addr: SocketAddr, head: &[u8]) {
     }
 }
 
+/// Sends `request`, a request head with part of its body, and no more; returns
+/// everything the server sends until it closes the connection.
+pub async fn stalled_body_answer(addr: SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(addr))
+        .await
+        .expect("connect hung")
+        .unwrap();
+    tokio::time::timeout(WAIT, s.write_all(request))
+        .await
+        .expect("write hung")
+        .unwrap();
+    let mut got = Vec::new();
+    // A reset after the answer counts as closed.
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut got))
+        .await
+        .expect("the stalled request was never answered or closed");
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// A login whose body declares 100 bytes and stops after 11.
+pub const STALLED_LOGIN: &[u8] = b"POST /auth/login HTTP/1.1\r\nhost: x\r\n\
+content-type: application/json\r\ncontent-length: 100\r\n\r\n{\"username\"";
+
 /// A minimal, strict SSE client over a streaming reqwest response.
 pub struct Sse {
     pub response_headers: reqwest::header::HeaderMap,

@@ -5,8 +5,8 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::helpers::{
-    Sse, TestApp, WAIT, WsMessage, idle_connections_are_closed, node, node_clients, spawn_app,
-    spawn_with, test_config,
+    STALLED_LOGIN, Sse, TestApp, WAIT, WsMessage, idle_connections_are_closed, node, node_clients,
+    spawn_app, spawn_with, stalled_body_answer, test_config,
 };
 
 async fn broadcast(app: &TestApp, token: &str, message: &str) {
@@ -576,6 +576,27 @@ async fn the_ui_page_works_in_a_real_browser() {
         std::fs::metadata(&shot).unwrap().len() > 10_000,
         "no screenshot"
     );
+    app.stop().await;
+}
+
+/// A request whose body stops arriving is answered 408 once nothing has come
+/// for the idle timeout: its request is in flight, so it is not closed as an
+/// idle connection, and would otherwise hold the connection for ever.
+#[tokio::test]
+async fn a_request_body_that_stops_arriving_gets_408() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.client_idle_timeout = std::time::Duration::from_millis(100);
+    let app = spawn_with(config).await;
+    let got = stalled_body_answer(app.addr, STALLED_LOGIN).await;
+    assert!(got.starts_with("HTTP/1.1 408"), "{got}");
+    assert!(
+        got.contains(r#"{"detail":"The request body did not arrive in time"}"#),
+        "{got}"
+    );
+    // A body that does arrive is read as before.
+    let token = app.alice_token().await;
+    assert!(!token.is_empty());
     app.stop().await;
 }
 
