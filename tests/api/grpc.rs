@@ -18,7 +18,7 @@ use reqwest::StatusCode;
 use serde_json::json;
 use tonic::{Code, Request};
 
-use crate::helpers::{TestApp, WAIT, spawn_app, spawn_with, test_config};
+use crate::helpers::{TestApp, WAIT, spawn_app, spawn_with_idle_timeout};
 
 fn authed<T>(msg: T, token: &str) -> Request<T> {
     let mut r = Request::new(msg);
@@ -644,10 +644,7 @@ async fn shutdown_ends_server_streams() {
 #[tokio::test]
 async fn idle_grpc_connections_are_closed_but_quiet_streams_are_not() {
     use tokio::io::AsyncReadExt;
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path());
-    config.client_idle_timeout = std::time::Duration::from_millis(100);
-    let app = spawn_with(config).await;
+    let app = spawn_with_idle_timeout(std::time::Duration::from_millis(100)).await;
     let token = app.alice_token().await;
     let mut live = subscribe(
         &mut EventsClient::new(app.grpc().await),

@@ -44,6 +44,17 @@ pub async fn spawn_app() -> TestApp {
     app
 }
 
+/// prism (as [`spawn_app`]) closing client connections, and cutting off
+/// request bodies, after `idle` of silence.
+pub async fn spawn_with_idle_timeout(idle: Duration) -> TestApp {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.client_idle_timeout = idle;
+    let mut app = spawn_with(config).await;
+    app.dir = Some(dir);
+    app
+}
+
 /// prism with a given configuration.
 pub async fn spawn_with(config: Config) -> TestApp {
     prism::telemetry::init_tap_only("warn,prism=info");

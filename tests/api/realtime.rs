@@ -6,7 +6,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::helpers::{
     STALLED_LOGIN, Sse, TestApp, WAIT, WsMessage, idle_connections_are_closed, node, node_clients,
-    spawn_app, spawn_with, stalled_body_answer, test_config,
+    spawn_app, spawn_with, spawn_with_idle_timeout, stalled_body_answer, test_config,
 };
 
 async fn broadcast(app: &TestApp, token: &str, message: &str) {
@@ -584,10 +584,7 @@ async fn the_ui_page_works_in_a_real_browser() {
 /// idle connection, and would otherwise hold the connection for ever.
 #[tokio::test]
 async fn a_request_body_that_stops_arriving_gets_408() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path());
-    config.client_idle_timeout = std::time::Duration::from_millis(100);
-    let app = spawn_with(config).await;
+    let app = spawn_with_idle_timeout(std::time::Duration::from_millis(100)).await;
     let got = stalled_body_answer(app.addr, STALLED_LOGIN).await;
     assert!(got.starts_with("HTTP/1.1 408"), "{got}");
     assert!(
@@ -607,10 +604,7 @@ async fn a_request_body_that_stops_arriving_gets_408() {
 /// returns.
 #[tokio::test]
 async fn idle_and_stalled_connections_are_closed_but_quiet_streams_are_not() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path());
-    config.client_idle_timeout = std::time::Duration::from_millis(100);
-    let app = spawn_with(config).await;
+    let app = spawn_with_idle_timeout(std::time::Duration::from_millis(100)).await;
     let alice = app.alice_token().await;
     // No keep-alive comment falls within the test: the stream is silent.
     let mut stream = Sse::connect(&app, "/stream", None).await;
