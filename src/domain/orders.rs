@@ -56,7 +56,7 @@ pub struct Order {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct NewOrder {
     /// Defaults to the caller.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::domain::validate::whole_number")]
     pub user_id: Option<i64>,
     pub total: f64,
     #[serde(default)]

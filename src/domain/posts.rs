@@ -41,7 +41,7 @@ pub struct NewPost {
     pub title: String,
     pub content: String,
     /// Defaults to the caller.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::domain::validate::whole_number")]
     pub author_id: Option<i64>,
 }
 

@@ -111,8 +111,18 @@ impl NewProduct {
             ));
         }
         for (k, v) in &self.metadata {
-            c.length("metadata", k, 1, 100)
-                .length("metadata", v, 0, 1000);
+            c.length(
+                "metadata",
+                k,
+                limits::METADATA_KEY.0,
+                limits::METADATA_KEY.1,
+            )
+            .length(
+                "metadata",
+                v,
+                limits::METADATA_VALUE.0,
+                limits::METADATA_VALUE.1,
+            );
         }
         c.finish()
     }

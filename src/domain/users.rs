@@ -41,7 +41,7 @@ impl From<String> for Role {
 pub struct NewUser {
     pub name: String,
     pub email: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::domain::validate::whole_number")]
     pub age: Option<i64>,
 }
 

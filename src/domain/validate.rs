@@ -70,9 +70,10 @@ impl Check {
         self
     }
 
-    /// A login name: 3 to 50 letters, digits, `_`, `.` or `-`.
+    /// A login name: [`limits::USERNAME`] letters, digits, `_`, `.` or `-`.
     pub fn username(&mut self, field: &str, value: &str) -> &mut Self {
-        let ok = (3..=50).contains(&value.len())
+        let (min, max) = limits::USERNAME;
+        let ok = (min..=max).contains(&value.len())
             && value
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
@@ -80,7 +81,7 @@ impl Check {
             self.0.push(FieldError::new(
                 field,
                 "value_error",
-                "Username must be 3 to 50 letters, digits, '_', '.' or '-'",
+                format!("Username must be {min} to {max} letters, digits, '_', '.' or '-'"),
             ));
         }
         self
@@ -124,6 +125,46 @@ fn plural(n: usize) -> &'static str {
     if n == 1 { "" } else { "s" }
 }
 
+/// Reads an optional integer field of a JSON body as JSON Schema and
+/// pydantic do: a number without a fractional part is an integer, so `3.0`
+/// is 3 (Python's `json.dumps` writes floats that way). `3.5` and anything
+/// outside `i64` are refused.
+pub fn whole_number<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<i64>, D::Error> {
+    struct Whole(i64);
+    struct Visitor;
+    impl serde::de::Visitor<'_> for Visitor {
+        type Value = Whole;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            // "expected i64" is what the HTTP layer recognises as an integer error.
+            f.write_str("i64")
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> std::result::Result<Whole, E> {
+            Ok(Whole(v))
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> std::result::Result<Whole, E> {
+            i64::try_from(v)
+                .map(Whole)
+                .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> std::result::Result<Whole, E> {
+            // 2^63 itself is a whole f64 that `as` would clamp to i64::MAX.
+            if v.fract() == 0.0 && v >= -(2f64.powi(63)) && v < 2f64.powi(63) {
+                Ok(Whole(v as i64))
+            } else {
+                Err(E::invalid_value(serde::de::Unexpected::Float(v), &self))
+            }
+        }
+    }
+    impl<'de> serde::Deserialize<'de> for Whole {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Whole, D::Error> {
+            d.deserialize_i64(Visitor)
+        }
+    }
+    Ok(<Option<Whole> as serde::Deserialize>::deserialize(d)?.map(|w| w.0))
+}
+
 /// Field limits of SPEC §2.
 pub mod limits {
     pub const NAME: (usize, usize) = (1, 100);
@@ -135,6 +176,9 @@ pub mod limits {
     pub const TAG: (usize, usize) = (1, 50);
     pub const MAX_TAGS: usize = 50;
     pub const MAX_METADATA: usize = 50;
+    pub const METADATA_KEY: (usize, usize) = (1, 100);
+    pub const METADATA_VALUE: (usize, usize) = (0, 1000);
+    pub const USERNAME: (usize, usize) = (3, 50);
 }
 
 #[cfg(test)]

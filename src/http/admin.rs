@@ -8,7 +8,7 @@ use serde_json::json;
 use utoipa::OpenApi;
 
 use super::{
-    BearerAuth, Detail,
+    Detail,
     error::ApiError,
     extract::{Auth, Json, Query},
     users::ListParams,
@@ -72,7 +72,6 @@ async fn admin_stats(
     info(title = "Admin Panel", description = "Administration; every route needs the admin role."),
     servers((url = "/admin")),
     paths(admin_users, admin_settings, admin_stats),
-    modifiers(&BearerAuth)
 )]
 pub struct AdminApi;
 

@@ -13,9 +13,10 @@ use serde_json::json;
 use utoipa::{OpenApi, ToSchema};
 
 use super::{
-    Detail, ValidationDetail,
+    Detail,
     error::ApiError,
     extract::{Input, Json},
+    openapi::ValidationDetail,
 };
 use crate::{domain::Registration, error::Error, state::AppState};
 

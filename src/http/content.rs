@@ -7,9 +7,10 @@ use serde::Deserialize;
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use super::{
-    Detail, ValidationDetail,
+    Detail,
     error::ApiError,
     extract::{Auth, Json, Path, Query},
+    openapi::ValidationDetail,
 };
 use crate::{
     domain::{Comment, Message, NewOrder, NewPost, Order, Page, Post, PostPatch},
@@ -103,7 +104,7 @@ async fn list_comments(
 pub struct NewComment {
     pub content: String,
     /// Defaults to the caller; only an admin may name someone else.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::domain::validate::whole_number")]
     pub user_id: Option<i64>,
 }
 
@@ -153,7 +154,7 @@ async fn list_messages(
 pub struct NewMessage {
     pub content: String,
     /// Defaults to the caller; only an admin may name someone else.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::domain::validate::whole_number")]
     pub user_id: Option<i64>,
 }
 

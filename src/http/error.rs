@@ -30,6 +30,13 @@ impl ApiError {
         }
     }
 
+    pub fn path(error: Error) -> Self {
+        ApiError {
+            error,
+            source: "path",
+        }
+    }
+
     pub fn payload_too_large() -> Self {
         Error::BadRequest(PAYLOAD_TOO_LARGE.into()).into()
     }

@@ -142,6 +142,18 @@ fn is_form(headers: &HeaderMap) -> bool {
 }
 
 fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Response> {
+    // Every body prism reads is an object; serde would also fill a struct
+    // from an array (`[null, null]`), which no client means.
+    if let Some(first) = bytes.iter().find(|b| !b.is_ascii_whitespace())
+        && *first != b'{'
+        && serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok()
+    {
+        return Err(unprocessable(
+            vec!["body".into()],
+            "model_attributes_type",
+            "Input should be a valid dictionary or object to extract fields from",
+        ));
+    }
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -183,7 +195,13 @@ fn data_error(source: &str, path: &str, message: &str) -> Response {
         loc.push(field.into());
         return unprocessable(loc, "missing", "Field required");
     }
-    let (kind, msg) = if message.contains("invalid digit") || message.contains("expected i") {
+    let (kind, msg) = if message.contains("to fit in target type") {
+        // std's words for an integer out of the type's range.
+        (
+            "int_parsing_size",
+            "Unable to parse input string as an integer, exceeded maximum size".to_owned(),
+        )
+    } else if message.contains("invalid digit") || message.contains("expected i") {
         ("int_parsing", "Input should be a valid integer".to_owned())
     } else if message.contains("invalid float") || message.contains("expected f64") {
         ("float_parsing", "Input should be a valid number".to_owned())

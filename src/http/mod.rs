@@ -9,6 +9,7 @@ pub mod auth;
 pub mod content;
 pub mod error;
 pub mod extract;
+pub mod openapi;
 pub mod products;
 pub mod services;
 pub mod users;
@@ -33,10 +34,7 @@ use tower_http::{
     request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer},
     trace::TraceLayer,
 };
-use utoipa::{
-    Modify, OpenApi, ToSchema,
-    openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme},
-};
+use utoipa::{OpenApi, ToSchema};
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::state::{AppState, RequestLabels, RouteLabels};
@@ -47,31 +45,6 @@ use extract::Json;
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Detail {
     pub detail: String,
-}
-
-/// A 422 body: `{"detail": [{"loc": [...], "msg": "…", "type": "…"}]}`.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ValidationDetail {
-    pub detail: Vec<serde_json::Value>,
-}
-
-/// Declares the bearer-token scheme that write routes name in `security`.
-#[derive(Debug)]
-pub struct BearerAuth;
-
-impl Modify for BearerAuth {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "bearer",
-            SecurityScheme::Http(
-                HttpBuilder::new()
-                    .scheme(HttpAuthScheme::Bearer)
-                    .bearer_format("JWT")
-                    .build(),
-            ),
-        );
-    }
 }
 
 /// Where everything is.
@@ -150,14 +123,46 @@ async fn method_not_allowed() -> Response {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "prism", description = "One domain over REST, GraphQL, gRPC, SSE and WebSockets. \
+    info(
+        title = "prism",
+        description = "One domain over REST, GraphQL, gRPC, SSE and WebSockets. \
         Users, products and admin are mounted sub-applications with their own docs: \
-        /users/docs, /products/docs, /admin/docs."),
-    paths(index, stats, public_config, healthz, readyz, metrics, products::items_v1, products::items_v2),
-    nest((path = "/", api = auth::AuthApi), (path = "/", api = content::ContentApi)),
-    modifiers(&BearerAuth)
+        /users/docs, /products/docs, /admin/docs."
+    ),
+    paths(
+        index,
+        stats,
+        public_config,
+        healthz,
+        readyz,
+        metrics,
+        products::items_v1,
+        products::items_v2
+    ),
+    // The catalogue's query names it; utoipa adds only the schemas of bodies.
+    components(schemas(crate::domain::Category))
 )]
 pub struct MainApi;
+
+/// The main app's document: its own routes, and those of accounts and
+/// content, which their modules describe.
+fn main_api() -> utoipa::openapi::OpenApi {
+    let mut doc = MainApi::openapi();
+    doc.merge(auth::AuthApi::openapi());
+    doc.merge(content::ContentApi::openapi());
+    doc
+}
+
+/// Every document prism serves, by where it is served.
+pub fn documents() -> [(&'static str, utoipa::openapi::OpenApi); 4] {
+    [
+        ("/openapi.json", main_api()),
+        ("/users/openapi.json", users::UsersApi::openapi()),
+        ("/products/openapi.json", products::ProductsApi::openapi()),
+        ("/admin/openapi.json", admin::AdminApi::openapi()),
+    ]
+    .map(|(at, doc)| (at, openapi::finish(doc)))
+}
 
 /// Counts requests, records metrics, and refuses declared bodies over the limit
 /// before anything reads them.
@@ -250,14 +255,12 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
 }
 
 fn docs() -> Router<AppState> {
-    Router::new()
-        .merge(SwaggerUi::new("/docs").url("/openapi.json", MainApi::openapi()))
-        .merge(SwaggerUi::new("/users/docs").url("/users/openapi.json", users::UsersApi::openapi()))
-        .merge(
-            SwaggerUi::new("/products/docs")
-                .url("/products/openapi.json", products::ProductsApi::openapi()),
-        )
-        .merge(SwaggerUi::new("/admin/docs").url("/admin/openapi.json", admin::AdminApi::openapi()))
+    documents()
+        .into_iter()
+        .fold(Router::new(), |router, (at, doc)| {
+            let ui = at.replace("openapi.json", "docs");
+            router.merge(SwaggerUi::new(ui).url(at, doc))
+        })
 }
 
 /// Mounts a sub-application at `prefix`. Its root answers at both `/prefix`

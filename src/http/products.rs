@@ -13,9 +13,10 @@ use serde_json::json;
 use utoipa::{IntoParams, OpenApi};
 
 use super::{
-    BearerAuth, Detail, ValidationDetail,
+    Detail,
     error::ApiError,
     extract::{Auth, Json, Path, Query},
+    openapi::ValidationDetail,
 };
 use crate::{
     domain::{Category, NewProduct, Page, Product},
@@ -141,7 +142,6 @@ pub async fn items_v2(
     info(title = "Products API", description = "The product catalogue. Writes need the admin role."),
     servers((url = "/products")),
     paths(list_products, get_product, create_product, update_product, delete_product),
-    modifiers(&BearerAuth)
 )]
 pub struct ProductsApi;
 

@@ -10,9 +10,10 @@ use serde::Deserialize;
 use utoipa::{IntoParams, OpenApi};
 
 use super::{
-    BearerAuth, Detail, ValidationDetail,
+    Detail,
     error::ApiError,
     extract::{Auth, Input, Json, Path, Query},
+    openapi::ValidationDetail,
 };
 use crate::{
     domain::{NewUser, Page, Post, User},
@@ -97,7 +98,11 @@ async fn add_friend(
     Auth(by): Auth,
     Path((user_id, friend_id)): Path<(i64, i64)>,
 ) -> Result<StatusCode, ApiError> {
-    state.domain.add_friend(&by, user_id, friend_id).await?;
+    state
+        .domain
+        .add_friend(&by, user_id, friend_id)
+        .await
+        .map_err(ApiError::path)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -106,7 +111,6 @@ async fn add_friend(
     info(title = "Users API", description = "Users and their friendships."),
     servers((url = "/users")),
     paths(list_users, get_user, create_user, user_posts, user_friends, add_friend),
-    modifiers(&BearerAuth)
 )]
 pub struct UsersApi;
 
