@@ -369,7 +369,8 @@ fn request_status(media: Media) -> StatusCode {
 
 fn error_json(e: &ServerError) -> Value {
     let mut v = serde_json::to_value(e).unwrap_or_else(|_| json!({"message": e.message}));
-    // Validation errors carry no code; give every error one for clients to branch on.
+    // async-graphql's own errors carry no code; give every error one for
+    // clients to branch on. Every error prism's resolvers raise has one.
     if let Value::Object(m) = &mut v {
         let ext = m
             .entry("extensions")
@@ -378,6 +379,10 @@ fn error_json(e: &ServerError) -> Value {
             ext.entry("code").or_insert_with(|| {
                 Value::from(if e.path.is_empty() {
                     "GRAPHQL_VALIDATION_FAILED"
+                } else if e.message.starts_with("Failed to parse \"") {
+                    // An argument the schema's types allowed but its scalar
+                    // refused at execution, such as an Int beyond 32 bits.
+                    "BAD_USER_INPUT"
                 } else {
                     "INTERNAL_SERVER_ERROR"
                 })

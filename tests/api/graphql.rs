@@ -453,6 +453,32 @@ async fn limits_are_graphql_errors_not_crashes() {
     app.stop().await;
 }
 
+/// An Int beyond 32 bits (GraphQL's Int) passes validation and is refused
+/// when the field runs: the client's mistake, not the server's.
+#[tokio::test]
+async fn out_of_range_ints_are_bad_user_input() {
+    let app = spawn_app().await;
+    let alice = app.alice_token().await;
+    for (query, variables) in [
+        ("{ user(id: 2147483648) { id } }", json!({})),
+        ("{ users(limit: -2147483649) { id } }", json!({})),
+        (
+            "query($id: Int!) { post(id: $id) { id } }",
+            json!({"id": 4294967296u64}),
+        ),
+        ("mutation { deletePost(postId: 24578921864) }", json!({})),
+    ] {
+        let r = app.graphql(query, variables, Some(&alice)).await;
+        assert!(r.get("data").is_none_or(Value::is_null), "{query}: {r}");
+        let code = code(&r);
+        assert!(
+            code == "BAD_USER_INPUT" || code == "GRAPHQL_VALIDATION_FAILED",
+            "{query}: {r}"
+        );
+    }
+    app.stop().await;
+}
+
 /// Statements a query runs do not grow with the number of parents.
 #[tokio::test]
 async fn nested_fields_are_batched() {
