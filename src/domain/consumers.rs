@@ -7,7 +7,8 @@ use serde::Serialize;
 use super::Domain;
 use crate::{db::Tx, error::Result, on_db, on_tx};
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+/// What the users service learned of a user's orders from `order.created`.
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct OrderStats {
     pub user_id: i64,
     pub orders: i64,

@@ -129,28 +129,47 @@ async fn method_not_allowed() -> Response {
         Users, products and admin are mounted sub-applications with their own docs: \
         /users/docs, /products/docs, /admin/docs."
     ),
-    paths(
-        index,
-        stats,
-        public_config,
-        healthz,
-        readyz,
-        metrics,
-        products::items_v1,
-        products::items_v2
-    ),
+    paths(index, products::items_v1, products::items_v2),
     // The catalogue's query names it; utoipa adds only the schemas of bodies.
     components(schemas(crate::domain::Category))
 )]
 pub struct MainApi;
 
+/// The operational routes every HTTP role serves ([`ops`]).
+#[derive(OpenApi)]
+#[openapi(paths(stats, public_config, healthz, readyz, metrics))]
+struct OpsApi;
+
 /// The main app's document: its own routes, and those of accounts and
 /// content, which their modules describe.
 fn main_api() -> utoipa::openapi::OpenApi {
     let mut doc = MainApi::openapi();
+    doc.merge(OpsApi::openapi());
     doc.merge(auth::AuthApi::openapi());
     doc.merge(content::ContentApi::openapi());
     doc
+}
+
+/// The document a microservice serves at `/openapi.json` (with `/docs`), as
+/// each of the seed's FastAPI services does; `None` for the products
+/// service, which speaks gRPC.
+pub fn service_document(role: crate::app::Role) -> Option<utoipa::openapi::OpenApi> {
+    use crate::app::Role;
+    let mut doc = match role {
+        Role::Users => {
+            let mut doc = services::UsersServiceApi::openapi();
+            doc.merge(auth::AuthApi::openapi());
+            // Mounted at /users here too, but inside this document rather
+            // than as a server of its own.
+            let mut users = users::UsersApi::openapi();
+            users.servers = None;
+            doc.nest("/users", users)
+        }
+        Role::Orders => services::OrdersServiceApi::openapi(),
+        Role::Serve | Role::Products => return None,
+    };
+    doc.merge(OpsApi::openapi());
+    Some(openapi::finish(doc))
 }
 
 /// Every document prism serves, by where it is served.
@@ -254,8 +273,12 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
     detail(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error")
 }
 
-fn docs() -> Router<AppState> {
-    documents()
+/// Swagger UI for each document, at its path with `openapi.json` replaced
+/// by `docs`.
+fn docs(
+    documents: impl IntoIterator<Item = (&'static str, utoipa::openapi::OpenApi)>,
+) -> Router<AppState> {
+    documents
         .into_iter()
         .fold(Router::new(), |router, (at, doc)| {
             let ui = at.replace("openapi.json", "docs");
@@ -294,6 +317,7 @@ pub fn router_for(role: crate::app::Role, state: AppState) -> Router {
         Role::Users => edge(
             ops()
                 .merge(services::users_service())
+                .merge(docs(service_document(role).map(|d| ("/openapi.json", d))))
                 .fallback(not_found)
                 .method_not_allowed_fallback(method_not_allowed)
                 .with_state(state.clone()),
@@ -302,6 +326,7 @@ pub fn router_for(role: crate::app::Role, state: AppState) -> Router {
         Role::Orders => edge(
             ops()
                 .merge(crate::realtime::feed_router())
+                .merge(docs(service_document(role).map(|d| ("/openapi.json", d))))
                 .fallback(not_found)
                 .method_not_allowed_fallback(method_not_allowed)
                 .with_state(state.clone())
@@ -323,7 +348,7 @@ pub fn router(state: AppState) -> Router {
         .merge(mount("/users", users::root(), users::router()))
         .merge(mount("/products", products::root(), products::router()))
         .nest("/admin", admin::router())
-        .merge(docs())
+        .merge(docs(documents()))
         .merge(crate::realtime::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

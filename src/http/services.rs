@@ -12,21 +12,26 @@ use axum::{
 };
 use serde_json::json;
 use std::time::{Duration, Instant};
+use utoipa::{IntoParams, OpenApi};
 
 use super::{
+    Detail,
     error::ApiError,
     extract::{Auth, Json, Path, Query},
+    openapi::ValidationDetail,
     users::ListParams,
 };
 use crate::{
-    domain::{NewOrder, consumers::OrderStats},
+    domain::{NewOrder, Order, consumers::OrderStats},
     error::Error,
     state::AppState,
     trace::{TRACEPARENT, X_REQUEST_ID, X_REQUEST_TIMEOUT_MS, child_traceparent, time_given},
 };
 
-/// `GET /users/{user_id}/order-stats`: what the users service learned from
-/// the orders service's `order.created` events.
+/// What the users service learned of a user's orders from the orders
+/// service's `order.created` events.
+#[utoipa::path(get, path = "/users/{user_id}/order-stats", params(("user_id" = i64, Path)),
+    responses((status = 200, body = OrderStats), (status = 404, body = Detail)))]
 async fn order_stats(
     State(state): State<AppState>,
     Path(user_id): Path<i64>,
@@ -34,6 +39,18 @@ async fn order_stats(
     state.domain.get_user(user_id).await?;
     Ok(Json(state.domain.order_stats(user_id).await?))
 }
+
+/// The users service's own routes; its document adds the users sub-app's,
+/// the accounts' and the operational ones (see `crate::http::service_documents`).
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "prism users service",
+        description = "Users and accounts (SPEC §8)."
+    ),
+    paths(order_stats)
+)]
+pub struct UsersServiceApi;
 
 pub fn users_service() -> Router<AppState> {
     Router::new()
@@ -114,13 +131,18 @@ async fn fetch_user(
     }
 }
 
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, IntoParams)]
 struct OrdersQuery {
+    /// Only this user's orders.
     user_id: Option<i64>,
+    /// At most this many items (default 100, capped at 1000).
     limit: Option<i64>,
+    /// Skip this many items.
     offset: Option<i64>,
 }
 
+/// Orders in id order.
+#[utoipa::path(get, path = "/orders", params(OrdersQuery), responses((status = 200, body = [Order])))]
 async fn list_orders(
     State(ctx): State<OrdersCtx>,
     Query(q): Query<OrdersQuery>,
@@ -135,6 +157,9 @@ async fn list_orders(
 
 /// An order with its `"user"` embedded (null when the users service cannot
 /// be reached: the order itself is still known).
+#[utoipa::path(get, path = "/orders/{order_id}", params(("order_id" = i64, Path)),
+    responses((status = 200, body = Order, description = "The order, with `user` (a User, or null)"),
+               (status = 404, body = Detail)))]
 async fn get_order(
     State(ctx): State<OrdersCtx>,
     headers: HeaderMap,
@@ -155,6 +180,10 @@ async fn get_order(
 }
 
 /// Places an order after checking with the users service that its user exists.
+#[utoipa::path(post, path = "/orders", request_body = NewOrder, security(("bearer" = [])),
+    responses((status = 201, body = Order), (status = 403, body = Detail),
+               (status = 422, body = ValidationDetail),
+               (status = 503, body = Detail, description = "The users service cannot say whether the user exists")))]
 async fn create_order(
     State(ctx): State<OrdersCtx>,
     Auth(by): Auth,
@@ -177,6 +206,16 @@ async fn create_order(
         .await?;
     Ok((StatusCode::CREATED, Json(json!(order))).into_response())
 }
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "prism orders service",
+        description = "Orders, which embed their user (SPEC §8)."
+    ),
+    paths(list_orders, get_order, create_order)
+)]
+pub struct OrdersServiceApi;
 
 pub fn orders_service(state: AppState) -> Router {
     let ctx = OrdersCtx {

@@ -34,8 +34,9 @@ use tokio::{
 };
 
 use crate::helpers::{
-    ADMIN_PASSWORD, STALLED_LOGIN, WAIT, eventually, idle_connections_are_closed,
-    ports_outside_the_ephemeral_range, stalled_body_answer,
+    ADMIN_PASSWORD, STALLED_LOGIN, WAIT, alice_token_at, documents_hold, eventually,
+    idle_connections_are_closed, ports_outside_the_ephemeral_range, schemathesis,
+    stalled_body_answer,
 };
 
 const SECRET: &str = "a test secret shared by the whole topology";
@@ -376,6 +377,36 @@ async fn topology(dir: &std::path::Path) -> Topology {
         orders,
         products,
     }
+}
+
+/// Each service serves its own OpenAPI document and Swagger UI, as each of
+/// the seed's FastAPI services does, and the documents hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_service_documents_its_routes() {
+    let dir = tempfile::tempdir().unwrap();
+    let users = service(Role::Users, &dir.path().join("users"), None).await;
+    let users_url = format!("http://{}", users.http_addr());
+    let orders = service(
+        Role::Orders,
+        &dir.path().join("orders"),
+        Some(users_url.clone()),
+    )
+    .await;
+    let orders_url = format!("http://{}", orders.http_addr());
+    let (users, orders) = (run(users), run(orders));
+    let client = reqwest::Client::new();
+    for (base, operations) in [(&users_url, 10), (&orders_url, 3)] {
+        let r = client.get(format!("{base}/docs/")).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{base}");
+        let checked = documents_hold(&client, base, &["/openapi.json"]).await;
+        assert!(checked >= operations, "{base}: {checked} operations");
+    }
+    let alice = alice_token_at(&client, &users_url).await;
+    for base in [&users_url, &orders_url] {
+        schemathesis(base, &["/openapi.json"], &alice).await;
+    }
+    users.stop().await;
+    orders.stop().await;
 }
 
 /// Login failures through the gateway count against the client that made

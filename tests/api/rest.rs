@@ -3,7 +3,7 @@
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 
-use crate::helpers::{spawn_app, spawn_with, test_config};
+use crate::helpers::{documents_hold, schemathesis, spawn_app, spawn_with, test_config};
 
 #[tokio::test]
 async fn index_names_every_protocol() {
@@ -240,122 +240,27 @@ async fn docs_are_served_from_the_binary() {
     app.stop().await;
 }
 
-/// The documents are a contract a generated client relies on: each
-/// operation is served at the path it is listed under, answers 401 without a
-/// token exactly when it lists a security requirement (and lists that 401),
-/// and lists the 422 of any input it reads.
 #[tokio::test]
 async fn every_documented_operation_is_served_as_documented() {
     let app = spawn_app().await;
-    let mut checked = 0;
-    for spec in [
-        "/openapi.json",
-        "/users/openapi.json",
-        "/products/openapi.json",
-        "/admin/openapi.json",
-    ] {
-        let (_, doc) = app.get_json(spec).await;
-        let base = doc["servers"][0]["url"].as_str().unwrap_or("");
-        for (path, item) in doc["paths"].as_object().unwrap() {
-            assert!(
-                path.starts_with('/') && !path.starts_with("//"),
-                "{spec}: {path}"
-            );
-            for (method, op) in item.as_object().unwrap() {
-                let what = format!("{spec}: {method} {path}");
-                let answers = op["responses"].as_object().unwrap();
-                let secured = op["security"].as_array().is_some_and(|s| !s.is_empty());
-                let reads_input = op["requestBody"].is_object()
-                    || op["parameters"].as_array().is_some_and(|p| !p.is_empty());
-                assert!(answers.contains_key("401") || !secured, "{what}");
-                assert_eq!(answers.contains_key("422"), reads_input, "{what}");
-                if method != "get" && !path.starts_with("/auth/") {
-                    assert!(secured, "{what}: a write without a token requirement");
-                }
-                let url = app.url(&format!("{base}{}", with_ids(path)));
-                let method = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
-                let r = app.client.request(method, url).send().await.unwrap();
-                let status = r.status();
-                let body: serde_json::Value = r.json().await.unwrap_or_default();
-                assert!(
-                    !(status == StatusCode::NOT_FOUND && body["detail"] == "Not Found"),
-                    "{what} is not routed"
-                );
-                assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{what}");
-                assert_eq!(
-                    status == StatusCode::UNAUTHORIZED,
-                    secured,
-                    "{what}: {status}"
-                );
-                checked += 1;
-            }
-        }
-    }
+    let checked = documents_hold(&app.client, &app.url(""), &SPECS).await;
     assert!(checked > 30, "only {checked} operations documented");
     app.stop().await;
 }
 
-/// A second opinion on the documents: schemathesis generates requests from
-/// each one (valid and invalid, and chains of them) and checks every answer
-/// against it: no 5xx, only documented statuses, bodies of the documented
-/// shape, and invalid input refused. It does not ask that every
-/// schema-valid request succeed, since no document can say which ids exist.
+const SPECS: [&str; 4] = [
+    "/openapi.json",
+    "/users/openapi.json",
+    "/products/openapi.json",
+    "/admin/openapi.json",
+];
+
 #[tokio::test]
 async fn schemathesis_finds_the_documents_true() {
-    let have_it = std::process::Command::new("python3")
-        .args(["-m", "schemathesis.cli", "--version"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !have_it {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("schemathesis is missing: pip install -r tests/python/requirements.txt");
-        }
-        eprintln!("SKIPPED: OpenAPI conformance (pip install -r tests/python/requirements.txt)");
-        return;
-    }
     let app = spawn_app().await;
     let admin = app.admin_token().await;
-    // Its cache of earlier failures stays out of the repository and out of
-    // the next run.
-    let workdir = tempfile::tempdir().unwrap();
-    for base in ["", "/users", "/products", "/admin"] {
-        let run = tokio::process::Command::new("python3")
-            .args(["-m", "schemathesis.cli", "run", "--no-color"])
-            .arg(app.url(&format!("{base}/openapi.json")))
-            .args(["--url", &app.url(base)])
-            .args(["--header", &format!("Authorization: Bearer {admin}")])
-            .args([
-                "--checks",
-                "all",
-                "--exclude-checks",
-                "positive_data_acceptance",
-            ])
-            // The same cases on every run, so a failure is reproducible.
-            .args(["--max-examples", "50", "--generation-deterministic"])
-            .args(["--request-timeout", "10"])
-            .current_dir(workdir.path())
-            .kill_on_drop(true)
-            .output();
-        let out = tokio::time::timeout(std::time::Duration::from_secs(300), run)
-            .await
-            .expect("schemathesis timed out")
-            .unwrap();
-        let report = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{base}/openapi.json:\n{report}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    schemathesis(&app.url(""), &SPECS, &admin).await;
     app.stop().await;
-}
-
-/// A documented path with each of its parameters (`{user_id}`) set to 1.
-fn with_ids(path: &str) -> String {
-    path.split('/')
-        .map(|seg| if seg.starts_with('{') { "1" } else { seg })
-        .collect::<Vec<_>>()
-        .join("/")
 }
 
 #[tokio::test]
