@@ -41,7 +41,7 @@ async fn order_stats(
 }
 
 /// The users service's own routes; its document adds the users sub-app's,
-/// the accounts' and the operational ones (see `crate::http::service_documents`).
+/// the accounts' and the operational ones (see `crate::http::service_document`).
 #[derive(OpenApi)]
 #[openapi(
     info(

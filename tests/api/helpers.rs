@@ -599,15 +599,7 @@ pub async fn alice_token_at(client: &reqwest::Client, base: &str) -> String {
 pub async fn documents_hold(client: &reqwest::Client, base: &str, specs: &[&str]) -> usize {
     let mut checked = 0;
     for spec in specs {
-        let doc: Value = client
-            .get(format!("{base}{spec}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let prefix = doc["servers"][0]["url"].as_str().unwrap_or("");
+        let (doc, prefix) = document(client, base, spec).await;
         for (path, item) in doc["paths"].as_object().unwrap() {
             assert!(
                 path.starts_with('/') && !path.starts_with("//"),
@@ -646,6 +638,21 @@ pub async fn documents_hold(client: &reqwest::Client, base: &str, specs: &[&str]
     checked
 }
 
+/// The OpenAPI document at `spec` under `base`, and the prefix its paths
+/// take there (its first server's URL, which a mounted sub-app declares).
+async fn document(client: &reqwest::Client, base: &str, spec: &str) -> (Value, String) {
+    let doc: Value = client
+        .get(format!("{base}{spec}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let prefix = doc["servers"][0]["url"].as_str().unwrap_or("").to_owned();
+    (doc, prefix)
+}
+
 /// A documented path with each of its parameters (`{user_id}`) set to 1.
 fn with_ids(path: &str) -> String {
     path.split('/')
@@ -676,14 +683,9 @@ pub async fn schemathesis(base: &str, specs: &[&str], token: &str) {
     // Its cache of earlier failures stays out of the repository and out of
     // the next run.
     let workdir = tempfile::tempdir().unwrap();
+    let client = reqwest::Client::new();
     for spec in specs {
-        let doc: Value = reqwest::get(format!("{base}{spec}"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let prefix = doc["servers"][0]["url"].as_str().unwrap_or("");
+        let (_, prefix) = document(&client, base, spec).await;
         let run = tokio::process::Command::new("python3")
             .args(["-m", "schemathesis.cli", "run", "--no-color"])
             .arg(format!("{base}{spec}"))
