@@ -64,6 +64,17 @@ struct FakeState {
     /// When set, every data request waits here: both fakes of a test share it,
     /// so requests only complete if they are in flight at the same time.
     barrier: Option<Arc<tokio::sync::Barrier>>,
+    /// Told when a hanging request's handler is dropped: its client went away.
+    abandoned: Arc<tokio::sync::Notify>,
+}
+
+/// Tells `abandoned` when the hanging handler holding it is dropped.
+struct DropSignal(Arc<tokio::sync::Notify>);
+
+impl Drop for DropSignal {
+    fn drop(&mut self) {
+        self.0.notify_one();
+    }
 }
 
 struct Fake {
@@ -125,6 +136,7 @@ async fn fake_answer(s: &FakeState, headers: HeaderMap, body: Value) -> axum::re
         }
     };
     let Some(fail) = fail else {
+        let _signal = DropSignal(s.abandoned.clone());
         return std::future::pending().await;
     };
     if fail {
@@ -165,6 +177,7 @@ fn fake_on(
         hits: Arc::default(),
         seen: Arc::default(),
         barrier,
+        abandoned: Arc::default(),
     };
     let app = Router::new()
         .route(
@@ -1153,6 +1166,34 @@ async fn a_clients_short_deadline_opens_no_circuit() {
         assert_eq!(gw.get("/api/users/1").await.0, StatusCode::GATEWAY_TIMEOUT);
     }
     gw.assert_circuit_open("/api/users/1").await;
+    gw.stop().await;
+}
+
+/// A try the gateway gives up on is given up upstream too: the gateway
+/// closes that connection, so the upstream drops the request's work (its
+/// handler, and with it any query it was waiting on) rather than finishing an
+/// answer nobody will read. prism's services run on the same hyper server as
+/// this fake.
+#[tokio::test]
+async fn an_abandoned_try_is_dropped_upstream() {
+    let users = fake("users", None).await;
+    users.set(Mode::Hang);
+    let gw = users_only(&users, |s| {
+        s.retries = 0;
+        s.timeout_ms = 200;
+    })
+    .await;
+    assert_eq!(gw.get("/api/users/1").await.0, StatusCode::GATEWAY_TIMEOUT);
+    tokio::time::timeout(WAIT, users.state.abandoned.notified())
+        .await
+        .expect("the upstream kept working on a request the gateway abandoned");
+    // A client's own deadline ends its tries the same way.
+    let url = format!("http://{}/api/users/1", gw.addr);
+    let r = get_within(&gw.client, url, Some(50)).await;
+    assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
+    tokio::time::timeout(WAIT, users.state.abandoned.notified())
+        .await
+        .expect("the upstream kept working past the client's deadline");
     gw.stop().await;
 }
 
