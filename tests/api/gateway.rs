@@ -407,7 +407,7 @@ async fn each_service_documents_its_routes() {
     .await;
     let orders_url = format!("http://{}", orders.http_addr());
     let (users, orders) = (run(users), run(orders));
-    let client = reqwest::Client::new();
+    let client = reqwest::Client::builder().timeout(WAIT).build().unwrap();
     for (base, operations) in [(&users_url, 10), (&orders_url, 3)] {
         let r = client.get(format!("{base}/docs/")).send().await.unwrap();
         assert_eq!(r.status(), StatusCode::OK, "{base}");

@@ -683,7 +683,7 @@ pub async fn schemathesis(base: &str, specs: &[&str], token: &str) {
     // Its cache of earlier failures stays out of the repository and out of
     // the next run.
     let workdir = tempfile::tempdir().unwrap();
-    let client = reqwest::Client::new();
+    let client = reqwest::Client::builder().timeout(WAIT).build().unwrap();
     for spec in specs {
         let (_, prefix) = document(&client, base, spec).await;
         let run = tokio::process::Command::new("python3")
