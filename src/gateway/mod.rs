@@ -386,6 +386,7 @@ fn failed(service: &str, f: &Failure) -> Response {
         Failure::CircuitOpen => format!("{service} service unavailable (circuit open)"),
         Failure::Timeout | Failure::DeadlineExceeded => format!("{service} service timed out"),
         Failure::Local(_) => "gateway overloaded: out of connections, try again".to_owned(),
+        Failure::Busy(_) => format!("{service} service busy: too many requests waiting, try again"),
         Failure::BadAnswer(_) => format!("{service} service answer too large"),
         _ => format!("{service} service unavailable"),
     };

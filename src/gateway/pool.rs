@@ -8,9 +8,20 @@
 //! path that was a tenth of its user-space time. Here the request's own task
 //! puts the connection back once it has read the body, which is almost always
 //! the moment the connection is ready for the next request.
+//!
+//! The connections to one instance are capped, as Envoy's `max_connections`
+//! caps them: a burst of clients must not become as many connections to a
+//! service, which has descriptors and memory of its own to run out of. A
+//! request that finds every connection busy waits in line for the first one
+//! free, or for room to open one; when the line too is full it is refused at
+//! once (Envoy's `max_pending_requests`) rather than queued without end.
 
 use std::{
-    sync::{Arc, Weak},
+    collections::VecDeque,
+    sync::{
+        Arc, Weak,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -22,12 +33,17 @@ use hyper::{
     header::HeaderValue,
 };
 use hyper_util::rt::TokioIo;
+use tokio::sync::oneshot;
 
 type Sender = SendRequest<Full<Bytes>>;
 
-/// More idle connections than this to one instance are closed rather than
-/// kept; a burst's extra connections are not worth holding.
-const MAX_IDLE: usize = 256;
+/// How many connections to one instance may be open, and how many requests
+/// may wait for one when all are busy.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub connections: usize,
+    pub waiting: usize,
+}
 
 #[derive(Debug)]
 pub struct ConnPool {
@@ -37,16 +53,53 @@ pub struct ConnPool {
     host: Option<HeaderValue>,
     connect_timeout: Duration,
     idle_timeout: Duration,
+    limits: Limits,
+    slots: parking_lot::Mutex<Slots>,
+    /// Requests refused because every connection was busy and the line full.
+    overflowed: AtomicU64,
+    reaper: std::sync::Once,
+}
+
+#[derive(Debug, Default)]
+struct Slots {
     /// A stack: the most recently used connection is taken first, so
     /// connections a burst opened are the ones left to time out.
-    idle: parking_lot::Mutex<Vec<Idle>>,
-    reaper: std::sync::Once,
+    idle: Vec<Idle>,
+    /// Connections open or being opened, idle ones included: each holds a
+    /// [`Room`] until it has closed.
+    open: usize,
+    /// Requests waiting for a connection, first come first served.
+    waiting: VecDeque<oneshot::Sender<Handoff>>,
 }
 
 #[derive(Debug)]
 struct Idle {
     sender: Sender,
     since: Instant,
+}
+
+/// What a waiting request is given.
+#[derive(Debug)]
+enum Handoff {
+    /// A connection a finished request put back.
+    Conn(Sender),
+    /// Room to open a connection, left by one that closed.
+    Room(Room),
+}
+
+/// Room for one open connection under [`Limits::connections`]. Its
+/// connection's task holds it until the connection has closed; dropped, it
+/// goes to the first waiting request, or frees the place. A waiter that gave
+/// up after being handed it drops it too, so no room is ever lost.
+#[derive(Debug)]
+struct Room(Option<Weak<ConnPool>>);
+
+impl Drop for Room {
+    fn drop(&mut self) {
+        if let Some(pool) = self.0.take().and_then(|p| p.upgrade()) {
+            pool.release();
+        }
+    }
 }
 
 /// The largest answer read from an upstream. prism's own answers are far
@@ -68,6 +121,9 @@ pub enum Trouble {
     /// The gateway itself was out of file descriptors: says nothing about
     /// the instance.
     OutOfFiles,
+    /// Every connection to the instance was busy and the line of requests
+    /// waiting for one was full.
+    Overloaded,
     /// The answer was over [`MAX_ANSWER`].
     TooLarge,
 }
@@ -87,9 +143,22 @@ fn out_of_files(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
 }
 
+/// What a request gets from the pool.
+enum Checkout {
+    Pooled(Sender),
+    /// Room to open a new connection.
+    Open(Room),
+    Wait(oneshot::Receiver<Handoff>),
+}
+
 impl ConnPool {
     /// `url` is an instance's base URL, `http://host:port`.
-    pub fn new(url: &str, connect_timeout: Duration, idle_timeout: Duration) -> ConnPool {
+    pub fn new(
+        url: &str,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        limits: Limits,
+    ) -> ConnPool {
         let uri = url.parse::<hyper::Uri>().ok();
         let authority = uri.as_ref().and_then(|u| u.authority());
         let host = authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok());
@@ -104,7 +173,12 @@ impl ConnPool {
             host,
             connect_timeout,
             idle_timeout,
-            idle: parking_lot::Mutex::new(Vec::new()),
+            limits: Limits {
+                connections: limits.connections.max(1),
+                waiting: limits.waiting,
+            },
+            slots: parking_lot::Mutex::new(Slots::default()),
+            overflowed: AtomicU64::new(0),
             reaper: std::sync::Once::new(),
         }
     }
@@ -113,6 +187,22 @@ impl ConnPool {
     /// has no authority (the registry refuses such URLs).
     pub fn host(&self) -> Option<&HeaderValue> {
         self.host.as_ref()
+    }
+
+    /// Connections to the instance now open or being opened.
+    pub fn open(&self) -> usize {
+        self.slots.lock().open
+    }
+
+    /// Requests now waiting for a connection.
+    pub fn pending(&self) -> usize {
+        let slots = self.slots.lock();
+        slots.waiting.iter().filter(|w| !w.is_closed()).count()
+    }
+
+    /// Requests refused so far because the connections and the line were full.
+    pub fn overflowed(&self) -> u64 {
+        self.overflowed.load(Ordering::Relaxed)
     }
 
     /// Sends `req` (its URI in origin form: path and query, its `Host` header
@@ -124,9 +214,15 @@ impl ConnPool {
         mut req: Request<Full<Bytes>>,
     ) -> Result<Response<Bytes>, ExchangeError> {
         loop {
-            let (mut sender, pooled) = match self.checkout() {
-                Some(s) => (s, true),
-                None => (self.connect().await?, false),
+            let (mut sender, pooled) = match self.checkout()? {
+                Checkout::Pooled(s) => (s, true),
+                Checkout::Open(room) => (self.connect(room).await?, false),
+                Checkout::Wait(handoff) => match handoff.await {
+                    Ok(Handoff::Conn(s)) => (s, true),
+                    Ok(Handoff::Room(room)) => (self.connect(room).await?, false),
+                    // The pool drops waiters only with itself.
+                    Err(_) => return Err(ExchangeError::new("the connection pool closed")),
+                },
             };
             let resp = match sender.try_send_request(req).await {
                 Ok(r) => r,
@@ -147,14 +243,34 @@ impl ConnPool {
         }
     }
 
-    fn checkout(&self) -> Option<Sender> {
-        let mut idle = self.idle.lock();
-        while let Some(i) = idle.pop() {
+    fn checkout(self: &Arc<Self>) -> Result<Checkout, ExchangeError> {
+        let mut slots = self.slots.lock();
+        while let Some(i) = slots.idle.pop() {
             if i.sender.is_ready() {
-                return Some(i.sender);
+                return Ok(Checkout::Pooled(i.sender));
             }
         }
-        None
+        if slots.open < self.limits.connections {
+            slots.open += 1;
+            return Ok(Checkout::Open(Room(Some(Arc::downgrade(self)))));
+        }
+        // Requests that gave up waiting (their try's time ran out) leave
+        // their place behind; they do not count against the line.
+        slots.waiting.retain(|w| !w.is_closed());
+        if slots.waiting.len() >= self.limits.waiting {
+            drop(slots);
+            self.overflowed.fetch_add(1, Ordering::Relaxed);
+            return Err(ExchangeError {
+                message: format!(
+                    "all {} connections to {} are busy and {} requests are waiting for one",
+                    self.limits.connections, self.authority, self.limits.waiting
+                ),
+                trouble: Trouble::Overloaded,
+            });
+        }
+        let (tx, rx) = oneshot::channel();
+        slots.waiting.push_back(tx);
+        Ok(Checkout::Wait(rx))
     }
 
     fn checkin(self: &Arc<Self>, mut sender: Sender) {
@@ -171,17 +287,51 @@ impl ConnPool {
         }
     }
 
-    fn put(&self, sender: Sender) {
-        let mut idle = self.idle.lock();
-        if idle.len() < MAX_IDLE {
-            idle.push(Idle {
-                sender,
-                since: Instant::now(),
-            });
+    /// A ready connection goes to the first waiting request, or is kept idle.
+    fn put(&self, mut sender: Sender) {
+        let mut slots = self.slots.lock();
+        while let Some(waiter) = slots.waiting.pop_front() {
+            match waiter.send(Handoff::Conn(sender)) {
+                Ok(()) => return,
+                Err(Handoff::Conn(back)) => sender = back,
+                Err(Handoff::Room(_)) => unreachable!("a send gives back what it was given"),
+            }
         }
+        // Never more than `Limits::connections`: idle ones are open ones.
+        slots.idle.push(Idle {
+            sender,
+            since: Instant::now(),
+        });
     }
 
-    async fn connect(self: &Arc<Self>) -> Result<Sender, ExchangeError> {
+    /// A connection has closed (or was never opened): its room goes to the
+    /// first waiting request, which opens one of its own.
+    fn release(self: &Arc<Self>) {
+        let mut room = Room(Some(Arc::downgrade(self)));
+        loop {
+            let waiter = {
+                let mut slots = self.slots.lock();
+                match slots.waiting.pop_front() {
+                    Some(w) => w,
+                    None => {
+                        slots.open -= 1;
+                        break;
+                    }
+                }
+            };
+            // Sent outside the lock: a waiter that gives up at this moment
+            // drops the room in this call, which releases it again.
+            match waiter.send(Handoff::Room(room)) {
+                Ok(()) => return,
+                Err(Handoff::Room(back)) => room = back,
+                Err(Handoff::Conn(_)) => unreachable!("a send gives back what it was given"),
+            }
+        }
+        // The place is free; the room must not free it a second time.
+        room.0 = None;
+    }
+
+    async fn connect(self: &Arc<Self>, room: Room) -> Result<Sender, ExchangeError> {
         let tcp = tokio::time::timeout(
             self.connect_timeout,
             tokio::net::TcpStream::connect(&self.authority),
@@ -207,6 +357,7 @@ impl ConnPool {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream connection ended");
             }
+            drop(room);
         });
         self.reaper.call_once(|| {
             tokio::spawn(reap(Arc::downgrade(self), self.idle_timeout));
@@ -217,7 +368,7 @@ impl ConnPool {
     /// Idle connections now in the pool.
     #[cfg(test)]
     fn idle_count(&self) -> usize {
-        self.idle.lock().len()
+        self.slots.lock().idle.len()
     }
 }
 
@@ -274,11 +425,11 @@ async fn reap(pool: Weak<ConnPool>, timeout: Duration) {
         let now = Instant::now();
         // Dropped after the lock is released: closing is a syscall.
         let expired: Vec<Idle> = {
-            let mut idle = pool.idle.lock();
-            let (keep, expired) = std::mem::take(&mut *idle)
+            let mut slots = pool.slots.lock();
+            let (keep, expired) = std::mem::take(&mut slots.idle)
                 .into_iter()
                 .partition(|i| now.duration_since(i.since) < timeout && !i.sender.is_closed());
-            *idle = keep;
+            slots.idle = keep;
             expired
         };
         drop(expired);
@@ -288,6 +439,7 @@ async fn reap(pool: Weak<ConnPool>, timeout: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::Ordering;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[test]
@@ -357,7 +509,199 @@ mod tests {
     }
 
     fn pool(url: &str, idle_timeout: Duration) -> Arc<ConnPool> {
-        Arc::new(ConnPool::new(url, Duration::from_secs(1), idle_timeout))
+        let limits = Limits {
+            connections: 1024,
+            waiting: 1024,
+        };
+        Arc::new(ConnPool::new(
+            url,
+            Duration::from_secs(1),
+            idle_timeout,
+            limits,
+        ))
+    }
+
+    fn limited(url: &str, limits: Limits) -> Arc<ConnPool> {
+        Arc::new(ConnPool::new(
+            url,
+            Duration::from_secs(1),
+            Duration::from_secs(60),
+            limits,
+        ))
+    }
+
+    /// A bare HTTP/1.1 server that answers each request only once `go` gives
+    /// it a permit, reporting each request as it arrives. It counts the
+    /// connections it accepted. With `close`, each answer says
+    /// `connection: close` and the server closes the connection after it.
+    struct Held {
+        url: String,
+        go: Arc<tokio::sync::Semaphore>,
+        arrived: tokio::sync::mpsc::UnboundedReceiver<()>,
+        accepted: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    async fn held(close: bool) -> Held {
+        let (listener, url) = listen().await;
+        let go = Arc::new(tokio::sync::Semaphore::new(0));
+        let (arrived_tx, arrived) = tokio::sync::mpsc::unbounded_channel();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (server_go, server_accepted) = (go.clone(), accepted.clone());
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                server_accepted.fetch_add(1, Ordering::SeqCst);
+                let (go, arrived_tx) = (server_go.clone(), arrived_tx.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        let head = read_head(&mut s, &mut buf).await;
+                        buf.drain(..head);
+                        let _ = arrived_tx.send(());
+                        go.acquire().await.unwrap().forget();
+                        let connection = if close { "close" } else { "keep-alive" };
+                        let answer = format!(
+                            "HTTP/1.1 200 OK\r\nconnection: {connection}\r\ncontent-length: 2\r\n\r\nok"
+                        );
+                        if s.write_all(answer.as_bytes()).await.is_err() || close {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Held {
+            url,
+            go,
+            arrived,
+            accepted,
+        }
+    }
+
+    impl Held {
+        fn accepted(&self) -> usize {
+            self.accepted.load(Ordering::SeqCst)
+        }
+    }
+
+    /// Exchanges of `GET /q` started at once, each in its own task.
+    fn started(pool: &Arc<ConnPool>, n: usize) -> Vec<tokio::task::JoinHandle<Response<Bytes>>> {
+        (0..n)
+            .map(|_| {
+                let pool = pool.clone();
+                tokio::spawn(async move { answered(&pool, "/q").await })
+            })
+            .collect()
+    }
+
+    async fn all_answered(exchanges: Vec<tokio::task::JoinHandle<Response<Bytes>>>) {
+        for e in exchanges {
+            assert_eq!(e.await.unwrap().body().as_ref(), b"ok");
+        }
+    }
+
+    /// Waiting requests, those that gave up included.
+    fn waiting(pool: &ConnPool) -> usize {
+        pool.slots.lock().waiting.len()
+    }
+
+    // On the test's one-thread runtime every started exchange has made its
+    // first move (taken a connection, room to open one, or its place in
+    // line) before the server reads its first request.
+    #[tokio::test]
+    async fn connections_are_capped_and_busy_requests_wait_their_turn() {
+        let mut server = held(false).await;
+        let pool = limited(
+            &server.url,
+            Limits {
+                connections: 2,
+                waiting: 10,
+            },
+        );
+        let exchanges = started(&pool, 6);
+        for _ in 0..2 {
+            next(&mut server.arrived, "a request").await;
+        }
+        assert_eq!(server.accepted(), 2);
+        assert_eq!(pool.open(), 2);
+        assert_eq!(waiting(&pool), 4);
+        server.go.add_permits(6);
+        all_answered(exchanges).await;
+        assert_eq!(server.accepted(), 2, "the waiting requests took turns");
+        assert_eq!((pool.open(), pool.idle_count(), waiting(&pool)), (2, 2, 0));
+        assert_eq!(pool.overflowed(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_request_finding_the_line_full_is_refused_at_once() {
+        let mut server = held(false).await;
+        let pool = limited(
+            &server.url,
+            Limits {
+                connections: 1,
+                waiting: 1,
+            },
+        );
+        let exchanges = started(&pool, 2);
+        next(&mut server.arrived, "a request").await;
+        let e = tokio::time::timeout(Duration::from_secs(5), pool.exchange(get("/over")))
+            .await
+            .expect("the request waited")
+            .unwrap_err();
+        assert_eq!(e.trouble, Trouble::Overloaded, "{e:?}");
+        assert!(e.message.contains("busy"), "{e:?}");
+        assert_eq!(pool.overflowed(), 1);
+        server.go.add_permits(2);
+        all_answered(exchanges).await;
+        assert_eq!(server.accepted(), 1);
+    }
+
+    /// A request that gave up waiting (its try's time ran out) keeps no
+    /// place in line, and the connection it waited for serves the next one.
+    #[tokio::test]
+    async fn a_request_that_stops_waiting_leaves_the_line() {
+        let mut server = held(false).await;
+        let pool = limited(
+            &server.url,
+            Limits {
+                connections: 1,
+                waiting: 1,
+            },
+        );
+        let first = started(&pool, 1);
+        next(&mut server.arrived, "a request").await;
+        let gave_up =
+            tokio::time::timeout(Duration::from_millis(50), pool.exchange(get("/late"))).await;
+        assert!(
+            gave_up.is_err(),
+            "it was answered while the only connection was busy"
+        );
+        let next_in_line = started(&pool, 1);
+        tokio::task::yield_now().await;
+        assert_eq!(pool.overflowed(), 0, "the place given up was taken");
+        server.go.add_permits(2);
+        all_answered(first).await;
+        all_answered(next_in_line).await;
+        assert_eq!(server.accepted(), 1);
+    }
+
+    /// When a connection closes, the first waiting request opens one in its
+    /// place.
+    #[tokio::test]
+    async fn a_closed_connection_makes_room_for_a_waiting_request() {
+        let mut server = held(true).await;
+        let pool = limited(
+            &server.url,
+            Limits {
+                connections: 1,
+                waiting: 5,
+            },
+        );
+        let exchanges = started(&pool, 3);
+        next(&mut server.arrived, "a request").await;
+        assert_eq!((server.accepted(), waiting(&pool)), (1, 2));
+        server.go.add_permits(3);
+        all_answered(exchanges).await;
+        assert_eq!(server.accepted(), 3, "one connection after another");
     }
 
     /// The next event on a test server's channel.
@@ -535,16 +879,24 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         drop(listener);
-        let e = pool(&url, Duration::from_secs(1))
-            .exchange(get("/x"))
-            .await
-            .unwrap_err();
-        assert!(e.message.contains("cannot connect"), "{e:?}");
-        assert_eq!(
-            e.trouble,
-            Trouble::Connection,
-            "refused is the instance's doing"
+        // With room for one connection: a failed attempt must give it back.
+        let pool = limited(
+            &url,
+            Limits {
+                connections: 1,
+                waiting: 0,
+            },
         );
+        for _ in 0..2 {
+            let e = pool.exchange(get("/x")).await.unwrap_err();
+            assert!(e.message.contains("cannot connect"), "{e:?}");
+            assert_eq!(
+                e.trouble,
+                Trouble::Connection,
+                "refused is the instance's doing"
+            );
+            assert_eq!(pool.open(), 0);
+        }
     }
 
     /// An upstream that ends its answer with `connection: close` gets a new

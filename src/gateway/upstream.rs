@@ -26,7 +26,7 @@ use crate::{
 
 use super::{
     breaker::{Breaker, Outcome, Permit, State},
-    pool::{ConnPool, Trouble},
+    pool::{self, ConnPool, Trouble},
     registry::ServiceSpec,
     retry::{Budget, backoff, unit_random},
 };
@@ -50,6 +50,10 @@ pub enum Failure {
     Unavailable(String),
     /// The gateway could not make the call: it is out of file descriptors.
     Local(String),
+    /// Every connection to the instance is busy and the line of requests
+    /// waiting for one is full: refused without a try, so that a burst is
+    /// shed at the gateway instead of piling up.
+    Busy(String),
     /// The upstream's answer could not be passed on (over the size limit).
     BadAnswer(String),
 }
@@ -61,11 +65,12 @@ impl Failure {
             Failure::Connect(_) => Outcome::Unreachable,
             Failure::Timeout | Failure::Unavailable(_) => Outcome::Failed,
             // The call's deadline cut the try short, the gateway ran out of
-            // descriptors, or one answer was unusable: the instance may be
-            // fine (and a client choosing a short deadline must not be able
-            // to open circuits for everyone).
+            // descriptors or of room for more waiting requests, or one answer
+            // was unusable: the instance may be fine (and a client choosing a
+            // short deadline must not be able to open circuits for everyone).
             Failure::DeadlineExceeded
             | Failure::Local(_)
+            | Failure::Busy(_)
             | Failure::BadAnswer(_)
             | Failure::NoInstance
             | Failure::CircuitOpen => Outcome::Inconclusive,
@@ -203,6 +208,10 @@ impl Upstream {
                     url,
                     Duration::from_secs(1),
                     Duration::from_millis(spec.idle_timeout_ms),
+                    pool::Limits {
+                        connections: spec.max_connections,
+                        waiting: spec.max_pending_requests,
+                    },
                 );
                 Arc::new(Instance {
                     url: url.trim_end_matches('/').to_owned(),
@@ -323,6 +332,11 @@ impl Upstream {
                 Err(f) => f,
             };
             permit.record(failure.outcome(), Instant::now());
+            if let Failure::Busy(_) = failure {
+                // Refused before it was sent: `tries` counts what reached the
+                // instance (`upstream_overflow` counts these).
+                instance.tries.fetch_sub(1, Ordering::Relaxed);
+            }
             if let Some(kind) = failure.kind() {
                 instance.failures[kind].fetch_add(1, Ordering::Relaxed);
             }
@@ -405,6 +419,7 @@ impl Upstream {
                     .map_err(|e| match e.trouble {
                         Trouble::Connection => Failure::Connect(e.message),
                         Trouble::OutOfFiles => Failure::Local(e.message),
+                        Trouble::Overloaded => Failure::Busy(e.message),
                         Trouble::TooLarge => Failure::BadAnswer(e.message),
                     })?;
                 let status = resp.status().as_u16();
@@ -560,6 +575,36 @@ impl prometheus_client::collector::Collector for UpstreamMetrics {
             ),
             |i| ConstCounter::new(i.breaker.opened()),
         )?;
+        per_instance(
+            &mut encoder,
+            &instances,
+            (
+                "upstream_connections",
+                "HTTP connections open to each instance.",
+                Gauge,
+            ),
+            |i| ConstGauge::new(i64::try_from(i.pool.open()).unwrap_or(i64::MAX)),
+        )?;
+        per_instance(
+            &mut encoder,
+            &instances,
+            (
+                "upstream_pending_requests",
+                "Requests waiting for a connection to each instance, every one being busy.",
+                Gauge,
+            ),
+            |i| ConstGauge::new(i64::try_from(i.pool.pending()).unwrap_or(i64::MAX)),
+        )?;
+        per_instance(
+            &mut encoder,
+            &instances,
+            (
+                "upstream_overflow",
+                "Requests refused at once: every connection to the instance was busy and the line waiting for one full.",
+                Counter,
+            ),
+            |i| ConstCounter::new(i.pool.overflowed()),
+        )?;
         let mut family = encoder.encode_descriptor(
             "upstream_failures",
             "Failed tries counted against each instance, by kind.",
@@ -660,6 +705,7 @@ mod tests {
         for f in [
             Failure::DeadlineExceeded,
             Failure::Local("out of files".into()),
+            Failure::Busy("every connection busy".into()),
             Failure::BadAnswer("too large".into()),
         ] {
             assert_eq!(said(f), Outcome::Inconclusive);

@@ -1197,6 +1197,65 @@ async fn an_abandoned_try_is_dropped_upstream() {
     gw.stop().await;
 }
 
+/// The connections to an instance are capped: a request finding the only
+/// one busy waits for it rather than opening another, and one finding the
+/// line full too is refused at once with 503, never reaching the instance.
+#[tokio::test]
+async fn a_busy_instance_gets_no_more_connections_than_allowed() {
+    let release = Arc::new(tokio::sync::Barrier::new(2));
+    let users = fake("users", Some(release.clone())).await;
+    let gw = users_only(&users, |s| {
+        s.retries = 0;
+        s.max_connections = 1;
+        s.max_pending_requests = 1;
+    })
+    .await;
+    let series = |name: &str, value: u64| {
+        format!(
+            r#"prism_gateway_{name}{{upstream="users",instance="{}"}} {value}"#,
+            users.url()
+        )
+    };
+    let first = held_request(&gw, &users).await;
+    let url = format!("http://{}/api/users/2", gw.addr);
+    let second = tokio::spawn(gw.client.get(url).send());
+    eventually("the second request to wait in line", || async {
+        let text = gw.send("/metrics").await.text().await.unwrap();
+        text.contains(&series("upstream_pending_requests", 1))
+            .then_some(())
+    })
+    .await;
+    let (status, body) = gw.get("/api/users/3").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(
+        body["detail"],
+        "User service busy: too many requests waiting, try again"
+    );
+    assert_eq!(
+        users.hits(),
+        1,
+        "only the first request reached the instance"
+    );
+    gw.assert_metrics(&[
+        series("upstream_connections", 1),
+        series("upstream_overflow_total", 1),
+    ])
+    .await;
+    // The first answer frees the connection for the second request, which
+    // the instance then holds at the barrier in turn.
+    assert_eq!(answer(first, &release).await.status(), StatusCode::OK);
+    let second = answer(second, &release).await;
+    assert_eq!(second.status(), StatusCode::OK);
+    assert_eq!(second.json::<Value>().await.unwrap()["id"], 2);
+    gw.assert_metrics(&[
+        series("upstream_connections", 1),
+        series("upstream_pending_requests", 0),
+        series("upstream_tries_total", 2),
+    ])
+    .await;
+    gw.stop().await;
+}
+
 /// An instance whose connections break (it went away mid-answer) opens its
 /// circuit; once a health check reaches it, it is let back in at once, not
 /// after the open period (ten minutes here).
