@@ -553,8 +553,8 @@ mod tests {
                 let (go, arrived_tx) = (server_go.clone(), arrived_tx.clone());
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
-                    loop {
-                        let head = read_head(&mut s, &mut buf).await;
+                    // Until the pool closes the connection.
+                    while let Some(head) = next_head(&mut s, &mut buf).await {
                         buf.drain(..head);
                         let _ = arrived_tx.send(());
                         go.acquire().await.unwrap().forget();
@@ -722,14 +722,20 @@ mod tests {
     /// Reads from `s` into `buf` until it holds a whole request head, and
     /// returns the head's length.
     async fn read_head(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> usize {
+        next_head(s, buf).await.expect("the request never came")
+    }
+
+    /// [`read_head`], or `None` once the client has closed the connection.
+    async fn next_head(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
         loop {
             if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                return end + 4;
+                return Some(end + 4);
             }
             let mut chunk = [0u8; 1024];
-            let n = s.read(&mut chunk).await.unwrap();
-            assert!(n > 0, "the request never came");
-            buf.extend_from_slice(&chunk[..n]);
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
         }
     }
 

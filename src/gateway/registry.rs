@@ -175,8 +175,6 @@ impl Registry {
                 spec.max_connections > 0,
                 "service `{name}`: max_connections must be at least 1"
             );
-        }
-        for (name, spec) in &r.services {
             for url in &spec.instances {
                 check_instance_url(url)
                     .map_err(|e| anyhow::anyhow!("service `{name}`: instance {url:?} {e}"))?;
