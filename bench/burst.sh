@@ -15,7 +15,7 @@ if [ -z "${PRISM_BIN:-}" ]; then
     target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys;print(json.load(sys.stdin)["target_directory"])')
     PRISM_BIN=$target/release/prism
 fi
-clients=${CLIENTS:-3000}
+clients=${CLIENTS:-3000 6000}
 duration=${DURATION:-10}
 rounds=${ROUNDS:-2}
 # wrk needs a descriptor per client; the gateway raises its own limit.
@@ -27,9 +27,9 @@ trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 wait_port 18101
 
 # One round: a fresh gateway with `extra` in the users service's entry, under
-# the burst; prints one Markdown table row.
+# a burst of `n` clients; prints one Markdown table row.
 round() {
-    local label=$1 extra=$2
+    local n=$1 label=$2 extra=$3
     cat >"$work/registry.toml" <<TOML
 [services.users]
 instances = ["http://127.0.0.1:18101"]
@@ -51,15 +51,16 @@ TOML
         done
     ) >"$work/conns" &
     local sampler=$!
-    wrk -t2 -c"$clients" -d"${duration}s" --latency http://127.0.0.1:18100/api/users/1 >"$work/wrk.out"
+    wrk -t2 -c"$n" -d"${duration}s" --latency http://127.0.0.1:18100/api/users/1 >"$work/wrk.out"
     local metrics
     metrics=$(curl -s http://127.0.0.1:18100/metrics)
     kill "$gateway"
     wait "$gateway" 2>/dev/null || true
     wait "$sampler" 2>/dev/null || true
-    python3 - "$label" "$metrics" "$work/wrk.out" "$work/conns" <<'PY'
+    python3 - "$n" "$label" "$metrics" "$work/wrk.out" "$work/conns" <<'PY'
 import re, sys
-label, metrics, wrk, conns = sys.argv[1], sys.argv[2], open(sys.argv[3]).read(), open(sys.argv[4]).read()
+n, label, metrics = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+wrk, conns = open(sys.argv[4]).read(), open(sys.argv[5]).read()
 by_status, unreachable = {}, 0
 for line in metrics.splitlines():
     m = re.match(r'prism_gateway_(\w+)\{(.*)\} (\d+)$', line)
@@ -76,20 +77,22 @@ peak = max((int(n) for n in conns.split()), default=0)
 total = sum(by_status.values())
 ok = by_status.get("200", 0)
 status = ", ".join(f"{s}: {n:,}" for s, n in sorted(by_status.items()))
-print(f"| {label} | {total:,} | {status} | {100 * ok / max(total, 1):.1f}% | {latency.get('50', '-')} | {latency.get('99', '-')} | {peak} | {unreachable} | {timeouts[1] if timeouts else 0} |")
+print(f"| {n:,} | {label} | {total:,} | {status} | {100 * ok / max(total, 1):.1f}% | {latency.get('50', '-')} | {latency.get('99', '-')} | {peak} | {unreachable} | {timeouts[1] if timeouts else 0} |")
 PY
 }
 
 rows=""
-for _ in $(seq "$rounds"); do
-    rows+=$(round "capped (defaults: 256 connections, 4,096 waiting)" "")$'\n'
-    rows+=$(round "uncapped" "max_connections = 1000000")$'\n'
+for n in $clients; do
+    for _ in $(seq "$rounds"); do
+        rows+=$(round "$n" "capped (default: 256 connections)" "")$'\n'
+        rows+=$(round "$n" "uncapped" "max_connections = 1000000")$'\n'
+    done
 done
 
 write_section burst <<MD
 ## Gateway under a burst of clients
 
-$(machine); release build. wrk (2 threads, $clients connections, ${duration} s) asks the gateway
+$(machine); release build. wrk (2 threads, $(echo $clients | sed 's/ / or /g') connections, ${duration} s) asks the gateway
 for \`GET /api/users/1\`, served by one users-service instance. Rounds alternate between the
 gateway's defaults, which cap its connections to an instance, and the same build without the
 cap (\`max_connections = 1000000\`), which is how the gateway behaved before the cap: each
@@ -98,8 +101,8 @@ gateway. "Peak connections" is the most connections from the gateway to the user
 (sampled four times a second; the health checks' own connection included); "failed connects" are tries counted against the instance as
 unreachable, each one a step towards opening its circuit.
 
-| gateway | answers | by status | 200 | p50 | p99 | peak connections | failed connects | wrk timeouts |
-|---|---:|---|---:|---:|---:|---:|---:|---:|
+| clients | gateway | answers | by status | 200 | p50 | p99 | peak connections | failed connects | wrk timeouts |
+|---:|---|---:|---|---:|---:|---:|---:|---:|---:|
 $rows
 MD
 printf '%s' "$rows"

@@ -161,7 +161,7 @@ impl App {
 
         let (listener, http_addr) = if role.serves_http() {
             let addr = format!("{}:{}", config.host, config.port);
-            let l = TcpListener::bind(&addr)
+            let l = crate::serve::bind(&addr)
                 .await
                 .with_context(|| format!("cannot listen on {addr}"))?;
             let a = l.local_addr()?;
@@ -171,7 +171,7 @@ impl App {
         };
         let (grpc_listener, grpc_addr) = if role.serves_grpc() {
             let grpc = format!("{}:{}", config.host, config.grpc_port);
-            let l = TcpListener::bind(&grpc)
+            let l = crate::serve::bind(&grpc)
                 .await
                 .with_context(|| format!("cannot listen on {grpc} for gRPC"))?;
             let a = l.local_addr()?;

@@ -38,6 +38,39 @@ use tokio_util::sync::CancellationToken;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// How many connections the kernel may hold for a listener before it accepts
+/// them; Linux caps it at `net.core.somaxconn` (4096 by default). tokio's
+/// `TcpListener::bind` asks for 1024: 3,000 clients connecting at once to a
+/// users service overran that (thousands of `ListenOverflows` in 8 s), and
+/// each dropped handshake costs its client a second before its SYN is sent
+/// again.
+const BACKLOG: u32 = 4096;
+
+/// A listener on `addr` (`host:port`, the first of its addresses that can be
+/// bound), as `TcpListener::bind` makes one but with [`BACKLOG`].
+pub async fn bind(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let socket = match a {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        // As tokio's own bind does, so a restart can reuse a port whose old
+        // connections are still in TIME_WAIT.
+        socket.set_reuseaddr(true)?;
+        match socket.bind(a).and_then(|()| socket.listen(BACKLOG)) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{addr} resolves to no address"),
+        )
+    }))
+}
+
 /// Serves `listener` until `stop`: each accepted connection gets the service
 /// `make` builds from its peer address and its watch. Then no new connection
 /// is accepted, open ones finish what they are serving and close, and after
@@ -406,6 +439,47 @@ impl Clients {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// More clients than tokio's default backlog (1024) connect at once to a
+    /// listener that accepts none of them: with [`BACKLOG`] the kernel holds
+    /// every one. With 1024 it would drop the SYNs of the rest, whose
+    /// connects would then hang in retransmission.
+    #[tokio::test]
+    async fn a_burst_of_connections_beyond_tokios_backlog_is_queued() {
+        const CLIENTS: usize = 1100;
+        let somaxconn = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok());
+        if somaxconn.is_none_or(|n| n <= CLIENTS) {
+            eprintln!("skipped: net.core.somaxconn {somaxconn:?} caps the backlog below {CLIENTS}");
+            return;
+        }
+        rlimit::increase_nofile_limit(u64::MAX).unwrap();
+        let listener = bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connects = (0..CLIENTS).map(|_| {
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                tokio::net::TcpStream::connect(addr),
+            )
+        });
+        let clients = futures::future::join_all(connects).await;
+        let queued = clients.iter().filter(|c| matches!(c, Ok(Ok(_)))).count();
+        assert_eq!(queued, CLIENTS);
+        drop(listener);
+    }
+
+    #[tokio::test]
+    async fn bind_takes_names_and_reports_a_taken_port() {
+        let first = bind("localhost:0").await.unwrap();
+        assert!(first.local_addr().unwrap().ip().is_loopback());
+        let taken = first.local_addr().unwrap().to_string();
+        assert_eq!(
+            bind(&taken).await.unwrap_err().kind(),
+            std::io::ErrorKind::AddrInUse
+        );
+        assert!(bind("no-such-host.invalid:0").await.is_err());
+    }
 
     #[tokio::test]
     async fn accepted_connections_probe_for_a_vanished_client() {

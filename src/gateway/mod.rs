@@ -861,7 +861,7 @@ impl GatewayApp {
         )?;
         let gateway = Gateway::new(registry, keys)?;
         let addr = format!("{}:{}", config.host, config.port);
-        let listener = tokio::net::TcpListener::bind(&addr)
+        let listener = crate::serve::bind(&addr)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
         let addr = listener.local_addr()?;

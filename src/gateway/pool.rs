@@ -13,8 +13,9 @@
 //! caps them: a burst of clients must not become as many connections to a
 //! service, which has descriptors and memory of its own to run out of. A
 //! request that finds every connection busy waits in line for the first one
-//! free, or for room to open one; when the line too is full it is refused at
-//! once (Envoy's `max_pending_requests`) rather than queued without end.
+//! free, or for room to open one, for at most its try's time. The line may
+//! be limited too (Envoy's `max_pending_requests`); a request finding it full
+//! is refused at once.
 
 use std::{
     collections::VecDeque,
@@ -70,6 +71,10 @@ struct Slots {
     open: usize,
     /// Requests waiting for a connection, first come first served.
     waiting: VecDeque<oneshot::Sender<Handoff>>,
+    /// The line's length at which the places of requests that gave up are
+    /// next cleared out: twice what was left the last time, so each push
+    /// costs O(1) however long the line.
+    prune_at: usize,
 }
 
 #[derive(Debug)]
@@ -255,8 +260,12 @@ impl ConnPool {
             return Ok(Checkout::Open(Room(Some(Arc::downgrade(self)))));
         }
         // Requests that gave up waiting (their try's time ran out) leave
-        // their place behind; they do not count against the line.
-        slots.waiting.retain(|w| !w.is_closed());
+        // their place behind; they do not count against the line. Handing
+        // connections out skips them too.
+        if slots.waiting.len() >= slots.prune_at.min(self.limits.waiting) {
+            slots.waiting.retain(|w| !w.is_closed());
+            slots.prune_at = (slots.waiting.len() * 2).max(64);
+        }
         if slots.waiting.len() >= self.limits.waiting {
             drop(slots);
             self.overflowed.fetch_add(1, Ordering::Relaxed);

@@ -210,7 +210,7 @@ impl Upstream {
                     Duration::from_millis(spec.idle_timeout_ms),
                     pool::Limits {
                         connections: spec.max_connections,
-                        waiting: spec.max_pending_requests,
+                        waiting: spec.max_pending_requests.unwrap_or(usize::MAX),
                     },
                 );
                 Arc::new(Instance {

@@ -1207,7 +1207,7 @@ async fn a_busy_instance_gets_no_more_connections_than_allowed() {
     let gw = users_only(&users, |s| {
         s.retries = 0;
         s.max_connections = 1;
-        s.max_pending_requests = 1;
+        s.max_pending_requests = Some(1);
     })
     .await;
     let series = |name: &str, value: u64| {
