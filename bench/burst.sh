@@ -10,11 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
 ensure_wrk
-if [ -z "${PRISM_BIN:-}" ]; then
-    cargo build --release --quiet --bin prism
-    target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys;print(json.load(sys.stdin)["target_directory"])')
-    PRISM_BIN=$target/release/prism
-fi
+release_prism
 clients=${CLIENTS:-3000 6000}
 duration=${DURATION:-10}
 rounds=${ROUNDS:-2}

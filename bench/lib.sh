@@ -42,3 +42,13 @@ wait_port() {
 ensure_wrk() {
     command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 }
+
+# Sets PRISM_BIN to a release build of prism, built now, unless it is set.
+release_prism() {
+    if [ -z "${PRISM_BIN:-}" ]; then
+        cargo build --release --quiet --bin prism
+        local target
+        target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys;print(json.load(sys.stdin)["target_directory"])')
+        PRISM_BIN=$target/release/prism
+    fi
+}

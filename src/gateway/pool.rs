@@ -530,7 +530,11 @@ mod tests {
         ))
     }
 
-    fn limited(url: &str, limits: Limits) -> Arc<ConnPool> {
+    fn limited(url: &str, connections: usize, waiting: usize) -> Arc<ConnPool> {
+        let limits = Limits {
+            connections,
+            waiting,
+        };
         Arc::new(ConnPool::new(
             url,
             Duration::from_secs(1),
@@ -619,13 +623,7 @@ mod tests {
     #[tokio::test]
     async fn connections_are_capped_and_busy_requests_wait_their_turn() {
         let mut server = held(false).await;
-        let pool = limited(
-            &server.url,
-            Limits {
-                connections: 2,
-                waiting: 10,
-            },
-        );
+        let pool = limited(&server.url, 2, 10);
         let exchanges = started(&pool, 6);
         for _ in 0..2 {
             next(&mut server.arrived, "a request").await;
@@ -643,13 +641,7 @@ mod tests {
     #[tokio::test]
     async fn a_request_finding_the_line_full_is_refused_at_once() {
         let mut server = held(false).await;
-        let pool = limited(
-            &server.url,
-            Limits {
-                connections: 1,
-                waiting: 1,
-            },
-        );
+        let pool = limited(&server.url, 1, 1);
         let exchanges = started(&pool, 2);
         next(&mut server.arrived, "a request").await;
         let e = tokio::time::timeout(Duration::from_secs(5), pool.exchange(get("/over")))
@@ -669,13 +661,7 @@ mod tests {
     #[tokio::test]
     async fn a_request_that_stops_waiting_leaves_the_line() {
         let mut server = held(false).await;
-        let pool = limited(
-            &server.url,
-            Limits {
-                connections: 1,
-                waiting: 1,
-            },
-        );
+        let pool = limited(&server.url, 1, 1);
         let first = started(&pool, 1);
         next(&mut server.arrived, "a request").await;
         let gave_up =
@@ -698,13 +684,7 @@ mod tests {
     #[tokio::test]
     async fn a_closed_connection_makes_room_for_a_waiting_request() {
         let mut server = held(true).await;
-        let pool = limited(
-            &server.url,
-            Limits {
-                connections: 1,
-                waiting: 5,
-            },
-        );
+        let pool = limited(&server.url, 1, 5);
         let exchanges = started(&pool, 3);
         next(&mut server.arrived, "a request").await;
         assert_eq!((server.accepted(), waiting(&pool)), (1, 2));
@@ -895,13 +875,7 @@ mod tests {
         let url = format!("http://{}", listener.local_addr().unwrap());
         drop(listener);
         // With room for one connection: a failed attempt must give it back.
-        let pool = limited(
-            &url,
-            Limits {
-                connections: 1,
-                waiting: 0,
-            },
-        );
+        let pool = limited(&url, 1, 0);
         for _ in 0..2 {
             let e = pool.exchange(get("/x")).await.unwrap_err();
             assert!(e.message.contains("cannot connect"), "{e:?}");
