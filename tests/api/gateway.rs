@@ -35,7 +35,7 @@ use tokio::{
 
 use crate::helpers::{
     ADMIN_PASSWORD, STALLED_LOGIN, WAIT, alice_token_at, documents_hold, eventually,
-    idle_connections_are_closed, ports_outside_the_ephemeral_range, schemathesis,
+    idle_connections_are_closed, json_at, ports_outside_the_ephemeral_range, schemathesis,
     stalled_body_answer,
 };
 
@@ -1613,14 +1613,7 @@ async fn prism_up_runs_the_whole_topology() {
     assert_eq!(first.status(), StatusCode::OK);
     let user: Value = first.json().await.unwrap();
     assert_eq!(user["name"], "Alice", "{user}");
-    let health: Value = client
-        .get(format!("{base}/healthz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health = json_at(&client, format!("{base}/healthz")).await;
     for service in ["users", "orders", "products"] {
         assert_eq!(health["upstreams"][service][0]["healthy"], true, "{health}");
     }

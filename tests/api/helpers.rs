@@ -638,17 +638,15 @@ pub async fn documents_hold(client: &reqwest::Client, base: &str, specs: &[&str]
     checked
 }
 
+/// The JSON body of a GET of `url`, whatever its status.
+pub async fn json_at(client: &reqwest::Client, url: String) -> Value {
+    client.get(url).send().await.unwrap().json().await.unwrap()
+}
+
 /// The OpenAPI document at `spec` under `base`, and the prefix its paths
 /// take there (its first server's URL, which a mounted sub-app declares).
 async fn document(client: &reqwest::Client, base: &str, spec: &str) -> (Value, String) {
-    let doc: Value = client
-        .get(format!("{base}{spec}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc = json_at(client, format!("{base}{spec}")).await;
     let prefix = doc["servers"][0]["url"].as_str().unwrap_or("").to_owned();
     (doc, prefix)
 }

@@ -3,7 +3,9 @@
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 
-use crate::helpers::{ADMIN_PASSWORD, Process, WAIT, alice_token_at, spawn_with, test_config};
+use crate::helpers::{
+    ADMIN_PASSWORD, Process, WAIT, alice_token_at, json_at, spawn_with, test_config,
+};
 
 #[tokio::test]
 async fn data_survives_a_restart() {
@@ -156,14 +158,7 @@ async fn sigterm_lets_an_in_flight_request_finish_and_exits_zero() {
 
     // What was acknowledged is there after a restart.
     let server = Server::start(dir.path()).await;
-    let fetched: serde_json::Value = client
-        .get(server.url(&format!("/users/{}", created["id"])))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let fetched = json_at(&client, server.url(&format!("/users/{}", created["id"]))).await;
     assert_eq!(fetched["email"], "inflight@example.com");
     server.signal("-INT");
     assert!(server.wait_exit().await.success());
