@@ -131,6 +131,10 @@ pub struct Settings {
     #[arg(long, env = "PRISM_USERS_URL")]
     pub users_url: Option<String>,
 
+    /// Connections the orders service may open to the users service; more requests wait for one [default: 256]
+    #[arg(long, env = "PRISM_USERS_MAX_CONNECTIONS")]
+    pub users_max_connections: Option<usize>,
+
     /// Base URL of the orders service (users-service follows its events without NATS) [default: http://127.0.0.1:8002]
     #[arg(long, env = "PRISM_ORDERS_URL")]
     pub orders_url: Option<String>,
@@ -240,6 +244,9 @@ impl Settings {
             max_ws_frame: self.max_ws_frame.unwrap_or(d.max_ws_frame),
             worker_threads: self.worker_threads.filter(|n| *n > 0),
             users_url: self.users_url.unwrap_or(d.users_url),
+            users_max_connections: self
+                .users_max_connections
+                .unwrap_or(d.users_max_connections),
             orders_url: self.orders_url.unwrap_or(d.orders_url),
             registry: self.registry,
             heartbeat_interval: self
@@ -300,6 +307,7 @@ pub struct Config {
     pub max_ws_frame: usize,
     pub worker_threads: Option<usize>,
     pub users_url: String,
+    pub users_max_connections: usize,
     pub orders_url: String,
     pub registry: Option<PathBuf>,
     pub heartbeat_interval: Duration,
@@ -337,6 +345,7 @@ impl Default for Config {
             max_ws_frame: 1 << 20,
             worker_threads: None,
             users_url: "http://127.0.0.1:8001".into(),
+            users_max_connections: 256,
             orders_url: "http://127.0.0.1:8002".into(),
             registry: None,
             heartbeat_interval: Duration::from_secs(15),
@@ -366,6 +375,16 @@ impl Config {
         anyhow::ensure!(
             !self.token_ttl.is_zero(),
             "token_ttl_secs must be at least 1"
+        );
+        anyhow::ensure!(
+            self.users_max_connections >= 1,
+            "users_max_connections must be at least 1"
+        );
+        anyhow::ensure!(
+            self.users_url
+                .parse::<hyper::Uri>()
+                .is_ok_and(|u| u.scheme_str() == Some("http") && u.host().is_some()),
+            "users_url must be an http:// URL, such as http://127.0.0.1:8001"
         );
         if let Some(url) = &self.database_url {
             anyhow::ensure!(
@@ -465,6 +484,8 @@ mod tests {
         assert_eq!(c.graphql.max_complexity, 2000);
         assert_eq!(c.graphql.max_query_bytes, 100_000);
         assert!(c.graphql.introspection);
+        assert_eq!(c.users_url, "http://127.0.0.1:8001");
+        assert_eq!(c.users_max_connections, 256);
     }
 
     #[test]
@@ -492,5 +513,36 @@ mod tests {
             ..Settings::default()
         };
         assert!(s.resolve().is_err());
+    }
+
+    #[test]
+    fn the_users_service_is_reached_over_plain_http_with_room_for_a_connection() {
+        let resolved = |url: &str, connections: usize| {
+            Settings {
+                users_url: Some(url.into()),
+                users_max_connections: Some(connections),
+                ..Settings::default()
+            }
+            .resolve()
+        };
+        let c = resolved("http://users.internal:8001/base", 1).unwrap();
+        assert_eq!(c.users_max_connections, 1);
+        for (url, connections, expected) in [
+            (
+                "https://users.internal",
+                1,
+                "users_url must be an http:// URL",
+            ),
+            ("users.internal:8001", 1, "users_url must be an http:// URL"),
+            ("http://", 1, "users_url must be an http:// URL"),
+            (
+                "http://users.internal",
+                0,
+                "users_max_connections must be at least 1",
+            ),
+        ] {
+            let err = resolved(url, connections).unwrap_err().to_string();
+            assert!(err.contains(expected), "{url}, {connections}: {err}");
+        }
     }
 }

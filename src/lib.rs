@@ -15,6 +15,8 @@
 //! - [`grpc`]: the seed's gRPC services, prism's streaming ones, health, reflection.
 //! - [`realtime`]: Server-Sent Events, WebSockets, background tasks, `/ui`.
 //! - [`gateway`]: the API gateway over the microservices (registry, breakers, retries).
+//! - [`pool`]: capped HTTP/1.1 keep-alive connections to one upstream instance,
+//!   for the gateway and the orders service's calls to the users service.
 //! - [`relay`]: events between processes: the outbox relay to NATS JetStream and consumers.
 //! - [`app`]: startup and graceful shutdown of every role.
 //! - [`demo`]: the demo data of `--demo`.
@@ -33,6 +35,7 @@ pub mod gateway;
 pub mod graphql;
 pub mod grpc;
 pub mod http;
+pub mod pool;
 pub mod realtime;
 pub mod relay;
 pub mod serve;

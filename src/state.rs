@@ -27,6 +27,7 @@ use crate::{
     auth::{LoginLimiter, TokenKeys},
     config::Config,
     domain::Domain,
+    pool::ConnPool,
 };
 
 /// Everything a handler may need, behind one `Arc`: axum clones the state for
@@ -165,6 +166,43 @@ pub struct Metrics {
     cache_entries: Gauge,
     sse_connections: Gauge,
     websocket_connections: Gauge,
+    users_service: UsersServiceConnections,
+}
+
+/// The orders service's connections to the users service, read at scrape
+/// time; other roles have none, and show none.
+#[derive(Debug, Clone, Default)]
+struct UsersServiceConnections(Arc<std::sync::OnceLock<Arc<ConnPool>>>);
+
+impl prometheus_client::collector::Collector for UsersServiceConnections {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::{
+            encoding::EncodeMetric,
+            metrics::{MetricType, gauge::ConstGauge},
+        };
+        let Some(pool) = self.0.get() else {
+            return Ok(());
+        };
+        for (name, help, value) in [
+            (
+                "users_service_connections",
+                "Connections open to the users service.",
+                pool.open(),
+            ),
+            (
+                "users_service_pending_requests",
+                "Requests waiting for a connection to the users service, every one being busy.",
+                pool.pending(),
+            ),
+        ] {
+            let gauge = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
+            gauge.encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)?;
+        }
+        Ok(())
+    }
 }
 
 fn latency_histogram() -> Histogram {
@@ -185,6 +223,7 @@ impl Default for Metrics {
             cache_entries: Gauge::default(),
             sse_connections: Gauge::default(),
             websocket_connections: Gauge::default(),
+            users_service: UsersServiceConnections::default(),
         };
         let mut r = m.registry;
         r.register(
@@ -227,11 +266,17 @@ impl Default for Metrics {
             "Open WebSocket connections",
             m.websocket_connections.clone(),
         );
+        r.register_collector(Box::new(m.users_service.clone()));
         Metrics { registry: r, ..m }
     }
 }
 
 impl Metrics {
+    /// Reports the orders service's connections to the users service.
+    pub fn watch_users_service(&self, pool: Arc<ConnPool>) {
+        let _ = self.users_service.0.set(pool);
+    }
+
     /// Renders the registry, refreshing the gauges that are read at scrape time.
     pub fn render(&self, state: &AppState) -> String {
         let events = state.domain.events();

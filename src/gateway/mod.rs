@@ -8,7 +8,6 @@
 //! every upstream.
 
 pub mod breaker;
-mod pool;
 pub mod registry;
 pub mod retry;
 pub mod upstream;

@@ -21,12 +21,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     forwarded::X_FORWARDED_FOR,
+    pool::{self, ConnPool, Trouble},
     trace::{self, TRACEPARENT, X_REQUEST_ID, X_REQUEST_TIMEOUT_MS},
 };
 
 use super::{
     breaker::{Breaker, Outcome, Permit, State},
-    pool::{self, ConnPool, Trouble},
     registry::ServiceSpec,
     retry::{Budget, backoff, unit_random},
 };
@@ -40,13 +40,14 @@ pub enum Failure {
     NoInstance,
     /// Every healthy instance's circuit is open: failing fast.
     CircuitOpen,
-    /// A try took longer than the upstream's timeout.
+    /// A try took longer than the upstream's timeout, or the upstream
+    /// answered that the time it was given ran out (504, DEADLINE_EXCEEDED).
     Timeout,
     /// The overall deadline passed.
     DeadlineExceeded,
     /// Could not connect, or the connection broke.
     Connect(String),
-    /// The upstream answered that it is unavailable (502/503/504, gRPC UNAVAILABLE).
+    /// The upstream answered that it is unavailable (502/503, gRPC UNAVAILABLE).
     Unavailable(String),
     /// The gateway could not make the call: it is out of file descriptors.
     Local(String),
@@ -316,11 +317,7 @@ impl Upstream {
             .await
             {
                 Ok(r) => r,
-                Err(_) => Err(if budget < self.spec.timeout() {
-                    Failure::DeadlineExceeded
-                } else {
-                    Failure::Timeout
-                }),
+                Err(_) => Err(Failure::Timeout),
             };
             let failure = match outcome {
                 Ok(v) => {
@@ -329,6 +326,12 @@ impl Upstream {
                     permit.record(Outcome::Success, now);
                     return Ok(v);
                 }
+                // The try's time ran out, by the gateway's clock or by the
+                // upstream's, which enforces the same limit (it was sent as
+                // x-request-timeout-ms or grpc-timeout) and may answer first.
+                // When the call's deadline had cut that time short, the
+                // instance is not to blame.
+                Err(Failure::Timeout) if budget < self.spec.timeout() => Failure::DeadlineExceeded,
                 Err(f) => f,
             };
             permit.record(failure.outcome(), Instant::now());
@@ -364,8 +367,8 @@ impl Upstream {
         }
     }
 
-    /// An HTTP request to the service; 502/503/504 answers count as failures
-    /// (retryable), anything else is the service's answer.
+    /// An HTTP request to the service; 502/503 answers count as failures
+    /// (retryable), 504 as a timeout, anything else is the service's answer.
     pub async fn http(
         &self,
         ctx: &CallCtx,
@@ -423,7 +426,12 @@ impl Upstream {
                         Trouble::TooLarge => Failure::BadAnswer(e.message),
                     })?;
                 let status = resp.status().as_u16();
-                if matches!(status, 502..=504) {
+                // prism's services answer 504 when the time the gateway gave
+                // them runs out.
+                if status == 504 {
+                    return Err(Failure::Timeout);
+                }
+                if matches!(status, 502 | 503) {
                     return Err(Failure::Unavailable(format!(
                         "{} answered {status}",
                         instance.url

@@ -37,7 +37,10 @@ use tower_http::{
 use utoipa::{OpenApi, ToSchema};
 use utoipa_swagger_ui::SwaggerUi;
 
-use crate::state::{AppState, RequestLabels, RouteLabels};
+use crate::{
+    state::{AppState, RequestLabels, RouteLabels},
+    trace::{X_REQUEST_TIMEOUT_MS, time_given},
+};
 use error::{ApiError, detail};
 use extract::Json;
 
@@ -201,8 +204,29 @@ async fn track(State(state): State<AppState>, req: Request, next: Next) -> Respo
             .get::<MatchedPath>()
             .map_or("unmatched", |p| p.as_str()),
     );
+    // The gateway and the orders service say how long they will wait. Work
+    // past that point makes an answer nobody reads while holding database
+    // connections others are queueing for, so it stops there, as a gRPC
+    // server stops a call past its deadline. Dropping the handler rolls back
+    // its open transaction; a commit it already made stands, and its events
+    // go out with the event pump's next poll.
+    let given = req.headers().get(X_REQUEST_TIMEOUT_MS).and_then(time_given);
     let start = Instant::now();
-    let mut response = next.run(req).await;
+    let out_of_time = || {
+        detail(
+            StatusCode::GATEWAY_TIMEOUT,
+            "Deadline exceeded: no answer within the request's x-request-timeout-ms",
+        )
+    };
+    let mut response = match given {
+        None => next.run(req).await,
+        // No time at all: nothing is started, whatever might have finished
+        // at once.
+        Some(time) if time.is_zero() => out_of_time(),
+        Some(time) => tokio::time::timeout(time, next.run(req))
+            .await
+            .unwrap_or_else(|_| out_of_time()),
+    };
     let elapsed = start.elapsed().as_secs_f64();
     if let Some(cause) = response.extensions_mut().remove::<error::InternalCause>() {
         let request_id = response

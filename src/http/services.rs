@@ -6,12 +6,17 @@
 use axum::{
     Router,
     extract::State,
-    http::{HeaderMap, StatusCode},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
     routing::get,
 };
+use bytes::Bytes;
+use http_body_util::Full;
 use serde_json::json;
-use std::time::{Duration, Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 use utoipa::{IntoParams, OpenApi};
 
 use super::{
@@ -24,6 +29,7 @@ use super::{
 use crate::{
     domain::{NewOrder, Order, consumers::OrderStats},
     error::Error,
+    pool::{self, ConnPool},
     state::AppState,
     trace::{TRACEPARENT, X_REQUEST_ID, X_REQUEST_TIMEOUT_MS, child_traceparent, time_given},
 };
@@ -63,12 +69,15 @@ pub fn users_service() -> Router<AppState> {
         .merge(super::auth::router())
 }
 
-/// What the orders service needs beyond the app: where the users are.
+/// What the orders service needs beyond the app: its connections to the
+/// users service.
 #[derive(Clone)]
 pub struct OrdersCtx {
     app: AppState,
-    users_url: String,
-    http: reqwest::Client,
+    users: Arc<ConnPool>,
+    /// The path `users_url` gave, if any, without its trailing slash: the
+    /// users service may sit under a prefix behind a proxy.
+    users_path: Arc<str>,
 }
 
 impl axum::extract::FromRef<OrdersCtx> for AppState {
@@ -81,14 +90,20 @@ impl axum::extract::FromRef<OrdersCtx> for AppState {
 /// has not said how long it may take.
 const USER_FETCH_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// When the answer to this request is due: the time its caller gave it
-/// (`x-request-timeout-ms`, as the gateway sends), counted from now, or
-/// [`USER_FETCH_TIMEOUT`] from now if that is sooner or none was given.
+/// The part of its caller's time the orders service keeps for answering
+/// after the users service: an order whose user cannot be fetched in time is
+/// still served, before the caller's time runs out and the edge answers 504.
+const ANSWER_MARGIN: Duration = Duration::from_millis(10);
+
+/// When the users service must have answered: the time this request's caller
+/// gave it (`x-request-timeout-ms`, as the gateway sends) less
+/// [`ANSWER_MARGIN`], counted from now, or [`USER_FETCH_TIMEOUT`] from now if
+/// that is sooner or no time was given.
 fn answer_due(headers: &HeaderMap) -> Instant {
     let given = headers
         .get(X_REQUEST_TIMEOUT_MS)
         .and_then(time_given)
-        .unwrap_or(USER_FETCH_TIMEOUT);
+        .map_or(USER_FETCH_TIMEOUT, |t| t.saturating_sub(ANSWER_MARGIN));
     Instant::now() + given.min(USER_FETCH_TIMEOUT)
 }
 
@@ -101,33 +116,46 @@ async fn fetch_user(
     headers: &HeaderMap,
     due: Instant,
 ) -> Result<Option<serde_json::Value>, Error> {
-    let unavailable = || Error::Unavailable("User service unavailable".into());
+    let unavailable = |why: &dyn std::fmt::Display| {
+        tracing::warn!(error = %why, user_id, "cannot ask the users service");
+        Error::Unavailable("User service unavailable".into())
+    };
     let left = due.saturating_duration_since(Instant::now());
     if left.is_zero() {
-        return Err(unavailable());
+        return Err(unavailable(&"no time left"));
     }
-    let mut req = ctx
-        .http
-        .get(format!(
-            "{}/users/{user_id}",
-            ctx.users_url.trim_end_matches('/')
-        ))
-        .timeout(left)
-        .header(X_REQUEST_TIMEOUT_MS, left.as_millis().max(1).to_string());
+    let mut req = hyper::Request::new(Full::<Bytes>::default());
+    *req.uri_mut() = format!("{}/users/{user_id}", ctx.users_path)
+        .parse()
+        .map_err(Error::internal)?;
+    let h = req.headers_mut();
+    if let Some(host) = ctx.users.host() {
+        h.insert(header::HOST, host.clone());
+    }
+    let ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX).max(1);
+    h.insert(X_REQUEST_TIMEOUT_MS, HeaderValue::from(ms));
     if let Some(v) = headers.get(X_REQUEST_ID) {
-        req = req.header(X_REQUEST_ID, v.clone());
+        h.insert(X_REQUEST_ID, v.clone());
     }
     if let Some(tp) = headers
         .get(TRACEPARENT)
         .and_then(|v| child_traceparent(v.as_bytes()))
     {
-        req = req.header(TRACEPARENT, tp);
+        h.insert(TRACEPARENT, tp);
     }
-    let r = req.send().await.map_err(|_| unavailable())?;
-    match r.status().as_u16() {
-        200 => Ok(r.json().await.ok()),
+    // The time covers waiting for a connection too: at most
+    // `users_max_connections` are open, and a burst waits its turn for them.
+    let answer = match tokio::time::timeout(left, ctx.users.exchange(req)).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(e)) => return Err(unavailable(&e.message)),
+        Err(_) => return Err(unavailable(&"timed out")),
+    };
+    match answer.status().as_u16() {
+        200 => serde_json::from_slice(answer.body())
+            .map(Some)
+            .map_err(|e| unavailable(&format_args!("unreadable answer: {e}"))),
         404 => Ok(None),
-        _ => Err(unavailable()),
+        status => Err(unavailable(&format_args!("answered {status}"))),
     }
 }
 
@@ -167,13 +195,11 @@ async fn get_order(
 ) -> Result<Response, ApiError> {
     let due = answer_due(&headers);
     let order = ctx.app.domain.get_order(id).await?;
-    let user = match fetch_user(&ctx, order.user_id, &headers, due).await {
-        Ok(u) => u,
-        Err(e) => {
-            tracing::warn!(error = %e, "order served without its user");
-            None
-        }
-    };
+    // Without an answer from the users service (`fetch_user` logs why), the
+    // order is served with a null user.
+    let user = fetch_user(&ctx, order.user_id, &headers, due)
+        .await
+        .unwrap_or(None);
     let mut body = serde_json::to_value(&order).map_err(Error::internal)?;
     body["user"] = user.unwrap_or(serde_json::Value::Null);
     Ok(Json(body).into_response())
@@ -217,14 +243,70 @@ async fn create_order(
 )]
 pub struct OrdersServiceApi;
 
+/// Connecting to the users service on the same network takes microseconds;
+/// one that does not accept within this is not going to answer in time.
+const USERS_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Idle connections to the users service are closed after this, well within
+/// the users service's own idle timeout (60 s by default), so that the orders
+/// service, not the server, is the one to close them.
+const USERS_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
 pub fn orders_service(state: AppState) -> Router {
+    let config = &state.config;
+    let users = Arc::new(ConnPool::new(
+        &config.users_url,
+        USERS_CONNECT_TIMEOUT,
+        USERS_IDLE_TIMEOUT,
+        pool::Limits {
+            connections: config.users_max_connections,
+            // Waiting is bounded by each request's time instead.
+            waiting: usize::MAX,
+        },
+    ));
+    state.metrics.watch_users_service(users.clone());
+    let users_path = config
+        .users_url
+        .parse::<hyper::Uri>()
+        .map(|u| u.path().trim_end_matches('/').to_owned())
+        .unwrap_or_default();
     let ctx = OrdersCtx {
-        users_url: state.config.users_url.clone(),
-        http: reqwest::Client::new(),
+        users,
+        users_path: users_path.into(),
         app: state.clone(),
     };
     Router::new()
         .route("/orders", get(list_orders).post(create_order))
         .route("/orders/{order_id}", get(get_order))
         .with_state(ctx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_users_service_gets_the_callers_time_less_a_margin_to_answer_in() {
+        for (given, expected) in [
+            (None, USER_FETCH_TIMEOUT),
+            (Some("not a number"), USER_FETCH_TIMEOUT),
+            (Some("100"), Duration::from_millis(90)),
+            (Some("10"), Duration::ZERO),
+            (Some("3"), Duration::ZERO),
+            (Some("60000"), USER_FETCH_TIMEOUT),
+        ] {
+            let mut headers = HeaderMap::new();
+            if let Some(ms) = given {
+                headers.insert(X_REQUEST_TIMEOUT_MS, HeaderValue::from_static(ms));
+            }
+            let before = Instant::now();
+            let due = answer_due(&headers);
+            let after = Instant::now();
+            assert!(
+                before + expected <= due && due <= after + expected,
+                "{given:?}: due {:?} after the call",
+                due - before
+            );
+        }
+    }
 }

@@ -51,6 +51,9 @@ enum Mode {
     FailFirst(u64),
     /// Never answers.
     Hang,
+    /// 504 at once, as a prism service answers when the time it was given
+    /// (`x-request-timeout-ms`) has run out.
+    OutOfTime,
     /// Starts an answer and breaks the connection.
     Break,
 }
@@ -117,6 +120,13 @@ async fn fake_answer(s: &FakeState, headers: HeaderMap, body: Value) -> axum::re
         let mut mode = s.mode.lock();
         match *mode {
             Mode::Hang => None,
+            Mode::OutOfTime => {
+                return (
+                    StatusCode::GATEWAY_TIMEOUT,
+                    axum::Json(json!({"detail": "Deadline exceeded"})),
+                )
+                    .into_response();
+            }
             Mode::Break => {
                 let broken = futures::stream::once(async {
                     Err::<bytes::Bytes, _>(std::io::Error::other("gone"))
@@ -343,15 +353,23 @@ struct Topology {
 }
 
 async fn service(role: Role, dir: &std::path::Path, users_url: Option<String>) -> App {
+    service_with(role, dir, |config| {
+        if let Some(u) = users_url {
+            config.users_url = u;
+        }
+    })
+    .await
+}
+
+/// A service with demo data and the topology's secret, configured by `tune`.
+async fn service_with(role: Role, dir: &std::path::Path, tune: impl FnOnce(&mut Config)) -> App {
     let mut config = Config {
         demo: true,
         admin_password: Some(ADMIN_PASSWORD.into()),
         jwt_secret: Some(SECRET.into()),
         ..Config::for_tests(dir)
     };
-    if let Some(u) = users_url {
-        config.users_url = u;
-    }
+    tune(&mut config);
     App::build_as(role, config).await.unwrap()
 }
 
@@ -791,15 +809,73 @@ async fn the_orders_service_passes_the_deadline_and_trace_on() {
     let limit = time_limit(&seen);
     assert!((1..=2000).contains(&limit), "{limit}");
     assert!(seen.get("traceparent").is_none(), "no trace to pass on");
-    // No time left: the order comes without its user, and the users service
-    // is not asked.
+    // No time left: 504 at once, and the users service is not asked.
     let asked = users.hits();
     let r = get_within(&gw.client, format!("{orders_url}/orders/1"), Some(0)).await;
-    let order: Value = r.json().await.unwrap();
-    assert_eq!(order["user"], Value::Null, "{order}");
+    assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(users.hits(), asked);
 
     gw.stop().await;
+    orders.stop().await;
+}
+
+/// A burst of orders does not become a burst of connections to the users
+/// service: past `users_max_connections`, a request waits for a connection
+/// to come free, and is then served on it.
+#[tokio::test]
+async fn the_orders_service_caps_its_connections_to_the_users_service() {
+    let release = Arc::new(tokio::sync::Barrier::new(2));
+    let users = fake("users", Some(release.clone())).await;
+    let dir = tempfile::tempdir().unwrap();
+    let orders = service_with(Role::Orders, dir.path(), |c| {
+        c.users_url = users.url();
+        c.users_max_connections = 1;
+    })
+    .await;
+    let orders_url = format!("http://{}", orders.http_addr());
+    let orders = run(orders);
+    let client = reqwest::Client::builder().timeout(WAIT).build().unwrap();
+    let get_order = || tokio::spawn(client.get(format!("{orders_url}/orders/1")).send());
+    let gauges = |connections: u64, pending: u64| {
+        [
+            format!("prism_users_service_connections {connections}"),
+            format!("prism_users_service_pending_requests {pending}"),
+        ]
+    };
+    let metrics = || async {
+        let r = client.get(format!("{orders_url}/metrics")).send().await;
+        r.unwrap().text().await.unwrap()
+    };
+
+    let first = get_order();
+    eventually("the first order's user to be asked for", || async {
+        (users.hits() == 1).then_some(())
+    })
+    .await;
+    let second = get_order();
+    let [open, waiting] = gauges(1, 1);
+    eventually("the second order to wait for the connection", || async {
+        let text = metrics().await;
+        text.lines().any(|l| l == waiting).then_some(text)
+    })
+    .await;
+    assert!(metrics().await.lines().any(|l| l == open));
+    assert_eq!(
+        users.hits(),
+        1,
+        "the second waits, without a connection of its own"
+    );
+
+    for held in [first, second] {
+        let r = answer(held, &release).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let order: Value = r.json().await.unwrap();
+        assert_eq!(order["user"]["name"], "users user", "{order}");
+    }
+    let text = metrics().await;
+    for line in gauges(1, 0) {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
+    }
     orders.stop().await;
 }
 
@@ -1140,31 +1216,36 @@ async fn a_dead_upstream_opens_its_circuit_and_probes_close_it() {
 
 /// A client's `x-request-timeout-ms` cuts its own requests short, but the
 /// instance is not blamed for them: only the upstream's configured timeout
-/// counts toward opening its circuit.
+/// counts toward opening its circuit. That holds whether the gateway's clock
+/// ends the try or the upstream's does (prism's services answer 504 when the
+/// time they were given runs out, often just before the gateway notices).
 #[tokio::test]
 async fn a_clients_short_deadline_opens_no_circuit() {
     let users = fake("users", None).await;
-    users.set(Mode::Hang);
     let gw = users_only(&users, |s| {
-        s.retries = 0;
+        s.retries = 1;
         s.timeout_ms = 200;
         s.failures_to_open = 2;
         s.open_ms = 600_000;
     })
     .await;
     let url = format!("http://{}/api/users/1", gw.addr);
-    for _ in 0..3 {
-        let r = get_within(&gw.client, url.clone(), Some(20)).await;
-        assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
+    for mode in [Mode::Hang, Mode::OutOfTime] {
+        users.set(mode);
+        for _ in 0..3 {
+            let r = get_within(&gw.client, url.clone(), Some(20)).await;
+            assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT, "{mode:?}");
+        }
     }
+    assert_eq!(users.hits(), 6, "no time left to retry any of them");
     users.set(Mode::Ok);
     let (s, body) = gw.get("/api/users/1").await;
     assert_eq!(s, StatusCode::OK, "{body}");
-    // The upstream's own timeout is its fault, and opens the circuit.
-    users.set(Mode::Hang);
-    for _ in 0..2 {
-        assert_eq!(gw.get("/api/users/1").await.0, StatusCode::GATEWAY_TIMEOUT);
-    }
+    // With the upstream's whole time, running out of it is the upstream's
+    // fault: the try is retried, and the two failures open the circuit.
+    users.set(Mode::OutOfTime);
+    assert_eq!(gw.get("/api/users/1").await.0, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(users.hits(), 9);
     gw.assert_circuit_open("/api/users/1").await;
     gw.stop().await;
 }

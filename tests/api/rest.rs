@@ -128,6 +128,73 @@ async fn bodies_over_the_limit_get_413_and_change_nothing() {
     app.stop().await;
 }
 
+/// A caller that says how long it will wait (`x-request-timeout-ms`, as the
+/// gateway and the orders service say it) gets a 504 once that time has run
+/// out, rather than an answer it no longer waits for, and the write it asked
+/// for is not made.
+#[tokio::test]
+async fn a_write_past_its_callers_time_is_answered_504_and_not_made() {
+    use sqlx::{ConnectOptions, Connection};
+    let dir = tempfile::tempdir().unwrap();
+    let app = spawn_with(test_config(dir.path())).await;
+    let token = app.alice_token().await;
+    // Another process's write transaction on the same database file keeps
+    // prism's writes waiting (for up to SQLite's busy timeout, 5 s).
+    let mut other = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(dir.path().join("prism.db"))
+        .connect()
+        .await
+        .unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let r = app
+        .client
+        .post(app.url("/users/"))
+        .bearer_auth(&token)
+        .header("x-request-timeout-ms", "100")
+        .json(&json!({"name": "Late", "email": "late@example.com"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        body["detail"],
+        "Deadline exceeded: no answer within the request's x-request-timeout-ms"
+    );
+    other.close().await.unwrap();
+    // prism's one write connection takes writes in turn: once this one is
+    // made, the interrupted one has been rolled back.
+    let (status, _) = app
+        .send_json(
+            Method::POST,
+            "/users/",
+            Some(&token),
+            Some(json!({"name": "Next", "email": "next@example.com"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (_, users) = app.get_json("/users/").await;
+    let emails: Vec<&str> = users
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|u| u["email"].as_str())
+        .collect();
+    assert!(emails.contains(&"next@example.com"), "{emails:?}");
+    assert!(!emails.contains(&"late@example.com"), "{emails:?}");
+    let text = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        text.lines().any(|l| l.starts_with(
+            r#"prism_http_requests_total{method="POST",route="/users/",status="504"} 1"#
+        )),
+        "{text}"
+    );
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn malformed_json_is_a_422() {
     let app = spawn_app().await;

@@ -1,6 +1,7 @@
-//! The proxy's connections to one upstream instance: HTTP/1.1 keep-alive
+//! Connections to one upstream instance, for the gateway's proxied requests
+//! and the orders service's calls to the users service: HTTP/1.1 keep-alive
 //! connections (hyper's client connection), reused most recently idle first
-//! and closed once idle for the service's `idle_timeout_ms`.
+//! and closed once idle for a set time (the service's `idle_timeout_ms`).
 //!
 //! hyper-util's pooled `Client` does the same job, but for every HTTP/1
 //! request it hashes a pool key, rewrites the URI to origin form, and spawns a
@@ -123,7 +124,7 @@ pub struct ExchangeError {
 pub enum Trouble {
     /// Connecting failed or the connection broke.
     Connection,
-    /// The gateway itself was out of file descriptors: says nothing about
+    /// This process was out of file descriptors: says nothing about
     /// the instance.
     OutOfFiles,
     /// Every connection to the instance was busy and the line of requests
