@@ -99,6 +99,9 @@ pub struct Domain {
     pub(crate) events: EventLog,
     pub(crate) users_cache: Arc<Cache<User>>,
     pub(crate) products_cache: Arc<Cache<Product>>,
+    /// Orders are never changed or deleted once placed, so a cached one
+    /// cannot go stale; `order.*` events still invalidate, should that change.
+    pub(crate) orders_cache: Arc<Cache<Order>>,
 }
 
 impl Domain {
@@ -107,9 +110,11 @@ impl Domain {
     pub fn new(db: Db, events: EventLog, cache_capacity: usize) -> Domain {
         let users_cache = Arc::new(Cache::new(cache_capacity));
         let products_cache = Arc::new(Cache::new(cache_capacity));
+        let orders_cache = Arc::new(Cache::new(cache_capacity));
         {
             let users = users_cache.clone();
             let products = products_cache.clone();
+            let orders = orders_cache.clone();
             events.on_event(move |event| {
                 #[derive(serde::Deserialize)]
                 struct Id {
@@ -120,6 +125,13 @@ impl Domain {
                     users.invalidate_by(id);
                 } else if event.kind.starts_with("product.") {
                     products.invalidate_by(id);
+                } else if event.kind.starts_with("order.") {
+                    // Order events name the order `order_id`.
+                    #[derive(serde::Deserialize)]
+                    struct OrderId {
+                        order_id: i64,
+                    }
+                    orders.invalidate_by(|| event.payload_as::<OrderId>().map(|o| o.order_id));
                 }
             });
         }
@@ -128,6 +140,7 @@ impl Domain {
             events,
             users_cache,
             products_cache,
+            orders_cache,
         }
     }
 
@@ -141,7 +154,7 @@ impl Domain {
 
     /// Entities held by the read caches.
     pub fn cache_size(&self) -> usize {
-        self.users_cache.len() + self.products_cache.len()
+        self.users_cache.len() + self.products_cache.len() + self.orders_cache.len()
     }
 
     /// Rows whose `column` is one of `ids`, for `select` (a statement ending

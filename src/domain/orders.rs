@@ -1,5 +1,7 @@
 //! Orders. A non-admin places orders only for themselves.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::FromRow;
@@ -100,13 +102,20 @@ impl Domain {
     }
 
     pub async fn get_order(&self, id: i64) -> Result<Order> {
+        if let Some(order) = self.orders_cache.get(id) {
+            return Ok(Order::clone(&order));
+        }
+        let generation = self.orders_cache.generation();
         let order: Option<Order> = on_db!(&self.db, pool => {
             sqlx::query_as("SELECT id, user_id, total, status, created_at FROM orders WHERE id = $1")
                 .bind(id)
                 .fetch_optional(pool)
                 .await?
         });
-        order.ok_or_else(|| Error::NotFound("Order not found".into()))
+        let order = order.ok_or_else(|| Error::NotFound("Order not found".into()))?;
+        self.orders_cache
+            .put(id, Arc::new(order.clone()), generation);
+        Ok(order)
     }
 
     /// Places an order. The user must exist here (the orders microservice checks

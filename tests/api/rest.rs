@@ -390,6 +390,17 @@ async fn posts_comments_messages_and_orders_over_rest() {
     let (_, order) = app.get_json("/orders/2").await;
     assert_eq!(order["total"], 149.99);
     assert_eq!(order["status"], "completed");
+    // Orders never change once placed: the second read of one, new or old,
+    // is served from the cache.
+    for id in [o["id"].as_i64().unwrap(), 2] {
+        let path = format!("/orders/{id}");
+        let (_, first) = app.get_json(&path).await;
+        let reads = app.state.domain.db().read_count();
+        let (_, again) = app.get_json(&path).await;
+        assert_eq!(app.state.domain.db().read_count(), reads, "{path}");
+        assert_eq!(again, first);
+    }
+    assert_eq!(app.get_json(&format!("/orders/{}", o["id"])).await.1, o);
     app.stop().await;
 }
 
