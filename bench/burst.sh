@@ -40,12 +40,7 @@ TOML
     wait_port 18100
     # The gateway's connections to the users service, sampled four times a
     # second while the load runs.
-    (
-        while kill -0 "$gateway" 2>/dev/null; do
-            ss -Htn state established "( dport = :18101 )" | wc -l
-            sleep 0.25
-        done
-    ) >"$work/conns" &
+    count_connections "$gateway" 18101 >"$work/conns" &
     local sampler=$!
     wrk -t2 -c"$n" -d"${duration}s" --latency http://127.0.0.1:18100/api/users/1 >"$work/wrk.out"
     local metrics

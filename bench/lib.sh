@@ -52,3 +52,12 @@ release_prism() {
         PRISM_BIN=$target/release/prism
     fi
 }
+
+# Prints, four times a second while process $1 runs, how many established
+# connections go to local port $2. Run it in the background.
+count_connections() {
+    while kill -0 "$1" 2>/dev/null; do
+        ss -Htn state established "( dport = :$2 )" | wc -l
+        sleep 0.25
+    done
+}

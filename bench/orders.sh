@@ -32,12 +32,7 @@ round() {
     local orders=$!
     wait_port 18202
     wrk -t2 -c"$n" -d2s http://127.0.0.1:18202/orders/1 >/dev/null
-    (
-        while kill -0 "$orders" 2>/dev/null; do
-            ss -Htn state established "( dport = :18201 )" | wc -l
-            sleep 0.25
-        done
-    ) >"$work/conns" &
+    count_connections "$orders" 18201 >"$work/conns" &
     local sampler=$!
     local u0 o0 u1 o1
     u0=$(ticks "$users") o0=$(ticks "$orders")
