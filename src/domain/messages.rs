@@ -22,6 +22,7 @@ pub struct Message {
     pub content: String,
     pub user_id: i64,
     /// When the message was sent (ISO-8601).
+    #[serde(serialize_with = "super::timestamp::serialize")]
     pub timestamp: DateTime<Utc>,
 }
 
@@ -92,6 +93,7 @@ impl Domain {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
 pub struct Broadcast {
     pub message: String,
+    #[serde(serialize_with = "super::timestamp::serialize")]
     pub timestamp: DateTime<Utc>,
 }
 

@@ -14,6 +14,7 @@ pub mod orders;
 pub mod posts;
 pub mod products;
 pub mod tasks;
+pub mod timestamp;
 pub mod users;
 pub mod validate;
 

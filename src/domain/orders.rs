@@ -52,6 +52,7 @@ pub struct Order {
     pub total: f64,
     #[sqlx(try_from = "String")]
     pub status: OrderStatus,
+    #[serde(serialize_with = "super::timestamp::serialize")]
     pub created_at: DateTime<Utc>,
 }
 

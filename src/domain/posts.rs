@@ -23,7 +23,9 @@ pub struct Post {
     pub title: String,
     pub content: String,
     pub author_id: i64,
+    #[serde(serialize_with = "super::timestamp::serialize")]
     pub created_at: DateTime<Utc>,
+    #[serde(serialize_with = "super::timestamp::serialize")]
     pub updated_at: DateTime<Utc>,
 }
 
@@ -33,6 +35,7 @@ pub struct Comment {
     pub content: String,
     pub post_id: i64,
     pub user_id: i64,
+    #[serde(serialize_with = "super::timestamp::serialize")]
     pub created_at: DateTime<Utc>,
 }
 

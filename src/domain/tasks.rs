@@ -37,7 +37,9 @@ pub struct Task {
     #[schema(value_type = Object)]
     pub result: Option<serde_json::Value>,
     pub error: Option<String>,
+    #[serde(serialize_with = "super::timestamp::serialize")]
     pub created_at: DateTime<Utc>,
+    #[serde(serialize_with = "super::timestamp::serialize")]
     pub updated_at: DateTime<Utc>,
 }
 

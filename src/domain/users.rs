@@ -27,6 +27,7 @@ pub struct User {
     pub age: Option<i32>,
     #[sqlx(try_from = "String")]
     pub role: Role,
+    #[serde(serialize_with = "super::timestamp::serialize")]
     pub created_at: DateTime<Utc>,
 }
 

@@ -287,8 +287,21 @@ impl Default for RequestIds {
 impl MakeRequestId for RequestIds {
     fn make_request_id<B>(&mut self, _: &axum::http::Request<B>) -> Option<RequestId> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let id = format!("{}-{n:08x}", self.prefix);
-        HeaderValue::from_str(&id).ok().map(RequestId::new)
+        // `{prefix}-{n:08x}`, without `format!`'s machinery: this runs for
+        // every request.
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let digits = (16 - n.leading_zeros() as usize / 4).max(8);
+        let mut id = Vec::with_capacity(self.prefix.len() + 1 + digits);
+        id.extend_from_slice(self.prefix.as_bytes());
+        id.push(b'-');
+        id.extend(
+            (0..digits)
+                .rev()
+                .map(|i| HEX[(n >> (4 * i)) as usize & 0xf]),
+        );
+        HeaderValue::from_maybe_shared(bytes::Bytes::from(id))
+            .ok()
+            .map(RequestId::new)
     }
 }
 
@@ -410,4 +423,29 @@ fn edge(routes: Router, state: AppState) -> Router {
             .layer(from_fn_with_state(state, track))
             .layer(DefaultBodyLimit::max(max_body)),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_the_prefix_and_the_count_in_hex() {
+        let mut ids = RequestIds {
+            prefix: "abc123".into(),
+            next: Arc::default(),
+        };
+        let req = axum::http::Request::new(());
+        for (n, expected) in [
+            (0, "abc123-00000000"),
+            (0xbeef, "abc123-0000beef"),
+            (0xffff_ffff, "abc123-ffffffff"),
+            (0x1_0000_0000, "abc123-100000000"),
+            (u64::MAX, "abc123-ffffffffffffffff"),
+        ] {
+            ids.next.store(n, Ordering::Relaxed);
+            let id = ids.make_request_id(&req).unwrap();
+            assert_eq!(id.header_value(), expected);
+        }
+    }
 }
