@@ -400,6 +400,89 @@ async fn graphiql_is_served_from_the_binary() {
     app.stop().await;
 }
 
+/// A query already found valid skips the rules that find mistakes when it
+/// comes again without variables; nothing a client sees changes. Repeated
+/// valid requests get the same answers, and invalid ones, unknown operations,
+/// bad variables and queries over the limits are refused every time.
+#[tokio::test]
+async fn repeated_queries_are_answered_and_refused_as_the_first_time() {
+    let app = spawn_app().await;
+    let url = app.url("/graphql");
+    let (client, url) = (&app.client, url.as_str());
+    let post = |body: Value| async move {
+        let r = client
+            .post(url)
+            .header("accept", "application/graphql-response+json")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (r.status(), r.json::<Value>().await.unwrap())
+    };
+    let two = "query A { user(id: 1) { name } } query B { user(id: 2) { name } }";
+    let deep = format!(
+        "{{ user(id: 1) {}{} }}",
+        "{ friends ".repeat(20),
+        "{ id }".to_owned() + &" }".repeat(20)
+    );
+    let by_variable = "query Q($id: Int!) { user(id: $id) { name } }";
+    let mut first = Vec::new();
+    for round in 0..3 {
+        let answers = vec![
+            post(json!({"query": "{ user(id: 1) { name } }"})).await,
+            post(json!({"query": two, "operationName": "B"})).await,
+            post(json!({"query": two, "operationName": "A"})).await,
+            post(json!({"query": two, "operationName": "C"})).await,
+            post(json!({"query": two})).await,
+            post(json!({"query": "{ user(id: 1) { name nope } }"})).await,
+            post(json!({"query": deep})).await,
+            post(json!({"query": by_variable, "variables": {"id": 2}})).await,
+            post(json!({"query": by_variable, "variables": {"id": "x"}})).await,
+            post(json!({"query": by_variable})).await,
+        ];
+        if round == 0 {
+            first = answers;
+            continue;
+        }
+        assert_eq!(answers, first, "round {round}");
+    }
+    let status = |i: usize| first[i].0;
+    let name = |i: usize| first[i].1["data"]["user"]["name"].clone();
+    assert_eq!((status(0), name(0)), (StatusCode::OK, json!("Alice")));
+    assert_eq!((status(1), name(1)), (StatusCode::OK, json!("Bob")));
+    assert_eq!((status(2), name(2)), (StatusCode::OK, json!("Alice")));
+    assert_eq!((status(7), name(7)), (StatusCode::OK, json!("Bob")));
+    for refused in [3, 4, 5, 6, 8] {
+        assert_eq!(
+            status(refused),
+            StatusCode::BAD_REQUEST,
+            "{:?}",
+            first[refused]
+        );
+        assert!(
+            first[refused].1.get("data").is_none(),
+            "{:?}",
+            first[refused]
+        );
+    }
+    let message = |i: usize| {
+        first[i].1["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert!(message(5).contains("nope"), "{}", message(5));
+    assert!(message(6).contains("nested too deep"), "{}", message(6));
+    // async-graphql finds a missing variable only when it executes.
+    assert_eq!(first[9].1["data"], Value::Null);
+    assert!(
+        message(9).contains("Variable id is not defined"),
+        "{}",
+        message(9)
+    );
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn limits_are_graphql_errors_not_crashes() {
     let app = spawn_app().await;
