@@ -355,6 +355,9 @@ async fn execute(
             return r;
         }
     }
+    if let Some(message) = missing_variable(&doc, params.operation_name.as_deref(), &params) {
+        return request_error(media, request_status(media), &message, "BAD_USER_INPUT");
+    }
     let caller = caller_from(&gs.app, headers);
     if let Caller::Invalid(message) = &caller {
         // A token that does not verify is refused outright, whatever the
@@ -421,6 +424,42 @@ async fn execute(
     })
     .unwrap_or_else(|_| r#"{"errors":[{"message":"Internal server error"}]}"#.into());
     respond_text(media, StatusCode::OK, body)
+}
+
+/// A required variable (non-null, no default) of the operation to run that
+/// the request does not give. Coercing variables comes before execution
+/// (GraphQL's CoerceVariableValues), so this is a request error;
+/// async-graphql would only notice in the middle of executing, as an
+/// internal error under the field that reads the variable.
+fn missing_variable(
+    doc: &ExecutableDocument,
+    operation_name: Option<&str>,
+    params: &Params,
+) -> Option<String> {
+    let mut selected = doc
+        .operations
+        .iter()
+        .filter(|(name, _)| match operation_name {
+            Some(want) => name.is_some_and(|n| n.as_str() == want),
+            None => true,
+        });
+    let (_, op) = selected.next()?;
+    if selected.next().is_some() {
+        // No single operation: async-graphql says which name is needed.
+        return None;
+    }
+    let given = params.variables.as_ref().and_then(Value::as_object);
+    op.node.variable_definitions.iter().find_map(|v| {
+        let v = &v.node;
+        let name = v.name.node.as_str();
+        let required = !v.var_type.node.nullable && v.default_value.is_none();
+        (required && !given.is_some_and(|g| g.contains_key(name))).then(|| {
+            format!(
+                "Variable \"${name}\" of required type \"{}\" was not provided.",
+                v.var_type.node
+            )
+        })
+    })
 }
 
 fn request_status(media: Media) -> StatusCode {

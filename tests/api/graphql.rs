@@ -452,7 +452,7 @@ async fn repeated_queries_are_answered_and_refused_as_the_first_time() {
     assert_eq!((status(1), name(1)), (StatusCode::OK, json!("Bob")));
     assert_eq!((status(2), name(2)), (StatusCode::OK, json!("Alice")));
     assert_eq!((status(7), name(7)), (StatusCode::OK, json!("Bob")));
-    for refused in [3, 4, 5, 6, 8] {
+    for refused in [3, 4, 5, 6, 8, 9] {
         assert_eq!(
             status(refused),
             StatusCode::BAD_REQUEST,
@@ -473,12 +473,24 @@ async fn repeated_queries_are_answered_and_refused_as_the_first_time() {
     };
     assert!(message(5).contains("nope"), "{}", message(5));
     assert!(message(6).contains("nested too deep"), "{}", message(6));
-    // async-graphql finds a missing variable only when it executes.
-    assert_eq!(first[9].1["data"], Value::Null);
-    assert!(
-        message(9).contains("Variable id is not defined"),
-        "{}",
-        message(9)
+    assert_eq!(
+        message(9),
+        r#"Variable "$id" of required type "Int!" was not provided."#
+    );
+    assert_eq!(code(&first[9].1), "BAD_USER_INPUT");
+    // A default stands in for a variable not given, and only the operation
+    // that runs needs its variables.
+    let with_default = "query Q($id: Int! = 2) { user(id: $id) { name } }";
+    let (status, body) = post(json!({"query": with_default})).await;
+    assert_eq!(
+        (status, &body["data"]["user"]["name"]),
+        (StatusCode::OK, &json!("Bob"))
+    );
+    let other = "query A { user(id: 1) { name } } query B($id: Int!) { user(id: $id) { name } }";
+    let (status, body) = post(json!({"query": other, "operationName": "A"})).await;
+    assert_eq!(
+        (status, &body["data"]["user"]["name"]),
+        (StatusCode::OK, &json!("Alice"))
     );
     app.stop().await;
 }
