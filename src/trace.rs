@@ -49,7 +49,7 @@ pub fn new_id32() -> [u8; 32] {
 
 /// `n` as sixteen lowercase hex digits into `out[..16]` (this runs several
 /// times per proxied request, so a byte at a time from a table, no `format!`).
-fn hex(out: &mut [u8], n: u64) {
+pub(crate) fn hex(out: &mut [u8], n: u64) {
     const PAIRS: [[u8; 2]; 256] = {
         const DIGITS: &[u8; 16] = b"0123456789abcdef";
         let mut t = [[0u8; 2]; 256];

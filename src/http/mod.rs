@@ -289,16 +289,13 @@ impl MakeRequestId for RequestIds {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         // `{prefix}-{n:08x}`, without `format!`'s machinery: this runs for
         // every request.
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let digits = (16 - n.leading_zeros() as usize / 4).max(8);
-        let mut id = Vec::with_capacity(self.prefix.len() + 1 + digits);
+        let mut digits = [0u8; 16];
+        crate::trace::hex(&mut digits, n);
+        let width = (16 - n.leading_zeros() as usize / 4).max(8);
+        let mut id = Vec::with_capacity(self.prefix.len() + 1 + width);
         id.extend_from_slice(self.prefix.as_bytes());
         id.push(b'-');
-        id.extend(
-            (0..digits)
-                .rev()
-                .map(|i| HEX[(n >> (4 * i)) as usize & 0xf]),
-        );
+        id.extend_from_slice(&digits[16 - width..]);
         HeaderValue::from_maybe_shared(bytes::Bytes::from(id))
             .ok()
             .map(RequestId::new)
