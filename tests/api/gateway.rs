@@ -966,7 +966,9 @@ async fn answer(
     in_flight: JoinHandle<reqwest::Result<reqwest::Response>>,
     release: &tokio::sync::Barrier,
 ) -> reqwest::Response {
-    release.wait().await;
+    tokio::time::timeout(WAIT, release.wait())
+        .await
+        .expect("the held request never reached the upstream's barrier");
     tokio::time::timeout(WAIT, in_flight)
         .await
         .expect("the held request never finished")
