@@ -99,7 +99,6 @@ for p in "${paths[@]}"; do wrk -t2 -c64 -d2s "${url[$p]}" >/dev/null; done
 for _ in $(seq "$rounds"); do
     for p in "${paths[@]}"; do rows[$p]+="$(run "${url[$p]}" "${pid[$p]}")"$'\n'; done
 done
-median() { sort -k1,1n | awk 'NF {a[++n]=$0} END {print a[int((n+1)/2)]}'; }
 read -r direct_rps direct_p50 direct_p99 direct_wrk direct_users _ < <(median <<<"${rows[direct]}")
 read -r gw_rps gw_p50 gw_p99 gw_wrk gw_users gw_proxy < <(median <<<"${rows[gw]}")
 read -r ngx_rps ngx_p50 ngx_p99 ngx_wrk ngx_users ngx_proxy < <(median <<<"${rows[ngx]}")

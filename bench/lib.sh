@@ -39,6 +39,9 @@ wait_port() {
     return 1
 }
 
+# The median of stdin's lines, ordered by their first field.
+median() { sort -k1,1n | awk 'NF {a[++n]=$0} END {print a[int((n+1)/2)]}'; }
+
 ensure_wrk() {
     command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 }

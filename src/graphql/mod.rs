@@ -4,6 +4,7 @@
 //! codes), WebSocket subscriptions in both `graphql-transport-ws` and the
 //! legacy `graphql-ws` protocol, and GraphiQL served from the binary.
 
+mod documents;
 pub mod error;
 pub mod loaders;
 pub mod schema;
@@ -12,9 +13,8 @@ pub mod ws;
 use std::sync::Arc;
 
 use async_graphql::{
-    Data, Schema, ServerError, ValidationMode,
-    http::ALL_WEBSOCKET_PROTOCOLS,
-    parser::types::{ExecutableDocument, OperationType},
+    Data, Schema, ServerError, ValidationMode, http::ALL_WEBSOCKET_PROTOCOLS,
+    parser::types::OperationType,
 };
 use axum::{
     Router,
@@ -27,6 +27,7 @@ use axum::{
 use serde_json::{Value, json};
 
 use crate::{domain::Domain, http::extract::bearer_token, state::AppState};
+use documents::{Documents, may_skip_rules, missing_variable};
 use loaders::{CommentsByPost, FriendsOf, PostsByAuthor, UserLoader};
 use schema::{Caller, Mutation, Query, Subscription};
 
@@ -124,65 +125,11 @@ pub struct GraphqlState {
     schema: PrismSchema,
     /// The same schema with async-graphql's fast validation: the limits
     /// (depth, complexity) and fragment cycles, not the rules that find
-    /// mistakes. For requests without variables repeating an operation that
-    /// `schema` found valid: its text has not changed, and neither has the
-    /// schema, so those rules would find what they found before. They were
-    /// 31% of the cost of `{ user(id: 1) { id name email } }`.
+    /// mistakes. For repeated requests those rules would answer as before
+    /// (see [`documents`]).
     validated: PrismSchema,
     limits: Limits,
     documents: Arc<Documents>,
-}
-
-/// Parsed query documents by query text. Clients send the same few queries
-/// over and over, and parsing is the largest single cost of a small query;
-/// a parsed document is cloned per request instead. When full the cache
-/// starts over, so unique queries cannot grow it without bound.
-#[derive(Default)]
-struct Documents(parking_lot::RwLock<std::collections::HashMap<Box<str>, Parsed>>);
-
-struct Parsed {
-    doc: ExecutableDocument,
-    /// The operations (by the name the request gave, if any) that passed
-    /// every validation rule in a request without variables.
-    valid: Vec<Option<Box<str>>>,
-}
-
-const DOCUMENT_CACHE: usize = 512;
-
-impl Documents {
-    /// The document, and whether `operation` of it is known to be valid.
-    fn parse(
-        &self,
-        query: &str,
-        operation: Option<&str>,
-    ) -> Result<(ExecutableDocument, bool), async_graphql::parser::Error> {
-        if let Some(p) = self.0.read().get(query) {
-            let valid = p.valid.iter().any(|v| v.as_deref() == operation);
-            return Ok((p.doc.clone(), valid));
-        }
-        let doc = async_graphql::parser::parse_query(query)?;
-        let mut map = self.0.write();
-        if map.len() >= DOCUMENT_CACHE {
-            map.clear();
-        }
-        let parsed = Parsed {
-            doc: doc.clone(),
-            valid: Vec::new(),
-        };
-        map.insert(query.into(), parsed);
-        Ok((doc, false))
-    }
-
-    /// Remembers that `operation` of `query` passed every validation rule.
-    /// An operation name the document does not have never gets here: it is
-    /// refused after validation, and the request fails.
-    fn found_valid(&self, query: &str, operation: Option<&str>) {
-        if let Some(p) = self.0.write().get_mut(query)
-            && !p.valid.iter().any(|v| v.as_deref() == operation)
-        {
-            p.valid.push(operation.map(Into::into));
-        }
-    }
 }
 
 pub fn router(state: AppState, limits: Limits) -> Router {
@@ -320,7 +267,7 @@ async fn execute(
     // Parse first (from the cache when the query was seen before): GET may
     // not run mutations, and a document that does not parse is a request
     // error with no `data`.
-    let (doc, known_valid) = match gs
+    let found = match gs
         .documents
         .parse(&params.query, params.operation_name.as_deref())
     {
@@ -335,7 +282,7 @@ async fn execute(
         }
     };
     if method == Method::GET {
-        let op_is_mutation = doc.operations.iter().any(|(name, op)| {
+        let op_is_mutation = found.doc.operations.iter().any(|(name, op)| {
             let selected = match (&params.operation_name, name) {
                 (Some(want), Some(n)) => want == n.as_str(),
                 (None, _) => true,
@@ -355,7 +302,8 @@ async fn execute(
             return r;
         }
     }
-    if let Some(message) = missing_variable(&doc, params.operation_name.as_deref(), &params) {
+    let given = params.variables.as_ref().and_then(Value::as_object);
+    if let Some(message) = missing_variable(&found.doc, params.operation_name.as_deref(), given) {
         return request_error(media, request_status(media), &message, "BAD_USER_INPUT");
     }
     let caller = caller_from(&gs.app, headers);
@@ -367,19 +315,14 @@ async fn execute(
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         return r;
     }
-    let without_variables = params
-        .variables
-        .as_ref()
-        .is_none_or(|v| v.as_object().is_some_and(serde_json::Map::is_empty));
-    let (schema, remember) = if known_valid && without_variables {
+    let (schema, remember) = if may_skip_rules(&found, given) {
         (&gs.validated, None)
     } else {
-        let first =
-            without_variables.then(|| (params.query.clone(), params.operation_name.clone()));
-        (&gs.schema, first)
+        let first = (params.query.clone(), params.operation_name.clone());
+        (&gs.schema, Some(first))
     };
     let mut req = async_graphql::Request::new(params.query);
-    req.set_parsed_query(doc);
+    req.set_parsed_query(found.doc);
     if let Some(name) = params.operation_name {
         req = req.operation_name(name);
     }
@@ -424,42 +367,6 @@ async fn execute(
     })
     .unwrap_or_else(|_| r#"{"errors":[{"message":"Internal server error"}]}"#.into());
     respond_text(media, StatusCode::OK, body)
-}
-
-/// A required variable (non-null, no default) of the operation to run that
-/// the request does not give. Coercing variables comes before execution
-/// (GraphQL's CoerceVariableValues), so this is a request error;
-/// async-graphql would only notice in the middle of executing, as an
-/// internal error under the field that reads the variable.
-fn missing_variable(
-    doc: &ExecutableDocument,
-    operation_name: Option<&str>,
-    params: &Params,
-) -> Option<String> {
-    let mut selected = doc
-        .operations
-        .iter()
-        .filter(|(name, _)| match operation_name {
-            Some(want) => name.is_some_and(|n| n.as_str() == want),
-            None => true,
-        });
-    let (_, op) = selected.next()?;
-    if selected.next().is_some() {
-        // No single operation: async-graphql says which name is needed.
-        return None;
-    }
-    let given = params.variables.as_ref().and_then(Value::as_object);
-    op.node.variable_definitions.iter().find_map(|v| {
-        let v = &v.node;
-        let name = v.name.node.as_str();
-        let required = !v.var_type.node.nullable && v.default_value.is_none();
-        (required && !given.is_some_and(|g| g.contains_key(name))).then(|| {
-            format!(
-                "Variable \"${name}\" of required type \"{}\" was not provided.",
-                v.var_type.node
-            )
-        })
-    })
 }
 
 fn request_status(media: Media) -> StatusCode {
