@@ -10,9 +10,12 @@
 //! relation for all parents at once (recursively, one query per relation
 //! level) straight into the request's loader caches; the per-item resolvers
 //! then find their values cached, and a nested resolver's own prefetch finds
-//! its keys done ([`Prefetched`]) and costs nothing.
+//! its keys done ([`Loaders`] keeps track) and costs nothing.
 
-use std::collections::HashMap;
+use std::{
+    collections::{HashMap, HashSet},
+    sync::OnceLock,
+};
 
 use async_graphql::{
     Context, Lookahead, Result,
@@ -85,58 +88,107 @@ fn group<T>(keys: &[i64], items: Vec<T>, parent: impl Fn(&T) -> i64) -> HashMap<
     map
 }
 
-/// A request's loaders, with per-request caches.
+/// A loader with a per-request cache.
 pub type Cached<T> = DataLoader<T, HashMapCache>;
 
-pub fn cached<T: Loader<i64>>(loader: T) -> Cached<T> {
-    DataLoader::with_cache(loader, tokio::spawn, HashMapCache::default())
+/// The loaders of one HTTP request (`cache`: each caches for the request) or
+/// of one WebSocket connection (no cache: the connection's loaders serve
+/// every operation and event on it, and a cache would serve later events
+/// stale rows). Either way the caller gets loaders of its own, so batches
+/// never mix callers. Each loader is made when first used: most operations
+/// use one or none, and making and dropping all four for every request was
+/// 7% of the instructions of `{ user(id: 1) { id name email } }`.
+pub struct Loaders {
+    domain: Domain,
+    cache: bool,
+    users: OnceLock<Cached<UserLoader>>,
+    posts_by_author: OnceLock<Cached<PostsByAuthor>>,
+    comments_by_post: OnceLock<Cached<CommentsByPost>>,
+    friends_of: OnceLock<Cached<FriendsOf>>,
+    /// Keys each relation has already been prefetched for, so a nested
+    /// resolver's prefetch skips what an outer one loaded.
+    prefetched: parking_lot::Mutex<HashMap<&'static str, HashSet<i64>>>,
 }
 
-/// Keys each relation has already been prefetched for in this request, so a
-/// nested resolver's prefetch skips what an outer one loaded.
-#[derive(Default)]
-pub struct Prefetched {
-    seen: parking_lot::Mutex<HashMap<&'static str, std::collections::HashSet<i64>>>,
-    /// Off for a WebSocket connection: its data outlives one operation, and a
-    /// cache there would serve later subscription events stale rows.
-    off: bool,
+/// A loader that [`Loaders`] makes on first use.
+pub trait Relation: Loader<i64, Error = async_graphql::Error> + Sized {
+    fn slot(loaders: &Loaders) -> &OnceLock<Cached<Self>>;
+    fn over(domain: Domain) -> Self;
 }
 
-impl Prefetched {
-    pub fn off() -> Self {
-        Prefetched {
-            off: true,
-            ..Default::default()
+macro_rules! relation {
+    ($loader:ident, $slot:ident) => {
+        impl Relation for $loader {
+            fn slot(loaders: &Loaders) -> &OnceLock<Cached<Self>> {
+                &loaders.$slot
+            }
+            fn over(domain: Domain) -> Self {
+                $loader(domain)
+            }
+        }
+    };
+}
+relation!(UserLoader, users);
+relation!(PostsByAuthor, posts_by_author);
+relation!(CommentsByPost, comments_by_post);
+relation!(FriendsOf, friends_of);
+
+impl Loaders {
+    pub fn new(domain: Domain, cache: bool) -> Self {
+        Loaders {
+            domain,
+            cache,
+            users: OnceLock::new(),
+            posts_by_author: OnceLock::new(),
+            comments_by_post: OnceLock::new(),
+            friends_of: OnceLock::new(),
+            prefetched: parking_lot::Mutex::default(),
         }
     }
 
+    pub fn get<T: Relation>(&self) -> &Cached<T> {
+        T::slot(self).get_or_init(|| {
+            let loader = DataLoader::with_cache(
+                T::over(self.domain.clone()),
+                tokio::spawn,
+                HashMapCache::default(),
+            );
+            loader.enable_all_cache(self.cache);
+            loader
+        })
+    }
+
     /// The keys of `ids` not yet prefetched for `relation`, marking them now.
+    /// None without a cache: there is nowhere to put what a prefetch loads.
     fn claim(&self, relation: &'static str, ids: &[i64]) -> Vec<i64> {
-        if self.off {
+        if !self.cache {
             return Vec::new();
         }
-        let mut seen = self.seen.lock();
+        let mut seen = self.prefetched.lock();
         let done = seen.entry(relation).or_default();
         ids.iter().copied().filter(|id| done.insert(*id)).collect()
     }
 }
 
+/// The request's loader of `T`.
+pub fn loader<'a, T: Relation>(ctx: &Context<'a>) -> Result<&'a Cached<T>> {
+    Ok(ctx.data::<Loaders>()?.get::<T>())
+}
+
 /// Calls the loader directly for the keys not prefetched yet and feeds its
 /// answers into the request's cache. Direct, because a DataLoader's own
 /// batching waits out its delay first; these keys are already a full batch.
-async fn prefetch<T>(
+async fn prefetch<T: Relation>(
     ctx: &Context<'_>,
     relation: &'static str,
     ids: &[i64],
-) -> Result<HashMap<i64, T::Value>>
-where
-    T: Loader<i64, Error = async_graphql::Error>,
-{
-    let missing = ctx.data::<Prefetched>()?.claim(relation, ids);
+) -> Result<HashMap<i64, T::Value>> {
+    let loaders = ctx.data::<Loaders>()?;
+    let missing = loaders.claim(relation, ids);
     if missing.is_empty() {
         return Ok(HashMap::new());
     }
-    let loader = ctx.data::<Cached<T>>()?;
+    let loader = loaders.get::<T>();
     let values = loader.loader().load(&missing).await?;
     loader.feed_many(values.clone()).await;
     Ok(values)

@@ -28,7 +28,7 @@ use serde_json::{Value, json};
 
 use crate::{domain::Domain, http::extract::bearer_token, state::AppState};
 use documents::{Documents, may_skip_rules, missing_variable};
-use loaders::{CommentsByPost, FriendsOf, PostsByAuthor, UserLoader};
+use loaders::Loaders;
 use schema::{Caller, Mutation, Query, Subscription};
 
 pub type PrismSchema = Schema<Query, Mutation, Subscription>;
@@ -80,28 +80,12 @@ pub fn sdl() -> String {
     Schema::build(Query, Mutation, Subscription).finish().sdl()
 }
 
-/// The data of one HTTP request (`cache`: loaders cache for the request) or
-/// of one WebSocket connection (no cache: the connection's data serves every
-/// operation and event on it, and a cache would serve later events stale
-/// rows). Either way the caller gets loaders of its own, so batches never mix
-/// callers.
+/// The data of one HTTP request or WebSocket connection: the caller and its
+/// loaders (`cache`: see [`Loaders`]).
 fn operation_data(domain: &Domain, caller: Caller, cache: bool) -> Data {
-    fn add<T: async_graphql::dataloader::Loader<i64>>(data: &mut Data, loader: T, cache: bool) {
-        let loader = loaders::cached(loader);
-        loader.enable_all_cache(cache);
-        data.insert(loader);
-    }
     let mut data = Data::default();
     data.insert(caller);
-    add(&mut data, UserLoader(domain.clone()), cache);
-    add(&mut data, PostsByAuthor(domain.clone()), cache);
-    add(&mut data, CommentsByPost(domain.clone()), cache);
-    add(&mut data, FriendsOf(domain.clone()), cache);
-    data.insert(if cache {
-        loaders::Prefetched::default()
-    } else {
-        loaders::Prefetched::off()
-    });
+    data.insert(Loaders::new(domain.clone(), cache));
     data
 }
 

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     error::{coded, gql_error},
     loaders::{
-        Cached, CommentsByPost, FriendsOf, PostsByAuthor, UserLoader, prefetch_posts,
+        CommentsByPost, FriendsOf, PostsByAuthor, UserLoader, loader, prefetch_posts,
         prefetch_users,
     },
 };
@@ -80,8 +80,7 @@ impl User {
     }
     /// The user's posts, oldest first.
     async fn posts(&self, ctx: &Context<'_>) -> Result<Vec<Post>> {
-        let posts = ctx
-            .data::<Cached<PostsByAuthor>>()?
+        let posts = loader::<PostsByAuthor>(ctx)?
             .load_one(self.0.id)
             .await?
             .unwrap_or_default();
@@ -90,8 +89,7 @@ impl User {
     }
     /// The user's friends.
     async fn friends(&self, ctx: &Context<'_>) -> Result<Vec<User>> {
-        let friends = ctx
-            .data::<Cached<FriendsOf>>()?
+        let friends = loader::<FriendsOf>(ctx)?
             .load_one(self.0.id)
             .await?
             .unwrap_or_default();
@@ -123,16 +121,14 @@ impl Post {
     }
     /// The post's author.
     async fn author(&self, ctx: &Context<'_>) -> Result<Option<User>> {
-        let user = ctx
-            .data::<Cached<UserLoader>>()?
+        let user = loader::<UserLoader>(ctx)?
             .load_one(self.0.author_id)
             .await?;
         Ok(user.map(User))
     }
     /// Comments on the post, oldest first.
     async fn comments(&self, ctx: &Context<'_>) -> Result<Vec<Comment>> {
-        let comments = ctx
-            .data::<Cached<CommentsByPost>>()?
+        let comments = loader::<CommentsByPost>(ctx)?
             .load_one(self.0.id)
             .await?
             .unwrap_or_default();
