@@ -59,6 +59,8 @@ pub struct ConnPool {
     slots: parking_lot::Mutex<Slots>,
     /// Requests refused because every connection was busy and the line full.
     overflowed: AtomicU64,
+    /// Requests whose time to wait ran out in the line.
+    waited_out: AtomicU64,
     reaper: std::sync::Once,
 }
 
@@ -130,6 +132,9 @@ pub enum Trouble {
     /// Every connection to the instance was busy and the line of requests
     /// waiting for one was full.
     Overloaded,
+    /// Every connection to the instance stayed busy until the request's time
+    /// to wait ran out.
+    WaitedOut,
     /// The answer was over [`MAX_ANSWER`].
     TooLarge,
 }
@@ -185,6 +190,7 @@ impl ConnPool {
             },
             slots: parking_lot::Mutex::new(Slots::default()),
             overflowed: AtomicU64::new(0),
+            waited_out: AtomicU64::new(0),
             reaper: std::sync::Once::new(),
         }
     }
@@ -211,23 +217,34 @@ impl ConnPool {
         self.overflowed.load(Ordering::Relaxed)
     }
 
+    /// Requests so far whose time to wait for a connection ran out.
+    pub fn waited_out(&self) -> u64 {
+        self.waited_out.load(Ordering::Relaxed)
+    }
+
     /// Sends `req` (its URI in origin form: path and query, its `Host` header
     /// set by the caller, see [`ConnPool::host`]) and reads the whole answer.
     /// A pooled connection the upstream closed while it was idle is replaced
     /// by a new one without the request having been sent.
+    ///
+    /// When every connection is busy the request waits in line, until
+    /// `wait_until` if given: then it fails with [`Trouble::WaitedOut`],
+    /// unsent. A caller whose own timer ends at the same instant sees this
+    /// error rather than its timer's (a timeout polls its future first), and
+    /// so can tell a request the instance never saw from one it was slow to
+    /// answer.
     pub async fn exchange(
         self: &Arc<Self>,
         mut req: Request<Full<Bytes>>,
+        wait_until: Option<tokio::time::Instant>,
     ) -> Result<Response<Bytes>, ExchangeError> {
         loop {
             let (mut sender, pooled) = match self.checkout()? {
                 Checkout::Pooled(s) => (s, true),
                 Checkout::Open(room) => (self.connect(room).await?, false),
-                Checkout::Wait(handoff) => match handoff.await {
-                    Ok(Handoff::Conn(s)) => (s, true),
-                    Ok(Handoff::Room(room)) => (self.connect(room).await?, false),
-                    // The pool drops waiters only with itself.
-                    Err(_) => return Err(ExchangeError::new("the connection pool closed")),
+                Checkout::Wait(handoff) => match self.wait(handoff, wait_until).await? {
+                    Handoff::Conn(s) => (s, true),
+                    Handoff::Room(room) => (self.connect(room).await?, false),
                 },
             };
             let resp = match sender.try_send_request(req).await {
@@ -247,6 +264,28 @@ impl ConnPool {
             self.checkin(sender);
             return Ok(Response::from_parts(parts, body));
         }
+    }
+
+    async fn wait(
+        &self,
+        handoff: oneshot::Receiver<Handoff>,
+        until: Option<tokio::time::Instant>,
+    ) -> Result<Handoff, ExchangeError> {
+        let handed = match until {
+            None => handoff.await,
+            Some(until) => tokio::time::timeout_at(until, handoff).await.map_err(|_| {
+                self.waited_out.fetch_add(1, Ordering::Relaxed);
+                ExchangeError {
+                    message: format!(
+                        "every connection to {} stayed busy while the request waited",
+                        self.authority
+                    ),
+                    trouble: Trouble::WaitedOut,
+                }
+            })?,
+        };
+        // The pool drops waiters only with itself.
+        handed.map_err(|_| ExchangeError::new("the connection pool closed"))
     }
 
     fn checkout(self: &Arc<Self>) -> Result<Checkout, ExchangeError> {
@@ -645,7 +684,7 @@ mod tests {
         let pool = limited(&server.url, 1, 1);
         let exchanges = started(&pool, 2);
         next(&mut server.arrived, "a request").await;
-        let e = tokio::time::timeout(Duration::from_secs(5), pool.exchange(get("/over")))
+        let e = tokio::time::timeout(Duration::from_secs(5), pool.exchange(get("/over"), None))
             .await
             .expect("the request waited")
             .unwrap_err();
@@ -666,7 +705,8 @@ mod tests {
         let first = started(&pool, 1);
         next(&mut server.arrived, "a request").await;
         let gave_up =
-            tokio::time::timeout(Duration::from_millis(50), pool.exchange(get("/late"))).await;
+            tokio::time::timeout(Duration::from_millis(50), pool.exchange(get("/late"), None))
+                .await;
         assert!(
             gave_up.is_err(),
             "it was answered while the only connection was busy"
@@ -678,6 +718,32 @@ mod tests {
         all_answered(first).await;
         all_answered(next_in_line).await;
         assert_eq!(server.accepted(), 1);
+    }
+
+    /// A request given a time to wait says so when it runs out, unsent, even
+    /// to a caller whose own timer ends at the same instant: the gateway's
+    /// try does, and must not blame the instance for it.
+    #[tokio::test]
+    async fn a_request_out_of_time_to_wait_says_it_was_never_sent() {
+        let mut server = held(false).await;
+        let pool = limited(&server.url, 1, 1);
+        let first = started(&pool, 1);
+        next(&mut server.arrived, "a request").await;
+        let until = tokio::time::Instant::now() + Duration::from_millis(50);
+        let waited = tokio::time::timeout_at(until, pool.exchange(get("/late"), Some(until)))
+            .await
+            .expect("the caller's timer ended the exchange before the pool did")
+            .unwrap_err();
+        assert_eq!(waited.trouble, Trouble::WaitedOut, "{waited:?}");
+        assert!(waited.message.contains("stayed busy"), "{waited:?}");
+        assert_eq!((pool.waited_out(), pool.overflowed()), (1, 0));
+        server.go.add_permits(1);
+        all_answered(first).await;
+        assert!(
+            server.arrived.try_recv().is_err(),
+            "the request that waited out its time reached the server"
+        );
+        assert_eq!(pool.pending(), 0);
     }
 
     /// When a connection closes, the first waiting request opens one in its
@@ -735,7 +801,7 @@ mod tests {
 
     /// The answer to a GET of `path`, which must come within five seconds.
     async fn answered(pool: &Arc<ConnPool>, path: &str) -> Response<Bytes> {
-        tokio::time::timeout(Duration::from_secs(5), pool.exchange(get(path)))
+        tokio::time::timeout(Duration::from_secs(5), pool.exchange(get(path), None))
             .await
             .expect("the exchange hung")
             .unwrap()
@@ -746,7 +812,7 @@ mod tests {
         let (url, mut accepted, mut closed) = server("hello", None).await;
         let pool = pool(&url, Duration::from_millis(100));
         for _ in 0..3 {
-            let r = pool.exchange(get("/x")).await.unwrap();
+            let r = pool.exchange(get("/x"), None).await.unwrap();
             assert_eq!(r.status(), 200);
             assert_eq!(r.body().as_ref(), b"hello");
         }
@@ -764,7 +830,7 @@ mod tests {
         let (url, mut accepted, mut closed) = server("again", Some(hang_up.clone())).await;
         let pool = pool(&url, Duration::from_secs(60));
         for _ in 0..3 {
-            let r = pool.exchange(get("/y")).await.unwrap();
+            let r = pool.exchange(get("/y"), None).await.unwrap();
             assert_eq!(r.body().as_ref(), b"again");
             // The connection is back in the pool; now the upstream closes it.
             assert_eq!(pool.idle_count(), 1);
@@ -790,7 +856,7 @@ mod tests {
         });
         let e = tokio::time::timeout(
             Duration::from_secs(5),
-            pool(&url, Duration::from_secs(60)).exchange(get("/z")),
+            pool(&url, Duration::from_secs(60)).exchange(get("/z"), None),
         )
         .await
         .expect("the exchange hung")
@@ -861,7 +927,7 @@ mod tests {
         });
         let pool = pool(&url, Duration::from_secs(60));
         for _ in 0..2 {
-            let e = tokio::time::timeout(Duration::from_secs(10), pool.exchange(get("/big")))
+            let e = tokio::time::timeout(Duration::from_secs(10), pool.exchange(get("/big"), None))
                 .await
                 .expect("the exchange hung")
                 .unwrap_err();
@@ -878,7 +944,7 @@ mod tests {
         // With room for one connection: a failed attempt must give it back.
         let pool = limited(&url, 1, 0);
         for _ in 0..2 {
-            let e = pool.exchange(get("/x")).await.unwrap_err();
+            let e = pool.exchange(get("/x"), None).await.unwrap_err();
             assert!(e.message.contains("cannot connect"), "{e:?}");
             assert_eq!(
                 e.trouble,
@@ -934,8 +1000,11 @@ mod tests {
             std::future::pending::<()>().await;
         });
         let pool = pool(&url, Duration::from_secs(60));
-        let abandoned =
-            tokio::time::timeout(Duration::from_millis(100), pool.exchange(get("/slow"))).await;
+        let abandoned = tokio::time::timeout(
+            Duration::from_millis(100),
+            pool.exchange(get("/slow"), None),
+        )
+        .await;
         assert!(abandoned.is_err(), "the silent upstream answered");
         next(&mut closed, "closing the abandoned connection").await;
         let r = answered(&pool, "/next").await;

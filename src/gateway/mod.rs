@@ -384,6 +384,9 @@ fn failed(service: &str, f: &Failure) -> Response {
     let text = match f {
         Failure::CircuitOpen => format!("{service} service unavailable (circuit open)"),
         Failure::Timeout | Failure::DeadlineExceeded => format!("{service} service timed out"),
+        Failure::WaitedOut(_) => {
+            format!("{service} service busy: no connection free in time, try again")
+        }
         Failure::Local(_) => "gateway overloaded: out of connections, try again".to_owned(),
         Failure::Busy(_) => format!("{service} service busy: too many requests waiting, try again"),
         Failure::BadAnswer(_) => format!("{service} service answer too large"),
@@ -530,7 +533,7 @@ where
     Fut: std::future::Future<Output = Result<T, tonic::Status>>,
 {
     g.products
-        .call(ctx, true, |instance, timeout| {
+        .call(ctx, true, |instance, timeout, _| {
             let channel = instance.channel();
             let call = &call;
             async move {

@@ -145,7 +145,7 @@ async fn fetch_user(
     }
     // The time covers waiting for a connection too: at most
     // `users_max_connections` are open, and a burst waits its turn for them.
-    let answer = match tokio::time::timeout(left, ctx.users.exchange(req)).await {
+    let answer = match tokio::time::timeout(left, ctx.users.exchange(req, None)).await {
         Ok(Ok(answer)) => answer,
         Ok(Err(e)) => return Err(unavailable(&e.message)),
         Err(_) => return Err(unavailable(&"timed out")),

@@ -1322,6 +1322,7 @@ async fn a_busy_instance_gets_no_more_connections_than_allowed() {
     gw.assert_metrics(&[
         series("upstream_connections", 1),
         series("upstream_overflow_total", 1),
+        series("upstream_waited_out_total", 0),
     ])
     .await;
     // The first answer frees the connection for the second request, which
