@@ -696,14 +696,25 @@ mod tests {
         assert_eq!(server.accepted(), 1);
     }
 
-    /// A request that gave up waiting (its try's time ran out) keeps no
-    /// place in line, and the connection it waited for serves the next one.
-    #[tokio::test]
-    async fn a_request_that_stops_waiting_leaves_the_line() {
+    /// A pool of one connection to a held server, and the exchange that
+    /// keeps that connection busy, already at the server.
+    async fn one_connection_busy() -> (
+        Held,
+        Arc<ConnPool>,
+        Vec<tokio::task::JoinHandle<Response<Bytes>>>,
+    ) {
         let mut server = held(false).await;
         let pool = limited(&server.url, 1, 1);
         let first = started(&pool, 1);
         next(&mut server.arrived, "a request").await;
+        (server, pool, first)
+    }
+
+    /// A request that gave up waiting (its try's time ran out) keeps no
+    /// place in line, and the connection it waited for serves the next one.
+    #[tokio::test]
+    async fn a_request_that_stops_waiting_leaves_the_line() {
+        let (server, pool, first) = one_connection_busy().await;
         let gave_up =
             tokio::time::timeout(Duration::from_millis(50), pool.exchange(get("/late"), None))
                 .await;
@@ -725,10 +736,7 @@ mod tests {
     /// try does, and must not blame the instance for it.
     #[tokio::test]
     async fn a_request_out_of_time_to_wait_says_it_was_never_sent() {
-        let mut server = held(false).await;
-        let pool = limited(&server.url, 1, 1);
-        let first = started(&pool, 1);
-        next(&mut server.arrived, "a request").await;
+        let (mut server, pool, first) = one_connection_busy().await;
         let until = tokio::time::Instant::now() + Duration::from_millis(50);
         let waited = tokio::time::timeout_at(until, pool.exchange(get("/late"), Some(until)))
             .await
