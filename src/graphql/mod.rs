@@ -302,8 +302,11 @@ async fn execute(
     let (schema, remember) = if may_skip_rules(&found, given) {
         (&gs.validated, None)
     } else {
-        let first = (params.query.clone(), params.operation_name.clone());
-        (&gs.schema, Some(first))
+        // Only a first pass is worth remembering: a known-valid operation
+        // whose variables need every rule would otherwise copy its query and
+        // take the cache's write lock on every request.
+        let first = (!found.valid).then(|| (params.query.clone(), params.operation_name.clone()));
+        (&gs.schema, first)
     };
     let mut req = async_graphql::Request::new(params.query);
     req.set_parsed_query(found.doc);
