@@ -8,6 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
 ensure_wrk
+# The last phase gives each proxy a core of its own.
+[ "$(nproc)" -ge 2 ] || { echo "bench/gateway.sh needs at least two cores" >&2; exit 1; }
 command -v nginx >/dev/null || { apt-get update -qq && apt-get install -y -qq nginx-light || apt-get install -y -qq nginx; }
 cargo build --release --quiet --bin prism --example bare_proxy
 target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys;print(json.load(sys.stdin)["target_directory"])')
@@ -74,7 +76,7 @@ print(out, end=""); print(f"wrk-cpu {r.ru_utime + r.ru_stime:.2f}")' "$@"; }
 run() {
     local u0 p0=0 p1=0
     u0=$(cpu "$users_pid"); [ -n "$2" ] && p0=$(cpu "$2")
-    local out; out=$(wrk_cpu wrk -t2 -c64 -d"$duration" --latency "$1")
+    local out; out=$(wrk_cpu "${wrk_cmd[@]}" -t2 -c64 -d"$duration" --latency "$1")
     local u1; u1=$(cpu "$users_pid"); [ -n "$2" ] && p1=$(cpu "$2")
     awk -v users="$(awk "BEGIN {print $u1 - $u0}")" -v proxy="$(awk "BEGIN {print $p1 - $p0}")" '
         /Requests\/sec/ {rps=$2}
@@ -84,6 +86,7 @@ run() {
         /^wrk-cpu/ {w=$2}
         END {printf "%s %s %s %.1f %.1f %.1f\n", rps, p50, p99, 1e6*w/n, 1e6*users/n, 1e6*proxy/n}' <<<"$out"
 }
+wrk_cmd=(wrk)
 nginx_worker=$(pgrep -P "$(cat "$work/nginx.pid")")
 paths=(direct gw ngx bare)
 declare -A url=(
@@ -129,6 +132,32 @@ read -r bare_a50 bare_a99 < <(alone http://127.0.0.1:18090/api/users/1)
 pct() { python3 -c "print(f'{100*$1/$2:.0f}')"; }
 added() { python3 -c "print(f'{$1 - $2:+.0f}')"; }
 
+# The same paths with each proxy on a core of its own, as on a machine of its
+# own: wrk and the users service on CPU 0, the proxy on CPU 1. Every path,
+# the direct one included, then has the same CPU for wrk and the service, so
+# "vs direct" is what the proxy in between costs them, and the proxy column is
+# its CPU per request measured without wrk or the service on its core.
+declare -A own=()
+taskset -a -p -c 0 "$users_pid" >/dev/null
+for p in gw ngx bare; do taskset -a -p -c 1 "${pid[$p]}" >/dev/null; done
+wrk_cmd=(taskset -c 0 wrk)
+for p in "${paths[@]}"; do "${wrk_cmd[@]}" -t2 -c64 -d2s "${url[$p]}" >/dev/null; done
+for _ in $(seq "$rounds"); do
+    for p in "${paths[@]}"; do own[$p]+="$(run "${url[$p]}" "${pid[$p]}")"$'\n'; done
+done
+read -r odirect_rps odirect_p50 odirect_p99 odirect_wrk odirect_users _ < <(median <<<"${own[direct]}")
+read -r ogw_rps ogw_p50 ogw_p99 ogw_wrk ogw_users ogw_proxy < <(median <<<"${own[gw]}")
+read -r ongx_rps ongx_p50 ongx_p99 ongx_wrk ongx_users ongx_proxy < <(median <<<"${own[ngx]}")
+read -r obare_rps obare_p50 obare_p99 obare_wrk obare_users obare_proxy < <(median <<<"${own[bare]}")
+# The proxy's CPU per request over nginx's, round by round (lowest, median, highest).
+cpu_ratios() {
+    paste -d' ' <(awk 'NF {print $6}' <<<"${own[$1]}") <(awk 'NF {print $6}' <<<"${own[ngx]}") |
+        awk '{printf "%.0f\n", 100 * $1 / $2}' | sort -n |
+        awk '{a[++n]=$0} END {printf "%s%%, %s%% and %s%%", a[1], a[int((n+1)/2)], a[n]}'
+}
+gw_cpu_vs_ngx=$(cpu_ratios gw)
+bare_cpu_vs_ngx=$(cpu_ratios bare)
+
 write_section gateway <<MD
 ## Gateway: \`GET /api/users/1\`
 
@@ -164,6 +193,22 @@ difference to the direct row is what the proxy adds to one request.
 | nginx reverse proxy | $ngx_a50 | $ngx_a99 | $(added "$ngx_a50" "$direct_a50") |
 | bare hyper proxy (floor) | $bare_a50 | $bare_a99 | $(added "$bare_a50" "$direct_a50") |
 
+With each proxy on a core of its own (\`taskset\`: wrk and the users service on CPU 0, the
+proxy on CPU 1, as if on a machine of its own), $rounds rounds of $duration per path, the paths
+taking turns, median rounds. The direct row has the same CPU 0 for wrk and the service, so
+"vs direct" is what putting the proxy in between costs the path; the proxy column is its CPU
+per request with its core to itself.
+
+| path | requests/s | p50 | p99 | vs direct | CPU µs/request: wrk | users service | proxy |
+|---|---:|---:|---:|---:|---:|---:|---:|
+| users service directly | $odirect_rps | $odirect_p50 | $odirect_p99 | 100% | $odirect_wrk | $odirect_users | – |
+| \`prism gateway\` | $ogw_rps | $ogw_p50 | $ogw_p99 | $(pct "$ogw_rps" "$odirect_rps")% | $ogw_wrk | $ogw_users | $ogw_proxy |
+| nginx reverse proxy | $ongx_rps | $ongx_p50 | $ongx_p99 | $(pct "$ongx_rps" "$odirect_rps")% | $ongx_wrk | $ongx_users | $ongx_proxy |
+| bare hyper proxy (floor) | $obare_rps | $obare_p50 | $obare_p99 | $(pct "$obare_rps" "$odirect_rps")% | $obare_wrk | $obare_users | $obare_proxy |
+
+Round by round, the gateway's CPU per request was (lowest, median, highest) $gw_cpu_vs_ngx of
+nginx's; the bare proxy's $bare_cpu_vs_ngx.
+
 Under load (the first table) p50 is mostly queueing: with 64 connections kept busy,
 p50 ≈ 64 / throughput, so it follows the throughput.
 
@@ -173,3 +218,4 @@ requests served. Two cores give at most 2,000,000 µs of CPU per second, so a pa
 extra loopback round trips (four syscalls), which no proxy on the same cores can avoid.
 MD
 echo "direct $direct_rps; gateway $gw_rps; nginx $ngx_rps; bare $bare_rps; gateway/nginx by round $gw_vs_ngx, bare/nginx $bare_vs_ngx; one connection p50 µs: $direct_a50 / $gw_a50 / $ngx_a50 / $bare_a50"
+echo "own core: direct $odirect_rps; gateway $ogw_rps ($ogw_proxy µs); nginx $ongx_rps ($ongx_proxy µs); bare $obare_rps ($obare_proxy µs); gateway/nginx CPU by round $gw_cpu_vs_ngx"
