@@ -18,7 +18,7 @@ rounds=${ROUNDS:-5}
 work=$(mktemp -d)
 # Under `set -e` a failing command in the trap would end the script with its
 # status: nginx may already have gone with the jobs, and its pid file with it.
-trap 'kill $(jobs -p) 2>/dev/null || true; if [ -f "$work/nginx.pid" ]; then kill "$(cat "$work/nginx.pid" 2>/dev/null)" 2>/dev/null || true; fi; rm -rf "$work"' EXIT
+trap 'kill $(jobs -p) 2>/dev/null || true; for f in "$work"/nginx*.pid; do if [ -f "$f" ]; then kill "$(cat "$f" 2>/dev/null)" 2>/dev/null || true; fi; done; rm -rf "$work"' EXIT
 
 "$target/release/prism" users-service --demo --data-dir "$work/users" --port 18001 --log-level warn &
 users_pid=$!
@@ -65,8 +65,14 @@ wait_port 18080
 bare_pid=$!
 wait_port 18090
 
-# CPU seconds (user + system) a process has used so far.
-cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$1/stat"; }
+# CPU seconds (user + system) the processes (pids, space-separated) have used so far.
+cpu() {
+    local p s=0
+    for p in $1; do
+        s=$(awk -v hz="$(getconf CLK_TCK)" -v s="$s" '{printf "%.2f", s + ($14 + $15) / hz}' "/proc/$p/stat")
+    done
+    echo "$s"
+}
 # wrk's own CPU seconds, from the resource usage of its finished run.
 wrk_cpu() { python3 -c 'import resource,subprocess,sys
 out = subprocess.run(sys.argv[1:], capture_output=True, text=True).stdout
@@ -132,6 +138,35 @@ read -r bare_a50 bare_a99 < <(alone http://127.0.0.1:18090/api/users/1)
 pct() { python3 -c "print(f'{100*$1/$2:.0f}')"; }
 added() { python3 -c "print(f'{$1 - $2:+.0f}')"; }
 
+# Each proxy as it runs by default, a worker per core: the gateway without
+# --worker-threads, nginx with `worker_processes auto`.
+"$target/release/prism" gateway --registry "$work/registry.toml" --data-dir "$work/gateway-all" --port 18100 \
+    --log-level warn &
+gateway_all_pid=$!
+sed -e 's/^worker_processes 1;/worker_processes auto;/' -e "s#^pid .*#pid $work/nginx-all.pid;#" \
+    -e 's/listen 127.0.0.1:18080;/listen 127.0.0.1:18180;/' "$work/nginx.conf" >"$work/nginx-all.conf"
+nginx -c "$work/nginx-all.conf" -p "$work" &
+wait_port 18100
+wait_port 18180
+every=(direct gw ngx)
+declare -A every_url=(
+    [direct]=http://127.0.0.1:18001/users/1 [gw]=http://127.0.0.1:18100/api/users/1
+    [ngx]=http://127.0.0.1:18180/api/users/1
+)
+declare -A every_pid=([direct]="" [gw]=$gateway_all_pid [ngx]="$(pgrep -P "$(cat "$work/nginx-all.pid")" | tr '\n' ' ')")
+declare -A all=()
+for p in "${every[@]}"; do wrk -t2 -c64 -d2s "${every_url[$p]}" >/dev/null; done
+for _ in $(seq "$rounds"); do
+    for p in "${every[@]}"; do all[$p]+="$(run "${every_url[$p]}" "${every_pid[$p]}")"$'\n'; done
+done
+kill "$gateway_all_pid" "$(cat "$work/nginx-all.pid")"
+read -r adirect_rps adirect_p50 adirect_p99 adirect_wrk adirect_users _ < <(median <<<"${all[direct]}")
+read -r agw_rps agw_p50 agw_p99 agw_wrk agw_users agw_proxy < <(median <<<"${all[gw]}")
+read -r angx_rps angx_p50 angx_p99 angx_wrk angx_users angx_proxy < <(median <<<"${all[ngx]}")
+gw_all_vs_ngx=$(paste -d' ' <(awk 'NF {print $1}' <<<"${all[gw]}") <(awk 'NF {print $1}' <<<"${all[ngx]}") |
+    awk '{printf "%.0f\n", 100 * $1 / $2}' | sort -n |
+    awk '{a[++n]=$0} END {printf "%s%%, %s%% and %s%%", a[1], a[int((n+1)/2)], a[n]}')
+
 # The same paths with each proxy on a core of its own, as on a machine of its
 # own: wrk and the users service on CPU 0, the proxy on CPU 1. Every path,
 # the direct one included, then has the same CPU for wrk and the service, so
@@ -193,6 +228,18 @@ difference to the direct row is what the proxy adds to one request.
 | nginx reverse proxy | $ngx_a50 | $ngx_a99 | $(added "$ngx_a50" "$direct_a50") |
 | bare hyper proxy (floor) | $bare_a50 | $bare_a99 | $(added "$bare_a50" "$direct_a50") |
 
+Each proxy as it runs by default, a worker per core (the gateway without \`--worker-threads\`:
+$(nproc) workers, each a thread of its own; nginx with \`worker_processes auto\`), $rounds rounds of
+$duration per path, the paths taking turns, median rounds:
+
+| path | requests/s | p50 | p99 | vs direct | CPU µs/request: wrk | users service | proxy |
+|---|---:|---:|---:|---:|---:|---:|---:|
+| users service directly | $adirect_rps | $adirect_p50 | $adirect_p99 | 100% | $adirect_wrk | $adirect_users | – |
+| \`prism gateway\` | $agw_rps | $agw_p50 | $agw_p99 | $(pct "$agw_rps" "$adirect_rps")% | $agw_wrk | $agw_users | $agw_proxy |
+| nginx reverse proxy | $angx_rps | $angx_p50 | $angx_p99 | $(pct "$angx_rps" "$adirect_rps")% | $angx_wrk | $angx_users | $angx_proxy |
+
+Round by round, the gateway's throughput was (lowest, median, highest) $gw_all_vs_ngx of nginx's.
+
 With each proxy on a core of its own (\`taskset\`: wrk and the users service on CPU 0, the
 proxy on CPU 1, as if on a machine of its own), $rounds rounds of $duration per path, the paths
 taking turns, median rounds. The direct row has the same CPU 0 for wrk and the service, so
@@ -218,4 +265,5 @@ requests served. Two cores give at most 2,000,000 µs of CPU per second, so a pa
 extra loopback round trips (four syscalls), which no proxy on the same cores can avoid.
 MD
 echo "direct $direct_rps; gateway $gw_rps; nginx $ngx_rps; bare $bare_rps; gateway/nginx by round $gw_vs_ngx, bare/nginx $bare_vs_ngx; one connection p50 µs: $direct_a50 / $gw_a50 / $ngx_a50 / $bare_a50"
+echo "a worker per core: direct $adirect_rps; gateway $agw_rps ($agw_proxy µs); nginx $angx_rps ($angx_proxy µs); gateway/nginx by round $gw_all_vs_ngx"
 echo "own core: direct $odirect_rps; gateway $ogw_rps ($ogw_proxy µs); nginx $ongx_rps ($ongx_proxy µs); bare $obare_rps ($obare_proxy µs); gateway/nginx CPU by round $gw_cpu_vs_ngx"

@@ -70,13 +70,20 @@ impl Args {
     }
 }
 
-fn run(config: Config, f: impl AsyncFnOnce(Config) -> anyhow::Result<()>) -> anyhow::Result<()> {
+/// Runs `f` on a runtime with `config.worker_threads` threads, or on this
+/// thread alone when `alone` (the gateway starts its other workers itself).
+fn run(
+    config: Config,
+    alone: bool,
+    f: impl AsyncFnOnce(Config) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     prism::telemetry::init(config.log_format, &config.log_level);
     raise_open_file_limit();
     // One worker means one thread: the current-thread scheduler skips the
     // work-stealing machinery (and its cross-thread atomics) that has nobody
     // to steal from.
     let mut runtime = match config.worker_threads {
+        _ if alone => tokio::runtime::Builder::new_current_thread(),
         Some(1) => tokio::runtime::Builder::new_current_thread(),
         Some(n) => {
             let mut b = tokio::runtime::Builder::new_multi_thread();
@@ -100,7 +107,7 @@ fn raise_open_file_limit() {
 }
 
 fn service(role: Role, config: Config) -> anyhow::Result<()> {
-    run(config, async move |config| {
+    run(config, false, async move |config| {
         // Before anything else: a signal during start-up is then a graceful stop.
         let stop = prism::app::shutdown_signal();
         let app = App::build_as(role, config).await?;
@@ -116,7 +123,7 @@ fn main() -> anyhow::Result<()> {
         Command::ProductsService(args) => service(Role::Products, args.resolve(0, 50052)?),
         Command::Gateway(args) => {
             let config = args.resolve(8000, 0)?;
-            run(config, async move |config| {
+            run(config, true, async move |config| {
                 let stop = prism::app::shutdown_signal();
                 let registry = match &config.registry {
                     Some(path) => Registry::from_file(path)?,
@@ -128,7 +135,9 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Up(args) => {
             let config = args.resolve(8000, 50052)?;
-            run(config, async move |config| prism::up::run(config).await)
+            run(config, false, async move |config| {
+                prism::up::run(config).await
+            })
         }
         Command::Schema => {
             print!("{}", prism::graphql::sdl());

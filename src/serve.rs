@@ -49,6 +49,39 @@ const BACKLOG: u32 = 4096;
 /// A listener on `addr` (`host:port`, the first of its addresses that can be
 /// bound), as `TcpListener::bind` makes one but with [`BACKLOG`].
 pub async fn bind(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
+    bind_with(addr, false).await
+}
+
+/// A listener on `addr` as [`bind`] makes one, and `more` others on the
+/// address it got (its port, when `addr` asked for any): each thread of a
+/// server whose threads run alone accepts on its own, and the kernel spreads
+/// new connections over them (`SO_REUSEPORT`). The others are made here, not
+/// on their threads, so that all are listening before any is served.
+pub async fn bind_shared(
+    addr: &str,
+    more: usize,
+) -> std::io::Result<(tokio::net::TcpListener, Vec<std::net::TcpListener>)> {
+    let first = bind_with(addr, more > 0).await?;
+    let at = first.local_addr()?;
+    let others = (0..more)
+        .map(|_| {
+            let socket = socket2::Socket::new(
+                socket2::Domain::for_address(at),
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )?;
+            socket.set_reuse_address(true)?;
+            socket.set_reuse_port(true)?;
+            socket.set_nonblocking(true)?;
+            socket.bind(&at.into())?;
+            socket.listen(i32::try_from(BACKLOG).unwrap_or(i32::MAX))?;
+            Ok(socket.into())
+        })
+        .collect::<std::io::Result<_>>()?;
+    Ok((first, others))
+}
+
+async fn bind_with(addr: &str, reuse_port: bool) -> std::io::Result<tokio::net::TcpListener> {
     let mut last = None;
     for a in tokio::net::lookup_host(addr).await? {
         let socket = match a {
@@ -58,6 +91,9 @@ pub async fn bind(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
         // As tokio's own bind does, so a restart can reuse a port whose old
         // connections are still in TIME_WAIT.
         socket.set_reuseaddr(true)?;
+        if reuse_port {
+            socket.set_reuseport(true)?;
+        }
         match socket.bind(a).and_then(|()| socket.listen(BACKLOG)) {
             Ok(l) => return Ok(l),
             Err(e) => last = Some(e),

@@ -155,8 +155,11 @@ pub struct Instance {
     /// Failed tries by [`Failure::kind`] (for `/metrics`).
     failures: [AtomicU64; FAILURE_KINDS.len()],
     grpc: std::sync::OnceLock<tonic::transport::Channel>,
-    /// Keep-alive HTTP/1.1 connections, for HTTP services.
-    pool: Arc<ConnPool>,
+    /// Keep-alive HTTP/1.1 connections, for HTTP services: one pool for each
+    /// of the gateway's workers, so that a request and the connection it
+    /// goes out on are served by the same thread (one worker's request on
+    /// another's connection would wake that thread, twice per request).
+    pools: Box<[Arc<ConnPool>]>,
     /// What every HTTP request to this instance starts from: its `Host`,
     /// the per-call headers with placeholder values, and the usual
     /// `x-request-timeout-ms`. A clone copies the table whole, where
@@ -165,9 +168,32 @@ pub struct Instance {
     headers: HeaderMap,
 }
 
+thread_local! {
+    /// Which of the gateway's workers this thread is (0 for any thread that
+    /// is not one of the others: the main one, a test's).
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks this thread as the gateway's worker `n`: its requests go out on
+/// that worker's connections.
+pub fn set_worker(n: usize) {
+    WORKER.set(n);
+}
+
 impl Instance {
     pub fn healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// This worker's connections to the instance.
+    fn pool(&self) -> &Arc<ConnPool> {
+        let n = WORKER.get();
+        self.pools.get(n).unwrap_or(&self.pools[0])
+    }
+
+    /// A count summed over every worker's connections to the instance.
+    fn pools_total(&self, count: impl Fn(&ConnPool) -> u64) -> u64 {
+        self.pools.iter().map(|p| count(p)).sum()
     }
 
     /// A lazily connected gRPC channel to this instance.
@@ -209,20 +235,37 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(name: &str, spec: ServiceSpec, grpc: bool, http: reqwest::Client) -> Self {
+    /// `workers`: how many of the gateway's workers call the instances, each
+    /// on connections of its own; the limits on connections and on requests
+    /// waiting for one are shared out evenly among them.
+    pub fn new(
+        name: &str,
+        spec: ServiceSpec,
+        grpc: bool,
+        http: reqwest::Client,
+        workers: usize,
+    ) -> Self {
+        let workers = workers.max(1);
+        let limits = pool::Limits {
+            connections: spec.max_connections.div_ceil(workers),
+            waiting: spec
+                .max_pending_requests
+                .map_or(usize::MAX, |n| n.div_ceil(workers)),
+        };
         let instances = spec
             .instances
             .iter()
             .map(|url| {
-                let pool = ConnPool::new(
-                    url,
-                    Duration::from_secs(1),
-                    Duration::from_millis(spec.idle_timeout_ms),
-                    pool::Limits {
-                        connections: spec.max_connections,
-                        waiting: spec.max_pending_requests.unwrap_or(usize::MAX),
-                    },
-                );
+                let pools: Box<[Arc<ConnPool>]> = (0..workers)
+                    .map(|_| {
+                        Arc::new(ConnPool::new(
+                            url,
+                            Duration::from_secs(1),
+                            Duration::from_millis(spec.idle_timeout_ms),
+                            limits,
+                        ))
+                    })
+                    .collect();
                 Arc::new(Instance {
                     url: url.trim_end_matches('/').to_owned(),
                     // Optimistic until the first check: a fresh gateway serves at once.
@@ -231,8 +274,8 @@ impl Upstream {
                     tries: AtomicU64::new(0),
                     failures: Default::default(),
                     grpc: std::sync::OnceLock::new(),
-                    headers: request_headers(pool.host(), spec.timeout_ms),
-                    pool: Arc::new(pool),
+                    headers: request_headers(pools[0].host(), spec.timeout_ms),
+                    pools,
                 })
             })
             .collect();
@@ -425,7 +468,7 @@ impl Upstream {
             }
             async move {
                 let resp = instance
-                    .pool
+                    .pool()
                     .exchange(req, Some(until))
                     .await
                     .map_err(|e| match e.trouble {
@@ -601,7 +644,11 @@ impl prometheus_client::collector::Collector for UpstreamMetrics {
                 "HTTP connections open to each instance.",
                 Gauge,
             ),
-            |i| ConstGauge::new(i64::try_from(i.pool.open()).unwrap_or(i64::MAX)),
+            |i| {
+                ConstGauge::new(
+                    i64::try_from(i.pools_total(|p| p.open() as u64)).unwrap_or(i64::MAX),
+                )
+            },
         )?;
         per_instance(
             &mut encoder,
@@ -611,7 +658,11 @@ impl prometheus_client::collector::Collector for UpstreamMetrics {
                 "Requests waiting for a connection to each instance, every one being busy.",
                 Gauge,
             ),
-            |i| ConstGauge::new(i64::try_from(i.pool.pending()).unwrap_or(i64::MAX)),
+            |i| {
+                ConstGauge::new(
+                    i64::try_from(i.pools_total(|p| p.pending() as u64)).unwrap_or(i64::MAX),
+                )
+            },
         )?;
         per_instance(
             &mut encoder,
@@ -621,7 +672,7 @@ impl prometheus_client::collector::Collector for UpstreamMetrics {
                 "Requests refused at once: every connection to the instance was busy and the line waiting for one full.",
                 Counter,
             ),
-            |i| ConstCounter::new(i.pool.overflowed()),
+            |i| ConstCounter::new(i.pools_total(ConnPool::overflowed)),
         )?;
         per_instance(
             &mut encoder,
@@ -631,7 +682,7 @@ impl prometheus_client::collector::Collector for UpstreamMetrics {
                 "Requests whose try's time ran out waiting for a connection to the instance, every one staying busy: never sent.",
                 Counter,
             ),
-            |i| ConstCounter::new(i.pool.waited_out()),
+            |i| ConstCounter::new(i.pools_total(ConnPool::waited_out)),
         )?;
         let mut family = encoder.encode_descriptor(
             "upstream_failures",
@@ -763,11 +814,11 @@ mod tests {
         spec.failures_to_open = 1;
         spec.open_ms = 600_000;
         spec.max_connections = 1;
-        let up = Upstream::new("users", spec, false, reqwest::Client::new());
+        let up = Upstream::new("users", spec, false, reqwest::Client::new(), 1);
         let instance = up.instances[0].clone();
         instance.healthy.store(true, Ordering::Relaxed);
         // Another request holds the only connection for as long as it likes.
-        let pool = instance.pool.clone();
+        let pool = instance.pool().clone();
         let holder = tokio::spawn(async move {
             let mut req = hyper::Request::new(http_body_util::Full::default());
             *req.uri_mut() = hyper::Uri::from_static("/held");
@@ -795,7 +846,7 @@ mod tests {
                 .iter()
                 .all(|f| f.load(Ordering::Relaxed) == 0)
         );
-        assert_eq!(instance.pool.waited_out(), 1);
+        assert_eq!(instance.pool().waited_out(), 1);
         holder.abort();
     }
 

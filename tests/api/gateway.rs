@@ -240,11 +240,17 @@ struct TestGateway {
 }
 
 impl TestGateway {
+    /// A gateway with its default workers, one per core.
     async fn start(registry: Registry) -> TestGateway {
+        TestGateway::start_with(registry, None).await
+    }
+
+    async fn start_with(registry: Registry, workers: Option<usize>) -> TestGateway {
         prism::telemetry::init_tap_only("warn");
         let dir = tempfile::tempdir().unwrap();
         let config = Config {
             jwt_secret: Some(SECRET.into()),
+            worker_threads: workers,
             ..Config::for_tests(dir.path())
         };
         let app = GatewayApp::build(&config, &registry).await.unwrap();
@@ -1287,12 +1293,15 @@ async fn an_abandoned_try_is_dropped_upstream() {
 async fn a_busy_instance_gets_no_more_connections_than_allowed() {
     let release = Arc::new(tokio::sync::Barrier::new(2));
     let users = fake("users", Some(release.clone())).await;
-    let gw = users_only(&users, |s| {
+    // One worker: the limits are shared out among the workers, and with one
+    // the single connection and place in line are all there is.
+    let registry = users_only_registry(&users, |s| {
         s.retries = 0;
         s.max_connections = 1;
         s.max_pending_requests = Some(1);
     })
     .await;
+    let gw = TestGateway::start_with(registry, Some(1)).await;
     let series = |name: &str, value: u64| {
         format!(
             r#"prism_gateway_{name}{{upstream="users",instance="{}"}} {value}"#,
@@ -1367,6 +1376,44 @@ async fn an_unreachable_instance_is_back_once_a_health_check_reaches_it() {
     let (_, h) = gw.get("/healthz").await;
     assert_eq!(h["upstreams"]["users"][0]["circuit"], "closed");
     gw.stop().await;
+}
+
+/// With two workers, connections are spread over both, each sends its
+/// requests out on connections of its own, and both stop with the gateway.
+#[tokio::test]
+async fn every_worker_serves_and_all_stop_with_the_gateway() {
+    let users = fake("users", None).await;
+    let gw = TestGateway::start_with(users_only_registry(&users, |_| {}).await, Some(2)).await;
+    // Each request on a connection of its own: the kernel spreads new
+    // connections over the workers' listeners by their addresses, so 32 of
+    // them reach both workers (all on one: one chance in 2^31).
+    for _ in 0..32 {
+        let client = reqwest::Client::builder()
+            .timeout(WAIT)
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap();
+        let r = client
+            .get(format!("http://{}/api/users/1", gw.addr))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    // One request at a time: each worker opened one connection to the
+    // users service and kept it for its next request.
+    gw.assert_metrics(&[format!(
+        r#"prism_gateway_upstream_connections{{upstream="users",instance="{}"}} 2"#,
+        users.url()
+    )])
+    .await;
+    let addr = gw.addr;
+    gw.stop().await;
+    let after = tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(addr)).await;
+    assert!(
+        matches!(after, Ok(Err(_))),
+        "a worker still accepts connections"
+    );
 }
 
 /// Pooled upstream connections are closed once idle for `idle_timeout_ms`
