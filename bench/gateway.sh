@@ -12,6 +12,14 @@ ensure_wrk
 [ "$(nproc)" -ge 2 ] || { echo "bench/gateway.sh needs at least two cores" >&2; exit 1; }
 command -v nginx >/dev/null || { apt-get update -qq && apt-get install -y -qq nginx-light || apt-get install -y -qq nginx; }
 cargo build --release --quiet --bin prism --example bare_proxy
+# Something already listening on one of the ports would be measured in place
+# of the server meant to be there.
+for port in 18000 18001 18080 18090 18100 18180; do
+    if (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+        echo "port $port is taken; stop what listens there first" >&2
+        exit 1
+    fi
+done
 target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys;print(json.load(sys.stdin)["target_directory"])')
 duration=${DURATION:-5s}
 rounds=${ROUNDS:-5}
@@ -93,6 +101,38 @@ run() {
         END {printf "%s %s %s %.1f %.1f %.1f\n", rps, p50, p99, 1e6*w/n, 1e6*users/n, 1e6*proxy/n}' <<<"$out"
 }
 wrk_cmd=(wrk)
+# rounds_of OUT URLS PIDS PATH...: every PATH (a key of the arrays named URLS
+# and PIDS) measured $rounds times, the paths taking turns round after round:
+# the machine's speed drifts by more than the differences measured, and a
+# path measured only at a slow moment would look slower. OUT[PATH] gets one
+# line of `run` per round.
+rounds_of() {
+    local -n out=$1 urls=$2 pids=$3
+    shift 3
+    local p
+    for p in "$@"; do "${wrk_cmd[@]}" -t2 -c64 -d2s "${urls[$p]}" >/dev/null; done
+    for _ in $(seq "$rounds"); do
+        for p in "$@"; do out[$p]+="$(run "${urls[$p]}" "${pids[$p]}")"$'\n'; done
+    done
+}
+# medians PREFIX ROWS PATH...: each PATH's median round from the array named
+# ROWS, as PREFIX<PATH>_rps, _p50, _p99, _wrk, _users and _proxy.
+medians() {
+    local prefix=$1 p
+    local -n rows_of=$2
+    shift 2
+    for p in "$@"; do
+        read -r "${prefix}${p}_rps" "${prefix}${p}_p50" "${prefix}${p}_p99" "${prefix}${p}_wrk" \
+            "${prefix}${p}_users" "${prefix}${p}_proxy" < <(median <<<"${rows_of[$p]}")
+    done
+}
+# spread A B COLUMN: column COLUMN of the rounds A over the same of B, round
+# by round (they ran back to back): "lowest%, median% and highest%".
+spread() {
+    paste -d' ' <(awk -v c="$3" 'NF {print $c}' <<<"$1") <(awk -v c="$3" 'NF {print $c}' <<<"$2") |
+        awk '{printf "%.0f\n", 100 * $1 / $2}' | sort -n |
+        awk '{a[++n]=$0} END {printf "%s%%, %s%% and %s%%", a[1], a[int((n+1)/2)], a[n]}'
+}
 nginx_worker=$(pgrep -P "$(cat "$work/nginx.pid")")
 paths=(direct gw ngx bare)
 declare -A url=(
@@ -101,26 +141,11 @@ declare -A url=(
 )
 declare -A pid=([direct]="" [gw]=$gateway_pid [ngx]=$nginx_worker [bare]=$bare_pid)
 declare -A rows=()
-for p in "${paths[@]}"; do wrk -t2 -c64 -d2s "${url[$p]}" >/dev/null; done
-# The paths take turns, round after round: the machine's speed drifts by more
-# than the differences measured, and a path measured only at a slow moment
-# would look slower. Each row below is the path's median round.
-for _ in $(seq "$rounds"); do
-    for p in "${paths[@]}"; do rows[$p]+="$(run "${url[$p]}" "${pid[$p]}")"$'\n'; done
-done
-read -r direct_rps direct_p50 direct_p99 direct_wrk direct_users _ < <(median <<<"${rows[direct]}")
-read -r gw_rps gw_p50 gw_p99 gw_wrk gw_users gw_proxy < <(median <<<"${rows[gw]}")
-read -r ngx_rps ngx_p50 ngx_p99 ngx_wrk ngx_users ngx_proxy < <(median <<<"${rows[ngx]}")
-read -r bare_rps bare_p50 bare_p99 bare_wrk bare_users bare_proxy < <(median <<<"${rows[bare]}")
-# The gateway's throughput over nginx's within each round (the two ran back
-# to back), lowest, median and highest; and the same for the bare proxy.
-ratios() {
-    paste -d' ' <(awk 'NF {print $1}' <<<"${rows[$1]}") <(awk 'NF {print $1}' <<<"${rows[ngx]}") |
-        awk '{printf "%.0f\n", 100 * $1 / $2}' | sort -n |
-        awk '{a[++n]=$0} END {printf "%s%%, %s%% and %s%%", a[1], a[int((n+1)/2)], a[n]}'
-}
-gw_vs_ngx=$(ratios gw)
-bare_vs_ngx=$(ratios bare)
+rounds_of rows url pid "${paths[@]}"
+medians "" rows "${paths[@]}"
+# Throughput over nginx's, round by round.
+gw_vs_ngx=$(spread "${rows[gw]}" "${rows[ngx]}" 1)
+bare_vs_ngx=$(spread "${rows[bare]}" "${rows[ngx]}" 1)
 # url -> "p50_us p99_us" with one connection: no queueing, so the difference
 # between paths is what the proxy itself adds to a request.
 alone() {
@@ -155,17 +180,10 @@ declare -A every_url=(
 )
 declare -A every_pid=([direct]="" [gw]=$gateway_all_pid [ngx]="$(pgrep -P "$(cat "$work/nginx-all.pid")" | tr '\n' ' ')")
 declare -A all=()
-for p in "${every[@]}"; do wrk -t2 -c64 -d2s "${every_url[$p]}" >/dev/null; done
-for _ in $(seq "$rounds"); do
-    for p in "${every[@]}"; do all[$p]+="$(run "${every_url[$p]}" "${every_pid[$p]}")"$'\n'; done
-done
+rounds_of all every_url every_pid "${every[@]}"
 kill "$gateway_all_pid" "$(cat "$work/nginx-all.pid")"
-read -r adirect_rps adirect_p50 adirect_p99 adirect_wrk adirect_users _ < <(median <<<"${all[direct]}")
-read -r agw_rps agw_p50 agw_p99 agw_wrk agw_users agw_proxy < <(median <<<"${all[gw]}")
-read -r angx_rps angx_p50 angx_p99 angx_wrk angx_users angx_proxy < <(median <<<"${all[ngx]}")
-gw_all_vs_ngx=$(paste -d' ' <(awk 'NF {print $1}' <<<"${all[gw]}") <(awk 'NF {print $1}' <<<"${all[ngx]}") |
-    awk '{printf "%.0f\n", 100 * $1 / $2}' | sort -n |
-    awk '{a[++n]=$0} END {printf "%s%%, %s%% and %s%%", a[1], a[int((n+1)/2)], a[n]}')
+medians a all "${every[@]}"
+gw_all_vs_ngx=$(spread "${all[gw]}" "${all[ngx]}" 1)
 
 # The same paths with each proxy on a core of its own, as on a machine of its
 # own: wrk and the users service on CPU 0, the proxy on CPU 1. Every path,
@@ -176,22 +194,11 @@ declare -A own=()
 taskset -a -p -c 0 "$users_pid" >/dev/null
 for p in gw ngx bare; do taskset -a -p -c 1 "${pid[$p]}" >/dev/null; done
 wrk_cmd=(taskset -c 0 wrk)
-for p in "${paths[@]}"; do "${wrk_cmd[@]}" -t2 -c64 -d2s "${url[$p]}" >/dev/null; done
-for _ in $(seq "$rounds"); do
-    for p in "${paths[@]}"; do own[$p]+="$(run "${url[$p]}" "${pid[$p]}")"$'\n'; done
-done
-read -r odirect_rps odirect_p50 odirect_p99 odirect_wrk odirect_users _ < <(median <<<"${own[direct]}")
-read -r ogw_rps ogw_p50 ogw_p99 ogw_wrk ogw_users ogw_proxy < <(median <<<"${own[gw]}")
-read -r ongx_rps ongx_p50 ongx_p99 ongx_wrk ongx_users ongx_proxy < <(median <<<"${own[ngx]}")
-read -r obare_rps obare_p50 obare_p99 obare_wrk obare_users obare_proxy < <(median <<<"${own[bare]}")
-# The proxy's CPU per request over nginx's, round by round (lowest, median, highest).
-cpu_ratios() {
-    paste -d' ' <(awk 'NF {print $6}' <<<"${own[$1]}") <(awk 'NF {print $6}' <<<"${own[ngx]}") |
-        awk '{printf "%.0f\n", 100 * $1 / $2}' | sort -n |
-        awk '{a[++n]=$0} END {printf "%s%%, %s%% and %s%%", a[1], a[int((n+1)/2)], a[n]}'
-}
-gw_cpu_vs_ngx=$(cpu_ratios gw)
-bare_cpu_vs_ngx=$(cpu_ratios bare)
+rounds_of own url pid "${paths[@]}"
+medians o own "${paths[@]}"
+# The proxy's CPU per request (column 6) over nginx's.
+gw_cpu_vs_ngx=$(spread "${own[gw]}" "${own[ngx]}" 6)
+bare_cpu_vs_ngx=$(spread "${own[bare]}" "${own[ngx]}" 6)
 
 write_section gateway <<MD
 ## Gateway: \`GET /api/users/1\`
