@@ -83,8 +83,9 @@ fn run(
     // work-stealing machinery (and its cross-thread atomics) that has nobody
     // to steal from.
     let mut runtime = match config.worker_threads {
-        _ if alone => tokio::runtime::Builder::new_current_thread(),
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        _ if alone || config.worker_threads == Some(1) => {
+            tokio::runtime::Builder::new_current_thread()
+        }
         Some(n) => {
             let mut b = tokio::runtime::Builder::new_multi_thread();
             b.worker_threads(n);

@@ -62,22 +62,13 @@ pub async fn bind_shared(
     more: usize,
 ) -> std::io::Result<(tokio::net::TcpListener, Vec<std::net::TcpListener>)> {
     let first = bind_with(addr, more > 0).await?;
-    let at = first.local_addr()?;
-    let others = (0..more)
-        .map(|_| {
-            let socket = socket2::Socket::new(
-                socket2::Domain::for_address(at),
-                socket2::Type::STREAM,
-                Some(socket2::Protocol::TCP),
-            )?;
-            socket.set_reuse_address(true)?;
-            socket.set_reuse_port(true)?;
-            socket.set_nonblocking(true)?;
-            socket.bind(&at.into())?;
-            socket.listen(i32::try_from(BACKLOG).unwrap_or(i32::MAX))?;
-            Ok(socket.into())
-        })
-        .collect::<std::io::Result<_>>()?;
+    let at = first.local_addr()?.to_string();
+    let mut others = Vec::with_capacity(more);
+    for _ in 0..more {
+        // Made on this runtime and handed over unregistered: each worker
+        // registers its own with its runtime.
+        others.push(bind_with(&at, true).await?.into_std()?);
+    }
     Ok((first, others))
 }
 
