@@ -157,8 +157,8 @@ impl Db {
                     .busy_timeout(Duration::from_secs(5));
                 // No ping before handing out a connection (sqlx's default):
                 // an SQLite connection is a local file and a thread of its
-                // own, and the ping was one more trip to that thread for every
-                // statement (reads went from about 20k to 30k a second).
+                // own, with nothing between them to fail, and the ping was one
+                // more trip to that thread before every statement.
                 let write = SqlitePoolOptions::new()
                     .max_connections(1)
                     .test_before_acquire(false)
