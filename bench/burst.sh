@@ -58,7 +58,7 @@ for line in metrics.splitlines():
     if not m:
         continue
     labels = dict(re.findall(r'(\w+)="([^"]*)"', m[2]))
-    if m[1] == "requests_total" and labels.get("route") == "/api/users/{id}" and int(m[3]):
+    if m[1] == "requests_total" and labels.get("route") == "/api/users/{user_id}" and int(m[3]):
         by_status[labels["status"]] = int(m[3])
     if m[1] == "upstream_failures_total" and labels.get("upstream") == "users" and labels.get("kind") == "unreachable":
         unreachable = int(m[3])

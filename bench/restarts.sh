@@ -75,7 +75,7 @@ def counts(text):
     for line in text.splitlines():
         m = re.match(r'prism_gateway_requests_total\{(.*)\} (\d+)', line)
         labels = dict(re.findall(r'(\w+)="([^"]*)"', m[1])) if m else {}
-        if labels.get("route") == "/api/users/{id}":
+        if labels.get("route") == "/api/users/{user_id}":
             c[labels["status"]] = int(m[2])
     return c
 a, b = counts(sys.argv[1]), counts(sys.argv[2])

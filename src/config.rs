@@ -386,6 +386,16 @@ impl Config {
                 .is_ok_and(|u| u.scheme_str() == Some("http") && u.host().is_some()),
             "users_url must be an http:// URL, such as http://127.0.0.1:8001"
         );
+        if let Some(password) = &self.admin_password {
+            // Checked here, before anything is written: `--demo` creates the
+            // account after Alice's and Bob's, and a refused password would
+            // leave a database that holds demo users but no admin.
+            let (min, max) = crate::domain::validate::limits::PASSWORD;
+            anyhow::ensure!(
+                (min..=max).contains(&password.chars().count()),
+                "admin_password (PRISM_ADMIN_PASSWORD) must be {min} to {max} characters"
+            );
+        }
         if let Some(url) = &self.database_url {
             anyhow::ensure!(
                 url.starts_with("postgres://") || url.starts_with("postgresql://"),
@@ -504,6 +514,20 @@ mod tests {
     fn unknown_keys_are_rejected() {
         let err = toml::from_str::<Settings>("prot = 9000").unwrap_err();
         assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn a_demo_admin_password_too_short_to_log_in_with_is_refused_up_front() {
+        let with = |p: &str| {
+            Settings {
+                admin_password: Some(p.into()),
+                ..Settings::default()
+            }
+            .resolve()
+        };
+        let err = with("short").unwrap_err().to_string();
+        assert!(err.contains("admin_password"), "{err}");
+        assert!(with("long-enough").is_ok());
     }
 
     #[test]

@@ -36,7 +36,7 @@ pub enum Error {
     #[error("{0}")]
     Conflict(String),
     /// The input breaks a validation rule; nothing was changed.
-    #[error("invalid input")]
+    #[error("invalid input: {}", describe(.0))]
     Validation(Vec<FieldError>),
     /// The request is malformed in a way that is not about one field.
     #[error("{0}")]
@@ -59,6 +59,16 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// "field: message; field: message", for logs and for errors that end a
+/// command (a bad `--admin-password` must say what is wrong with it).
+fn describe(fields: &[FieldError]) -> String {
+    let parts: Vec<String> = fields
+        .iter()
+        .map(|f| format!("{}: {}", f.field, f.msg))
+        .collect();
+    parts.join("; ")
+}
 
 impl Error {
     pub fn invalid(field: &str, kind: &'static str, msg: impl Into<String>) -> Error {

@@ -146,14 +146,14 @@ impl Route {
 
     const fn path(self) -> &'static str {
         match self {
-            Route::User => "/api/users/{id}",
-            Route::Order => "/api/orders/{id}",
+            Route::User => "/api/users/{user_id}",
+            Route::Order => "/api/orders/{order_id}",
             Route::UserOrders => "/api/user-orders/{user_id}",
             Route::Profile => "/user-profile/{user_id}",
             Route::Orders => "/orders",
             Route::Register => "/auth/register",
             Route::Login => "/auth/login",
-            Route::Product => "/api/products/{id}",
+            Route::Product => "/api/products/{product_id}",
             Route::Products => "/api/products",
         }
     }
@@ -1133,7 +1133,7 @@ mod tests {
     #[test]
     fn paths_find_their_route_and_parameter() {
         let found = |path| Route::find(path).map(|(r, p)| (r.path(), p));
-        assert_eq!(found("/api/users/7"), Some(("/api/users/{id}", "7")));
+        assert_eq!(found("/api/users/7"), Some(("/api/users/{user_id}", "7")));
         assert_eq!(
             found("/api/user-orders/7"),
             Some(("/api/user-orders/{user_id}", "7"))
@@ -1143,7 +1143,10 @@ mod tests {
             Some(("/user-profile/{user_id}", "x"))
         );
         assert_eq!(found("/api/products"), Some(("/api/products", "")));
-        assert_eq!(found("/api/products/3"), Some(("/api/products/{id}", "3")));
+        assert_eq!(
+            found("/api/products/3"),
+            Some(("/api/products/{product_id}", "3"))
+        );
         assert_eq!(found("/auth/login"), Some(("/auth/login", "")));
         for unknown in [
             "/api/users/",
@@ -1157,7 +1160,7 @@ mod tests {
             assert_eq!(found(unknown), None, "{unknown}");
         }
         assert_eq!(Route::Profile.param_name(), "user_id");
-        assert_eq!(Route::Product.param_name(), "id");
+        assert_eq!(Route::Product.param_name(), "product_id");
         assert!(Route::User.allows(&Method::HEAD) && !Route::User.allows(&Method::POST));
         assert!(Route::Login.allows(&Method::POST) && !Route::Login.allows(&Method::GET));
     }

@@ -895,7 +895,7 @@ async fn bad_requests_get_json_errors_and_reach_no_upstream() {
 
     let (status, body) = gw.get("/api/users/abc").await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
-    assert_eq!(body["detail"][0]["loc"], json!(["path", "id"]));
+    assert_eq!(body["detail"][0]["loc"], json!(["path", "user_id"]));
     assert_eq!(body["detail"][0]["type"], "int_parsing");
     let (status, body) = gw.get("/user-profile/1.5").await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
@@ -1065,8 +1065,8 @@ async fn metrics_count_requests_by_route_and_status() {
         StatusCode::SERVICE_UNAVAILABLE
     );
     gw.assert_metrics(&[
-        r#"prism_gateway_requests_total{route="/api/users/{id}",status="200"} 2"#.into(),
-        r#"prism_gateway_requests_total{route="/api/orders/{id}",status="503"} 1"#.into(),
+        r#"prism_gateway_requests_total{route="/api/users/{user_id}",status="200"} 2"#.into(),
+        r#"prism_gateway_requests_total{route="/api/orders/{order_id}",status="503"} 1"#.into(),
         r#"prism_gateway_requests_total{route="/api/products",status="200"} 0"#.into(),
         format!(
             r#"prism_gateway_upstream_tries_total{{upstream="users",instance="{}"}} 2"#,
