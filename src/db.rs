@@ -134,8 +134,25 @@ impl Db {
                         })
                     })
                     .connect(url)
-                    .await
-                    .context("cannot connect to PostgreSQL")?;
+                    .await;
+                let pool = match pool {
+                    Ok(pool) => pool,
+                    // The pool retries a refused or unreachable server until
+                    // its acquire timeout and then reports only that it
+                    // timed out; one more try on its own says why.
+                    Err(sqlx::Error::PoolTimedOut) => {
+                        let once = <sqlx::PgConnection as sqlx::Connection>::connect(url);
+                        let cause = match tokio::time::timeout(Duration::from_secs(5), once).await {
+                            Ok(Err(e)) => e.into(),
+                            // A server that swallows packets: nothing more to learn.
+                            Err(_) | Ok(Ok(_)) => anyhow::anyhow!("no connection within 5 s"),
+                        };
+                        return Err(cause.context("cannot connect to PostgreSQL"));
+                    }
+                    Err(e) => {
+                        return Err(anyhow::Error::from(e).context("cannot connect to PostgreSQL"));
+                    }
+                };
                 sqlx::migrate!("./migrations/postgres")
                     .run(&pool)
                     .await
@@ -291,6 +308,28 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(used, 1, "SQLite was built without SQLITE_ENABLE_QPSG");
+    }
+
+    /// A server that refuses connections is named as the cause, not hidden
+    /// behind the pool's "timed out" after its retries.
+    #[tokio::test]
+    async fn a_refused_postgres_connection_says_why() {
+        // Port 1 on the loopback: nothing listens there, so connecting is refused.
+        let url = "postgres://postgres@127.0.0.1:1/test";
+        let dir = tempfile::tempdir().unwrap();
+        let err = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            super::Db::connect(Some(url), dir.path(), 2),
+        )
+        .await
+        .expect("connect gave up within its acquire timeout");
+        let Err(err) = err else {
+            panic!("nothing listens on port 1, yet it connected");
+        };
+        let text = format!("{err:#}");
+        assert!(text.starts_with("cannot connect to PostgreSQL: "), "{text}");
+        assert!(text.contains("refused"), "{text}");
+        assert!(!text.contains("timed out"), "{text}");
     }
 
     #[test]
