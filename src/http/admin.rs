@@ -10,7 +10,7 @@ use utoipa::OpenApi;
 use super::{
     Detail,
     error::ApiError,
-    extract::{Auth, Json, Query},
+    extract::{Admin, Json, Query},
     users::ListParams,
 };
 use crate::state::AppState;
@@ -21,10 +21,9 @@ use crate::state::AppState;
               (status = 403, body = Detail)))]
 async fn admin_users(
     State(state): State<AppState>,
-    Auth(by): Auth,
+    _admin: Admin,
     Query(q): Query<ListParams>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    by.ensure_admin()?;
     let users = state.domain.list_users(q.page()?).await?;
     let total = state.domain.count_users().await?;
     Ok(Json(json!({"users": users, "total": total})))
@@ -35,9 +34,8 @@ async fn admin_users(
     responses((status = 200, description = "`{settings: {...}}`"), (status = 403, body = Detail)))]
 async fn admin_settings(
     State(state): State<AppState>,
-    Auth(by): Auth,
+    _admin: Admin,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    by.ensure_admin()?;
     Ok(Json(json!({"settings": state.config.admin_settings()})))
 }
 
@@ -47,9 +45,8 @@ async fn admin_settings(
               (status = 403, body = Detail)))]
 async fn admin_stats(
     State(state): State<AppState>,
-    Auth(by): Auth,
+    _admin: Admin,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    by.ensure_admin()?;
     let s = &state.stats;
     let events = state.domain.events();
     Ok(Json(json!({

@@ -124,6 +124,29 @@ where
     }
 }
 
+/// The caller, who must hold the admin role: 401 without a valid token, 403
+/// without the role. Checked before the query and body are read, as a
+/// FastAPI dependency is, so a caller without the right gets 403 whatever
+/// the request's input (and learns nothing from its validation).
+#[derive(Debug)]
+pub struct Admin(pub Principal);
+
+impl<S> FromRequestParts<S> for Admin
+where
+    S: Send + Sync,
+    AppState: axum::extract::FromRef<S>,
+{
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Response> {
+        let Auth(principal) = Auth::from_request_parts(parts, state).await?;
+        principal
+            .ensure_admin()
+            .map_err(|e| ApiError::from(e).into_response())?;
+        Ok(Admin(principal))
+    }
+}
+
 /// The token of an `Authorization: Bearer …` header, if there is one.
 pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;

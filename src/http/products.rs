@@ -15,7 +15,7 @@ use utoipa::{IntoParams, OpenApi};
 use super::{
     Detail,
     error::ApiError,
-    extract::{Auth, Json, Path, Query},
+    extract::{Admin, Json, Path, Query},
     openapi::ValidationDetail,
 };
 use crate::{
@@ -75,7 +75,7 @@ async fn get_product(
               (status = 403, body = Detail), (status = 422, body = ValidationDetail)))]
 async fn create_product(
     State(state): State<AppState>,
-    Auth(by): Auth,
+    Admin(by): Admin,
     Json(new): Json<NewProduct>,
 ) -> Result<(StatusCode, Json<Product>), ApiError> {
     Ok((
@@ -91,7 +91,7 @@ async fn create_product(
               (status = 404, body = Detail), (status = 422, body = ValidationDetail)))]
 async fn update_product(
     State(state): State<AppState>,
-    Auth(by): Auth,
+    Admin(by): Admin,
     Path(id): Path<i64>,
     Json(new): Json<NewProduct>,
 ) -> Result<Json<Product>, ApiError> {
@@ -104,7 +104,7 @@ async fn update_product(
     responses((status = 204), (status = 403, body = Detail), (status = 404, body = Detail)))]
 async fn delete_product(
     State(state): State<AppState>,
-    Auth(by): Auth,
+    Admin(by): Admin,
     Path(id): Path<i64>,
 ) -> Result<StatusCode, ApiError> {
     state.domain.delete_product(&by, id).await?;

@@ -32,7 +32,7 @@ use crate::{
     events::{Event, EventFilter, Item},
     http::{
         error::ApiError,
-        extract::{Auth, Input, Json, Path, Query},
+        extract::{Admin, Auth, Input, Json, Path, Query},
     },
     state::{AppState, Stats},
 };
@@ -387,10 +387,9 @@ struct LogQuery {
 /// `GET /logs` (admin): this server's log records as they happen.
 async fn logs(
     State(state): State<AppState>,
-    Auth(by): Auth,
+    _admin: Admin,
     Query(q): Query<LogQuery>,
 ) -> Result<Response, ApiError> {
-    by.ensure_admin()?;
     let min: tracing::Level = match q.level.as_deref() {
         None => tracing::Level::TRACE,
         Some(l) => l.parse().map_err(|_| {

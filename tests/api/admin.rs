@@ -33,6 +33,15 @@ async fn admin_routes_need_the_admin_role() {
             .unwrap();
         assert_eq!(r.status(), StatusCode::OK, "{path}");
     }
+    // The role comes before the query's validation.
+    let r = app
+        .client
+        .get(app.url("/admin/users?limit=many"))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
     // Docs stay public.
     assert_eq!(app.get("/admin/docs/").await.status(), StatusCode::OK);
     assert_eq!(

@@ -87,6 +87,14 @@ async fn catalogue_writes_need_the_admin_role() {
         .send_json(Method::DELETE, "/products/1", Some(&alice), None)
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
+    // The role is checked before the body is read, as a FastAPI dependency
+    // would be: a body with errors is still a 403 for a caller without it.
+    for (method, path) in [(Method::POST, "/products/"), (Method::PUT, "/products/1")] {
+        let (status, _) = app
+            .send_json(method, path, Some(&alice), Some(json!({})))
+            .await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{path}");
+    }
 
     let admin = app.admin_token().await;
     let (status, created) = app
