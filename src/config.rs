@@ -64,7 +64,7 @@ pub struct Settings {
     #[arg(long, env = "PRISM_DEMO", num_args = 0..=1, default_missing_value = "true")]
     pub demo: Option<bool>,
 
-    /// Password of the demo `admin` account; generated and printed once when unset
+    /// Password of the demo `admin` account (8 to 128 characters); generated and printed once when unset
     #[arg(long, env = "PRISM_ADMIN_PASSWORD", hide_env_values = true)]
     pub admin_password: Option<String>,
 
