@@ -46,6 +46,15 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// again.
 const BACKLOG: u32 = 4096;
 
+/// The largest HTTP/1 request head (request line and headers) a client may
+/// send; a larger one is answered 431 and the connection closed. hyper's
+/// default lets every connection buffer about 400 KB of head, which a few
+/// thousand clients sending slow, endless headers turn into gigabytes.
+/// Browsers' and API clients' heads are a few KiB (Node.js refuses over 16
+/// KiB); this leaves room for large cookies and tokens. Bodies are read in
+/// pieces of at most this size and are limited by `max_upload_size`.
+pub const MAX_REQUEST_HEAD: usize = 64 * 1024;
+
 /// A listener on `addr` (`host:port`, the first of its addresses that can be
 /// bound), as `TcpListener::bind` makes one but with [`BACKLOG`].
 pub async fn bind(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
@@ -128,7 +137,7 @@ pub async fn serve<M, S, B>(
     // answers are mostly small, and copying them costs less than the
     // kernel's handling of a vector (measured on the gateway: 4% less CPU
     // per proxied request, 2% more throughput).
-    http.http1().writev(false);
+    http.http1().writev(false).max_buf_size(MAX_REQUEST_HEAD);
     // WebSockets over HTTP/2 (RFC 8441) open with an extended CONNECT.
     http.http2().enable_connect_protocol();
     loop {

@@ -128,6 +128,25 @@ async fn bodies_over_the_limit_get_413_and_change_nothing() {
     app.stop().await;
 }
 
+/// A request head over the limit is refused with 431 before any handler
+/// runs; one with large but usual headers (a big cookie) is served.
+#[tokio::test]
+async fn request_heads_over_64_kib_get_431() {
+    let app = spawn_app().await;
+    let get_with = |bytes: usize| {
+        app.client
+            .get(app.url("/users/1"))
+            .header("cookie", format!("session={}", "a".repeat(bytes)))
+            .send()
+    };
+    assert_eq!(get_with(32 * 1024).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        get_with(80 * 1024).await.unwrap().status(),
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+    );
+    app.stop().await;
+}
+
 /// A caller that says how long it will wait (`x-request-timeout-ms`, as the
 /// gateway and the orders service say it) gets a 504 once that time has run
 /// out, rather than an answer it no longer waits for, and the write it asked
