@@ -5,8 +5,10 @@
 //! async-graphql's protocol state machine does the message work; this loop
 //! owns the socket so that prism can add what a production server needs and
 //! the state machine lacks: an operation sent before `connection_ack` closes
-//! the socket with 4401 (in both protocols); the legacy protocol gets its `ka`
-//! keep-alives; frames are capped; and on shutdown every running subscription
+//! the socket with 4401 (in both protocols), and one whose id is already
+//! running with 4409 (graphql-transport-ws); the legacy protocol gets its `ka`
+//! keep-alives; a socket not initialised within the client idle timeout is
+//! closed with 4408; frames are capped; and on shutdown every running subscription
 //! is completed before the socket closes with 1001.
 
 use std::{collections::HashSet, sync::atomic::Ordering, time::Duration};
@@ -48,10 +50,19 @@ fn kind_and_id(text: &str) -> (Option<String>, Option<String>) {
     }
 }
 
+/// A close frame. Its reason is cut to the 123 bytes a close frame has room
+/// for (RFC 6455: a control frame carries at most 125, two of them the code):
+/// the protocol state machine's reasons quote the client's bad message, and
+/// a longer one makes the frame invalid, so the client would see a protocol
+/// error in place of the reason.
 fn close(code: u16, reason: &str) -> Message {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
     Message::Close(Some(CloseFrame {
         code,
-        reason: reason.into(),
+        reason: reason[..end].into(),
     }))
 }
 
@@ -91,6 +102,12 @@ async fn run(gs: GraphqlState, socket: WebSocket, protocol: Protocols) {
     // Operations the client ended itself: graphql-transport-ws says the server
     // sends no `complete` for those (the state machine would echo one).
     let mut ended_by_client: HashSet<String> = HashSet::new();
+    // A socket that never sends `connection_init` holds a connection for
+    // nothing: it is closed once the client idle timeout passes without an
+    // ack (graphql-transport-ws names the code, 4408; Strawberry waits a
+    // minute, as prism does by default).
+    let init_deadline = tokio::time::sleep(gs.app.config.client_idle_timeout);
+    tokio::pin!(init_deadline);
     let mut keep_alive =
         tokio::time::interval_at(tokio::time::Instant::now() + KEEP_ALIVE, KEEP_ALIVE);
     keep_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -120,6 +137,14 @@ async fn run(gs: GraphqlState, socket: WebSocket, protocol: Protocols) {
                 match kind.as_deref() {
                     Some("subscribe" | "start") if !acked => {
                         let _ = sink.send(close(4401, "Unauthorized")).await;
+                        return;
+                    }
+                    // graphql-transport-ws: an id already in use closes the
+                    // socket (the state machine would quietly replace the
+                    // first operation with the second).
+                    Some("subscribe") if !legacy && id.as_ref().is_some_and(|id| running.contains(id)) => {
+                        let id = id.unwrap_or_default();
+                        let _ = sink.send(close(4409, &format!("Subscriber for {id} already exists"))).await;
                         return;
                     }
                     Some("subscribe" | "start") => { running.extend(id); }
@@ -152,6 +177,10 @@ async fn run(gs: GraphqlState, socket: WebSocket, protocol: Protocols) {
                 if !forward(&mut sink, msg, &mut acked, &mut running, legacy).await {
                     return;
                 }
+            }
+            _ = &mut init_deadline, if !acked => {
+                let _ = sink.send(close(4408, "Connection initialisation timeout")).await;
+                return;
             }
             _ = keep_alive.tick(), if legacy && acked => {
                 if sink.send(Message::Text(r#"{"type":"ka"}"#.into())).await.is_err() {
@@ -220,10 +249,12 @@ async fn forward(
             true
         }
         WsMessage::Close(code, reason) => {
-            let code = if code == 1002 && reason.starts_with("Forbidden") {
-                4403
-            } else {
-                code
+            // The state machine closes with 1002 for what it refuses;
+            // graphql-transport-ws has codes of its own for both cases.
+            let code = match code {
+                1002 if reason.starts_with("Forbidden") => 4403,
+                1002 if !legacy => 4400,
+                code => code,
             };
             let _ = sink.send(close(code, &reason)).await;
             false
@@ -256,6 +287,20 @@ mod tests {
         ));
         h.insert("sec-websocket-protocol", "mqtt".parse().unwrap());
         assert!(negotiate(&h).is_none());
+    }
+
+    #[test]
+    fn close_reasons_fit_in_a_close_frame() {
+        let long = "é".repeat(100);
+        let Message::Close(Some(frame)) = close(4400, &long) else {
+            unreachable!()
+        };
+        assert!(frame.reason.len() <= 123);
+        assert!(long.starts_with(frame.reason.as_str()));
+        let Message::Close(Some(frame)) = close(4401, "Unauthorized") else {
+            unreachable!()
+        };
+        assert_eq!(frame.reason.as_str(), "Unauthorized");
     }
 
     #[test]

@@ -808,6 +808,58 @@ async fn operations_before_the_ack_close_the_socket() {
     app.stop().await;
 }
 
+/// graphql-transport-ws: a second `subscribe` with the id of a running
+/// operation closes the socket with 4409, as the protocol requires, rather
+/// than replacing the first.
+#[tokio::test]
+async fn a_subscription_id_in_use_closes_the_socket_with_4409() {
+    let app = spawn_app().await;
+    let mut ws = app
+        .websocket("/graphql", Some("graphql-transport-ws"))
+        .await;
+    ws.send_json(json!({"type": "connection_init"})).await;
+    assert_eq!(ws.next_json().await["type"], "connection_ack");
+    let subscribe = json!({
+        "id": "1", "type": "subscribe",
+        "payload": {"query": "subscription { messageAdded { id } }"}
+    });
+    ws.send_json(subscribe.clone()).await;
+    ws.send_json(subscribe).await;
+    assert_eq!(ws.close_code().await, Some(4409));
+    app.stop().await;
+}
+
+/// A socket that never sends `connection_init` is closed with 4408 once the
+/// client idle timeout passes.
+#[tokio::test]
+async fn a_socket_never_initialised_is_closed_with_4408() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.client_idle_timeout = std::time::Duration::from_millis(300);
+    let app = spawn_with(config).await;
+    for protocol in ["graphql-transport-ws", "graphql-ws"] {
+        let mut ws = app.websocket("/graphql", Some(protocol)).await;
+        assert_eq!(ws.close_code().await, Some(4408), "{protocol}");
+    }
+    app.stop().await;
+}
+
+/// A message the protocol does not know closes the socket with 4400 and a
+/// reason that fits in a close frame (the state machine's own reason, which
+/// lists every message type, did not).
+#[tokio::test]
+async fn an_unknown_message_type_closes_with_a_valid_4400() {
+    let app = spawn_app().await;
+    let mut ws = app
+        .websocket("/graphql", Some("graphql-transport-ws"))
+        .await;
+    ws.send_json(json!({"type": "connection_init"})).await;
+    assert_eq!(ws.next_json().await["type"], "connection_ack");
+    ws.send_json(json!({"type": "bogus"})).await;
+    assert_eq!(ws.close_code().await, Some(4400));
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn a_bad_token_in_connection_init_closes_the_socket() {
     let app = spawn_app().await;
