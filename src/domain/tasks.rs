@@ -183,7 +183,9 @@ impl Domain {
                     .filter(|c| author_of.get(&c.post_id) == Some(&user.id))
                     .count();
                 let mine: Vec<_> = orders.iter().filter(|o| o.user_id == user.id).collect();
-                let spent: f64 = mine.iter().map(|o| o.total).sum();
+                // Not `sum()`: a float sum of nothing is -0.0, which a user
+                // without orders would be shown as having spent.
+                let spent = mine.iter().fold(0.0, |a, o| a + o.total);
                 for o in &mine {
                     *summary
                         .orders_by_status

@@ -305,6 +305,15 @@ async fn tasks_run_for_real_and_stream_their_progress() {
     assert_eq!(task["result"]["comments"], 4);
     assert_eq!(task["result"]["orders"], 2);
     assert_eq!(task["result"]["revenue"], 249.98);
+    let admin = task["result"]["per_user"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|line| line["name"] == "admin")
+        .expect("every user has a line");
+    assert_eq!(admin["orders"], 0);
+    // 0.0 exactly: serde_json compares -0.0 equal to it, so the text is checked.
+    assert_eq!(admin["spent"].to_string(), "0.0");
     // Reconnecting after the fact still tells the whole story.
     let mut again = Sse::connect(&app, &format!("/progress/{id}"), None).await;
     assert_eq!(again.next().await.unwrap().json()["progress"], 100);
