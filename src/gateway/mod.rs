@@ -34,7 +34,7 @@ use crate::{
         GetProductRequest, ListProductsRequest, product_service_client::ProductServiceClient,
     },
     http::{
-        error::{ApiError, detail, not_an_integer_path_param},
+        error::{ApiError, detail, not_an_integer_path_param, unprocessable},
         extract::{bearer_token, parse_urlencoded},
     },
     trace::{self, TRACEPARENT, X_REQUEST_ID, X_REQUEST_TIMEOUT_MS},
@@ -635,7 +635,15 @@ async fn list_products(g: &Gateway, ctx: &CallCtx, query: Option<&str>) -> Respo
         None => None,
         Some(c) => match crate::grpc::pb::product::Category::from_str_name(&c.to_uppercase()) {
             Some(c) => Some(c as i32),
-            None => return detail(StatusCode::BAD_REQUEST, format!("Unknown category {c:?}")),
+            // A 422 at the parameter, as every other query error here and
+            // `prism serve`'s own `/products/?category=` answer it.
+            None => {
+                return unprocessable(
+                    vec!["query".into(), "category".into()],
+                    "enum",
+                    "Input should be 'ELECTRONICS', 'CLOTHING', 'FOOD' or 'BOOKS'",
+                );
+            }
         },
     };
     let request = ListProductsRequest {

@@ -602,8 +602,9 @@ async fn routes_over_the_real_services() {
     assert_eq!(r.headers()["x-total-count"], "1");
     let list: Value = r.json().await.unwrap();
     assert_eq!(list[0]["name"], "Gadget");
-    let (s, _) = gw.get("/api/products?category=TOYS").await;
-    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (s, body) = gw.get("/api/products?category=TOYS").await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(body["detail"][0]["loc"], json!(["query", "category"]));
 
     let (_, health) = gw.get("/healthz").await;
     assert_eq!(health["status"], "ok");
