@@ -362,9 +362,9 @@ pub fn router_for(role: crate::app::Role, state: AppState) -> Router {
                 .merge(crate::realtime::feed_router())
                 .merge(docs(service_document(role).map(|d| ("/openapi.json", d))))
                 .fallback(not_found)
-                .method_not_allowed_fallback(method_not_allowed)
                 .with_state(state.clone())
-                .merge(services::orders_service(state.clone())),
+                .merge(services::orders_service(state.clone()))
+                .method_not_allowed_fallback(method_not_allowed),
             state,
         ),
     }
@@ -385,9 +385,11 @@ pub fn router(state: AppState) -> Router {
         .merge(docs(documents()))
         .merge(crate::realtime::router())
         .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state.clone())
-        .merge(crate::graphql::router(state.clone(), state.config.graphql));
+        .merge(crate::graphql::router(state.clone(), state.config.graphql))
+        // After the merge, so that `/graphql` answers a wrong method in the
+        // same JSON as every other route.
+        .method_not_allowed_fallback(method_not_allowed);
     edge(routes, state)
 }
 

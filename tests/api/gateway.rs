@@ -821,6 +821,17 @@ async fn the_orders_service_passes_the_deadline_and_trace_on() {
     let r = get_within(&gw.client, format!("{orders_url}/orders/1"), Some(0)).await;
     assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(users.hits(), asked);
+    // A wrong method gets the usual JSON 405 on the service's own routes too.
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        gw.client.delete(format!("{orders_url}/orders/1")).send(),
+    )
+    .await
+    .expect("the orders service answers")
+    .unwrap();
+    assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body, json!({"detail": "Method Not Allowed"}));
 
     gw.stop().await;
     orders.stop().await;

@@ -69,9 +69,11 @@ async fn unknown_routes_and_methods_answer_in_json() {
         (status, body),
         (StatusCode::NOT_FOUND, json!({"detail": "Not Found"}))
     );
-    let (status, body) = app.send_json(Method::DELETE, "/stats", None, None).await;
-    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
-    assert_eq!(body, json!({"detail": "Method Not Allowed"}));
+    for path in ["/stats", "/graphql", "/users/1"] {
+        let (status, body) = app.send_json(Method::DELETE, path, None, None).await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{path}");
+        assert_eq!(body, json!({"detail": "Method Not Allowed"}), "{path}");
+    }
     app.stop().await;
 }
 
