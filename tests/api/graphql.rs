@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, WsMessage, node, node_clients, spawn_app, spawn_with, test_config};
+use crate::helpers::{
+    TestApp, Ws, WsMessage, node, node_clients, spawn_app, spawn_with, test_config,
+};
 
 fn code(body: &Value) -> &str {
     body["errors"][0]["extensions"]["code"]
@@ -808,17 +810,23 @@ async fn operations_before_the_ack_close_the_socket() {
     app.stop().await;
 }
 
+/// A `graphql-transport-ws` socket past its `connection_ack`, anonymous.
+async fn acked_socket(app: &TestApp) -> Ws {
+    let mut ws = app
+        .websocket("/graphql", Some("graphql-transport-ws"))
+        .await;
+    ws.send_json(json!({"type": "connection_init"})).await;
+    assert_eq!(ws.next_json().await["type"], "connection_ack");
+    ws
+}
+
 /// graphql-transport-ws: a second `subscribe` with the id of a running
 /// operation closes the socket with 4409, as the protocol requires, rather
 /// than replacing the first.
 #[tokio::test]
 async fn a_subscription_id_in_use_closes_the_socket_with_4409() {
     let app = spawn_app().await;
-    let mut ws = app
-        .websocket("/graphql", Some("graphql-transport-ws"))
-        .await;
-    ws.send_json(json!({"type": "connection_init"})).await;
-    assert_eq!(ws.next_json().await["type"], "connection_ack");
+    let mut ws = acked_socket(&app).await;
     let subscribe = json!({
         "id": "1", "type": "subscribe",
         "payload": {"query": "subscription { messageAdded { id } }"}
@@ -850,11 +858,7 @@ async fn a_socket_never_initialised_is_closed_with_4408() {
 #[tokio::test]
 async fn an_unknown_message_type_closes_with_a_valid_4400() {
     let app = spawn_app().await;
-    let mut ws = app
-        .websocket("/graphql", Some("graphql-transport-ws"))
-        .await;
-    ws.send_json(json!({"type": "connection_init"})).await;
-    assert_eq!(ws.next_json().await["type"], "connection_ack");
+    let mut ws = acked_socket(&app).await;
     ws.send_json(json!({"type": "bogus"})).await;
     assert_eq!(ws.close_code().await, Some(4400));
     app.stop().await;
@@ -889,11 +893,7 @@ async fn a_bad_token_in_connection_init_closes_the_socket() {
 #[tokio::test]
 async fn shutdown_completes_subscriptions_and_closes_with_1001() {
     let app = spawn_app().await;
-    let mut ws = app
-        .websocket("/graphql", Some("graphql-transport-ws"))
-        .await;
-    ws.send_json(json!({"type": "connection_init"})).await;
-    assert_eq!(ws.next_json().await["type"], "connection_ack");
+    let mut ws = acked_socket(&app).await;
     ws.send_json(json!({
         "id": "s", "type": "subscribe",
         "payload": {"query": "subscription { messageAdded { id } }"}
