@@ -390,11 +390,12 @@ impl Config {
             // Checked here, before anything is written: `--demo` creates the
             // account after Alice's and Bob's, and a refused password would
             // leave a database that holds demo users but no admin.
+            // The domain's own rule for every password, so the two cannot drift.
             let (min, max) = crate::domain::validate::limits::PASSWORD;
-            anyhow::ensure!(
-                (min..=max).contains(&password.chars().count()),
-                "admin_password (PRISM_ADMIN_PASSWORD) must be {min} to {max} characters"
-            );
+            crate::domain::validate::Check::new()
+                .length("admin_password", password, min, max)
+                .finish()
+                .map_err(|e| anyhow::anyhow!("PRISM_ADMIN_PASSWORD / {e}"))?;
         }
         if let Some(url) = &self.database_url {
             anyhow::ensure!(
