@@ -150,6 +150,7 @@ fn main_api() -> utoipa::openapi::OpenApi {
     doc.merge(OpsApi::openapi());
     doc.merge(auth::AuthApi::openapi());
     doc.merge(content::ContentApi::openapi());
+    doc.merge(crate::realtime::RealtimeApi::openapi());
     doc
 }
 

@@ -125,10 +125,31 @@ fn common_answers(op: &mut Operation) {
             .entry("422".into())
             .or_insert_with(|| answer("Validation Error", "ValidationDetail"));
     }
+    // OpenAPI 3.1 requires a description on every answer (3.2 does not, so
+    // utoipa leaves an unset one out); these are FastAPI's words for them.
+    for (status, answer) in answers.iter_mut() {
+        if let RefOr::T(a) = answer
+            && a.description.is_empty()
+        {
+            a.description = describe(status).into();
+        }
+    }
     for p in op.parameters.iter_mut().flatten() {
         if let RefOr::T(p) = p {
             parameter_limits(p);
         }
+    }
+}
+
+fn describe(status: &str) -> &'static str {
+    let code = status
+        .parse()
+        .ok()
+        .and_then(|s| axum::http::StatusCode::from_u16(s).ok());
+    match code {
+        Some(c) if c.is_success() => "Successful Response",
+        Some(c) => c.canonical_reason().unwrap_or("Error"),
+        None => "Response",
     }
 }
 

@@ -24,13 +24,15 @@ use axum::{
 };
 use chrono::{SecondsFormat, Utc};
 use futures::{Stream, StreamExt, stream};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
+use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use crate::{
     domain::{NewTask, Task, TaskEvent},
     events::{Event, EventFilter, Item},
     http::{
+        Detail,
         error::ApiError,
         extract::{Admin, Auth, Input, Json, Path, Query},
     },
@@ -157,6 +159,8 @@ fn log_stream(
 /// `GET /events`: a counter every second, `{"count": N, "timestamp": "…"}`.
 /// The count is the event id, so a reconnecting client continues from where
 /// it was instead of starting at 1.
+#[utoipa::path(get, path = "/events", tag = "streams", params(("Last-Event-ID" = Option<i64>, Header, description = "Continue the count from here")),
+    responses((status = 200, description = "`data: {\"count\": N, \"timestamp\": \"…\"}` every second", content_type = "text/event-stream", body = String)))]
 async fn counter(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let start = last_event_id(&headers).unwrap_or(0);
     let tick = state.config.counter_interval;
@@ -206,6 +210,8 @@ fn describe(e: &Event) -> String {
 
 /// `GET /events/named`: `message` for every message sent, `notification` for
 /// every other domain event, and a `heartbeat` (`ping`).
+#[utoipa::path(get, path = "/events/named", tag = "streams", params(("Last-Event-ID" = Option<i64>, Header, description = "Resume after this event id: missed events are replayed, then live")),
+    responses((status = 200, description = "`event: message` (a Message), `event: notification` (`{\"type\", \"text\", \"event\", \"id\"}`) and `event: heartbeat` (`ping`)", content_type = "text/event-stream", body = String)))]
 async fn named(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let domain = log_stream(&state, last_event_id(&headers), EventFilter::all(), |e| {
         Some(if e.kind == "message.sent" {
@@ -234,6 +240,8 @@ async fn named(State(state): State<AppState>, headers: HeaderMap) -> Response {
 
 /// `GET /stream`: every broadcast, `{"message", "timestamp"}`, with no event
 /// name (the browser's default `message`).
+#[utoipa::path(get, path = "/stream", tag = "streams", params(("Last-Event-ID" = Option<i64>, Header, description = "Resume after this event id: missed events are replayed, then live")),
+    responses((status = 200, description = "every broadcast, `{\"message\", \"timestamp\"}`, as the default `message` event", content_type = "text/event-stream", body = String)))]
 async fn broadcasts(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let events = log_stream(
         &state,
@@ -244,28 +252,51 @@ async fn broadcasts(State(state): State<AppState>, headers: HeaderMap) -> Respon
     sse(&state, events)
 }
 
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct BroadcastIn {
     pub message: String,
 }
 
+/// `{"status": "broadcasted"}`, as the seed answers.
+#[derive(Debug, Serialize, ToSchema)]
+struct Broadcasted {
+    #[schema(example = "broadcasted")]
+    status: &'static str,
+}
+
+/// A started task: where to follow it is `/progress/{task_id}`.
+#[derive(Debug, Serialize, ToSchema)]
+struct Accepted {
+    task_id: String,
+    /// `pending` until the job picks it up.
+    status: String,
+}
+
 /// `POST /broadcast?message=…` (or a JSON body): publish to every `/stream`.
+#[utoipa::path(post, path = "/broadcast", tag = "broadcast", security(("bearer" = [])),
+    params(("message" = Option<String>, Query, description = "The message, instead of a JSON body")),
+    request_body(content = Option<BroadcastIn>, description = "The message, instead of the query"),
+    responses((status = 200, body = Broadcasted)))]
 async fn broadcast(
     State(state): State<AppState>,
     Auth(by): Auth,
     Input(b): Input<BroadcastIn>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<Broadcasted>, ApiError> {
     state.domain.broadcast(&by, &b.message).await?;
-    Ok(Json(json!({"status": "broadcasted"})))
+    Ok(Json(Broadcasted {
+        status: "broadcasted",
+    }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 struct FeedQuery {
     /// Comma-separated event types; `order.*` matches a prefix.
     types: Option<String>,
 }
 
 /// `GET /events/feed?types=…`: every domain event, resumable.
+#[utoipa::path(get, path = "/events/feed", tag = "streams", params(FeedQuery, ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this event id: missed events are replayed, then live")),
+    responses((status = 200, description = "`id: <event id>`, `event: <type>`, `data: {\"id\", \"type\", \"payload\", \"created_at\"}`", content_type = "text/event-stream", body = String)))]
 async fn feed(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -281,6 +312,8 @@ async fn feed(
 }
 
 /// `POST /tasks` `{"kind": "report"}`: starts a background job; 202 with its id.
+#[utoipa::path(post, path = "/tasks", tag = "tasks", security(("bearer" = [])), request_body = NewTask,
+    responses((status = 202, body = Accepted, headers(("location" = String, description = "`/tasks/{task_id}`")))))]
 async fn create_task(
     State(state): State<AppState>,
     Auth(by): Auth,
@@ -290,18 +323,24 @@ async fn create_task(
     let domain = state.domain.clone();
     let id = task.task_id.clone();
     state.jobs.spawn(async move { domain.run_task(&id).await });
+    let location = HeaderValue::from_str(&format!("/tasks/{}", task.task_id));
     let mut r = (
         StatusCode::ACCEPTED,
-        Json(json!({"task_id": task.task_id, "status": task.status})),
+        Json(Accepted {
+            task_id: task.task_id,
+            status: task.status,
+        }),
     )
         .into_response();
-    if let Ok(v) = HeaderValue::from_str(&format!("/tasks/{}", task.task_id)) {
+    if let Ok(v) = location {
         r.headers_mut().insert(header::LOCATION, v);
     }
     Ok(r)
 }
 
 /// `GET /tasks/{task_id}`: state, progress and (once completed) the result.
+#[utoipa::path(get, path = "/tasks/{task_id}", tag = "tasks", params(("task_id" = String, Path)),
+    responses((status = 200, body = Task), (status = 404, body = Detail)))]
 async fn get_task(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -327,6 +366,9 @@ fn completed_event(task_id: &str, status: &str) -> Bytes {
 
 /// `GET /progress/{task_id}`: the task's progress, then `completed` (or
 /// `failed`), then the stream ends. Unknown tasks are 404.
+#[utoipa::path(get, path = "/progress/{task_id}", tag = "streams", params(("task_id" = String, Path)),
+    responses((status = 200, description = "`{\"task_id\", \"progress\"}` (0 to 100), then `{\"task_id\", \"status\": \"completed\"}` (or `failed`), then the end", content_type = "text/event-stream", body = String),
+              (status = 404, body = Detail)))]
 async fn progress(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -378,13 +420,16 @@ async fn progress(
     Ok(sse(&state, stream::iter(first).chain(updates)))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 struct LogQuery {
     /// The least severe level to send: trace, debug, info, warn or error.
     level: Option<String>,
 }
 
 /// `GET /logs` (admin): this server's log records as they happen.
+#[utoipa::path(get, path = "/logs", tag = "streams", security(("bearer" = [])), params(LogQuery),
+    responses((status = 200, description = "`{\"level\", \"message\", \"target\", \"timestamp\"}` per log record", content_type = "text/event-stream", body = String),
+              (status = 403, body = Detail)))]
 async fn logs(
     State(state): State<AppState>,
     _admin: Admin,
@@ -412,15 +457,29 @@ async fn logs(
 }
 
 /// `GET /stock-prices`: the simulated ticker (shared with the WebSocket).
+#[utoipa::path(get, path = "/stock-prices", tag = "streams",
+    responses((status = 200, description = "simulated quotes, `{\"symbol\": \"AAPL\", \"price\": 123.45}`", content_type = "text/event-stream", body = String)))]
 async fn stock_prices(State(state): State<AppState>) -> Response {
     let ticks = tokio_stream::wrappers::BroadcastStream::new(state.ticker.subscribe())
         .filter_map(|t| futures::future::ready(t.ok().map(|json| frame(None, None, &json))));
     sse(&state, ticks)
 }
 
+/// The live dashboard.
+#[utoipa::path(get, path = "/ui", tag = "meta", responses((status = 200, content_type = "text/html", body = String)))]
 async fn ui() -> Html<&'static str> {
     Html(include_str!("ui.html"))
 }
+
+/// The HTTP routes of this module, for the main app's document. The
+/// WebSockets are left out, as FastAPI leaves them out: OpenAPI cannot say
+/// what an upgrade carries.
+#[derive(OpenApi)]
+#[openapi(
+    paths(counter, named, feed, broadcasts, broadcast, create_task, get_task, progress, logs, stock_prices, ui),
+    tags((name = "streams", description = "Server-Sent Events: `text/event-stream` that stays open"))
+)]
+pub struct RealtimeApi;
 
 /// Only the domain event feed: what the orders service offers its consumers.
 pub fn feed_router() -> Router<AppState> {

@@ -612,6 +612,13 @@ pub async fn documents_hold(client: &reqwest::Client, base: &str, specs: &[&str]
                 let reads_input = op["requestBody"].is_object()
                     || op["parameters"].as_array().is_some_and(|p| !p.is_empty());
                 assert!(answers.contains_key("401") || !secured, "{what}");
+                for (code, answer) in answers {
+                    // Required by OpenAPI 3.1; generators refuse documents without it.
+                    let described = answer["description"]
+                        .as_str()
+                        .is_some_and(|d| !d.is_empty());
+                    assert!(described, "{what}: {code} has no description");
+                }
                 assert_eq!(answers.contains_key("422"), reads_input, "{what}");
                 if method != "get" && !path.starts_with("/auth/") {
                     assert!(secured, "{what}: a write without a token requirement");
@@ -620,7 +627,16 @@ pub async fn documents_hold(client: &reqwest::Client, base: &str, specs: &[&str]
                 let method = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
                 let r = client.request(method, url).send().await.unwrap();
                 let status = r.status();
-                let body: Value = r.json().await.unwrap_or_default();
+                // A stream stays open: its head is the answer.
+                let streams = r
+                    .headers()
+                    .get(reqwest::header::CONTENT_TYPE)
+                    .is_some_and(|t| t.as_bytes().starts_with(b"text/event-stream"));
+                let body: Value = if streams {
+                    Value::Null
+                } else {
+                    r.json().await.unwrap_or_default()
+                };
                 assert!(
                     !(status == StatusCode::NOT_FOUND && body["detail"] == "Not Found"),
                     "{what} is not routed"
@@ -659,8 +675,8 @@ fn with_ids(path: &str) -> String {
         .join("/")
 }
 
-/// A second opinion on the documents at `specs` (paths under `base`):
-/// schemathesis generates requests from each one (valid and invalid, and
+/// A second opinion on the documents at `specs` (paths under `base`): each
+/// must pass openapi-spec-validator, and schemathesis generates requests from each one (valid and invalid, and
 /// chains of them) and checks every answer against it: no 5xx, only
 /// documented statuses, bodies of the documented shape, and invalid input
 /// refused. It does not ask that every schema-valid request succeed, since no
@@ -683,7 +699,24 @@ pub async fn schemathesis(base: &str, specs: &[&str], token: &str) {
     let workdir = tempfile::tempdir().unwrap();
     let client = reqwest::Client::builder().timeout(WAIT).build().unwrap();
     for spec in specs {
-        let (_, prefix) = document(&client, base, spec).await;
+        let (doc, prefix) = document(&client, base, spec).await;
+        let file = workdir.path().join("openapi.json");
+        std::fs::write(&file, doc.to_string()).unwrap();
+        let validate = tokio::process::Command::new("python3")
+            .args(["-m", "openapi_spec_validator"])
+            .arg(&file)
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(WAIT, validate)
+            .await
+            .expect("openapi-spec-validator timed out")
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{base}{spec} is not valid OpenAPI:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         let run = tokio::process::Command::new("python3")
             .args(["-m", "schemathesis.cli", "run", "--no-color"])
             .arg(format!("{base}{spec}"))
@@ -697,6 +730,9 @@ pub async fn schemathesis(base: &str, specs: &[&str], token: &str) {
             ])
             // The same cases on every run, so a failure is reproducible.
             .args(["--max-examples", "50", "--generation-deterministic"])
+            // Server-Sent Events never end, so no answer could be checked;
+            // documents_hold checks that they are routed as documented.
+            .args(["--exclude-tag", "streams"])
             .args(["--request-timeout", "10"])
             .current_dir(workdir.path())
             .kill_on_drop(true)

@@ -323,6 +323,26 @@ async fn docs_are_served_from_the_binary() {
     }
     let (_, users_spec) = app.get_json("/users/openapi.json").await;
     assert!(users_spec["paths"]["/{user_id}"]["get"].is_object());
+    // The streams and tasks are in /docs, as a FastAPI app lists them.
+    let (_, main_spec) = app.get_json("/openapi.json").await;
+    for path in [
+        "/events",
+        "/events/named",
+        "/events/feed",
+        "/stream",
+        "/logs",
+    ] {
+        let ok = &main_spec["paths"][path]["get"]["responses"]["200"];
+        assert!(
+            ok["content"]["text/event-stream"].is_object(),
+            "{path}: {ok}"
+        );
+    }
+    let broadcast = &main_spec["paths"]["/broadcast"]["post"];
+    assert_eq!(broadcast["security"], json!([{"bearer": []}]));
+    let task = &main_spec["paths"]["/tasks"]["post"]["responses"]["202"];
+    assert!(task["headers"]["location"].is_object(), "{task}");
+    assert!(main_spec["paths"]["/progress/{task_id}"]["get"]["responses"]["404"].is_object());
     let initializer = app.get("/docs/swagger-initializer.js").await;
     assert_eq!(initializer.status(), StatusCode::OK);
     app.stop().await;
