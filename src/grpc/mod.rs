@@ -152,7 +152,11 @@ fn product_to_pb(p: &domain::Product) -> PbProduct {
 }
 
 fn product_from_pb(p: PbProduct) -> Result<NewProduct, Status> {
-    let price = p.price.unwrap_or_default();
+    // proto3 cannot require a field; without this a product sent with no
+    // price would be refused for its empty currency, which it never set.
+    let price = p
+        .price
+        .ok_or_else(|| status(Error::invalid("price", "missing", "Field required")))?;
     Ok(NewProduct {
         name: p.name,
         description: p.description,

@@ -337,6 +337,14 @@ async fn product_service_rpcs_paging_and_filters() {
             .code(),
         Code::InvalidArgument
     );
+    let mut priceless = gizmo();
+    priceless.price = None;
+    let refused = products
+        .create_product(authed(priceless, &admin))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert_eq!(refused.message(), "price: Field required");
     products
         .delete_product(authed(GetProductRequest { id: 3 }, &admin))
         .await
