@@ -296,6 +296,31 @@ impl Domain {
         self.commit(tx).await
     }
 
+    /// Ends a friendship (both directions). Only one of the two, or an admin.
+    pub async fn remove_friend(&self, by: &Principal, user_id: i64, friend_id: i64) -> Result<()> {
+        if by.user_id != friend_id {
+            by.ensure_self_or_admin(user_id, "change your own friendships")?;
+        }
+        self.get_user(user_id).await?;
+        self.get_user(friend_id).await?;
+        let mut tx = self.db.begin().await?;
+        let sql = "DELETE FROM friendships \
+                   WHERE (user_id = $1 AND friend_id = $2) OR (user_id = $2 AND friend_id = $1)";
+        let removed = on_tx!(&mut tx, c => {
+            sqlx::query(sql).bind(user_id).bind(friend_id).execute(c).await?.rows_affected()
+        });
+        if removed == 0 {
+            return Err(Error::NotFound("Friendship not found".into()));
+        }
+        events::append(
+            &mut tx,
+            "friend.removed",
+            &serde_json::json!({"user_id": user_id, "friend_id": friend_id}),
+        )
+        .await?;
+        self.commit(tx).await
+    }
+
     /// How many users exist.
     pub async fn count_users(&self) -> Result<i64> {
         Ok(on_db!(&self.db, pool => {

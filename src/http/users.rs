@@ -106,11 +106,24 @@ async fn add_friend(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// End a friendship (both directions). Only one of the two, or an admin.
+#[utoipa::path(delete, path = "/{user_id}/friends/{friend_id}", security(("bearer" = [])),
+    params(("user_id" = i64, Path), ("friend_id" = i64, Path)),
+    responses((status = 204), (status = 403, body = Detail), (status = 404, body = Detail)))]
+async fn remove_friend(
+    state: axum::extract::State<AppState>,
+    Auth(by): Auth,
+    Path((user_id, friend_id)): Path<(i64, i64)>,
+) -> Result<StatusCode, ApiError> {
+    state.domain.remove_friend(&by, user_id, friend_id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Users API", description = "Users and their friendships."),
     servers((url = "/users")),
-    paths(list_users, get_user, create_user, user_posts, user_friends, add_friend),
+    paths(list_users, get_user, create_user, user_posts, user_friends, add_friend, remove_friend),
 )]
 pub struct UsersApi;
 
@@ -126,6 +139,6 @@ pub fn router() -> Router<AppState> {
         .route("/{user_id}/friends", get(user_friends))
         .route(
             "/{user_id}/friends/{friend_id}",
-            axum::routing::put(add_friend),
+            axum::routing::put(add_friend).delete(remove_friend),
         )
 }

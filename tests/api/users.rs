@@ -3,7 +3,7 @@
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 
-use crate::helpers::spawn_app;
+use crate::helpers::{Sse, spawn_app};
 
 #[tokio::test]
 async fn get_user_returns_alice() {
@@ -203,5 +203,54 @@ async fn friendships_are_made_by_one_of_the_two() {
         .map(|u| u["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["Alice", "admin"]);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn friendships_are_ended_by_one_of_the_two() {
+    let app = spawn_app().await;
+    let (admin, alice, bob) = (
+        app.admin_token().await,
+        app.alice_token().await,
+        app.bob_token().await,
+    );
+    let mut feed = Sse::connect(&app, "/events/feed?types=friend.*", None).await;
+    let (status, _) = app
+        .send_json(Method::PUT, "/users/3/friends/2", Some(&admin), None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    feed.next_named("friend.added").await;
+    // Alice is neither of the two.
+    let (status, _) = app
+        .send_json(Method::DELETE, "/users/3/friends/2", Some(&alice), None)
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    // Bob is the second of the two.
+    let (status, _) = app
+        .send_json(Method::DELETE, "/users/1/friends/2", Some(&bob), None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let removed = feed.next_named("friend.removed").await;
+    let payload = &serde_json::from_str::<serde_json::Value>(&removed.data).unwrap()["payload"];
+    assert_eq!(payload, &json!({"user_id": 1, "friend_id": 2}));
+    for user in [1, 2] {
+        let (_, friends) = app.get_json(&format!("/users/{user}/friends")).await;
+        let ids: Vec<i64> = friends
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u["id"].as_i64().unwrap())
+            .collect();
+        assert_eq!(ids, if user == 1 { vec![] } else { vec![3] }, "user {user}");
+    }
+    let (status, body) = app
+        .send_json(Method::DELETE, "/users/2/friends/1", Some(&bob), None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["detail"], "Friendship not found");
+    let (status, _) = app
+        .send_json(Method::DELETE, "/users/1/friends/2", None, None)
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
     app.stop().await;
 }
