@@ -224,16 +224,56 @@ fn data_error(source: &str, path: &str, message: &str) -> Response {
             "int_parsing_size",
             "Unable to parse input string as an integer, exceeded maximum size".to_owned(),
         )
-    } else if message.contains("invalid digit") || message.contains("expected i") {
-        ("int_parsing", "Input should be a valid integer".to_owned())
+    } else if message.contains("invalid digit") {
+        (
+            "int_parsing",
+            "Input should be a valid integer, unable to parse string as an integer".to_owned(),
+        )
+    } else if message.contains("expected i") && has_fraction(message) {
+        (
+            "int_from_float",
+            "Input should be a valid integer, got a number with a fractional part".to_owned(),
+        )
+    } else if message.contains("expected i") {
+        ("int_type", "Input should be a valid integer".to_owned())
     } else if message.contains("invalid float") || message.contains("expected f64") {
         ("float_parsing", "Input should be a valid number".to_owned())
-    } else if message.starts_with("unknown variant") {
-        ("enum", message.to_owned())
+    } else if let Some(msg) = enum_message(message) {
+        ("enum", msg)
     } else {
         ("value_error", message.to_owned())
     };
     unprocessable(loc, kind, msg)
+}
+
+/// Whether serde's "invalid value: floating point `30.5`, expected i64" is
+/// about a number with a fractional part (rather than one too large).
+fn has_fraction(message: &str) -> bool {
+    message
+        .split_once("floating point `")
+        .and_then(|(_, m)| m.split('`').next())
+        .and_then(|n| n.parse::<f64>().ok())
+        .is_some_and(|n| n.fract() != 0.0)
+}
+
+/// pydantic's words for serde's "unknown variant `x`, expected one of `A`,
+/// `B`": "Input should be 'A' or 'B'".
+fn enum_message(message: &str) -> Option<String> {
+    let (_, expected) = message
+        .strip_prefix("unknown variant")?
+        .split_once("expected")?;
+    let names: Vec<String> = expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|n| format!("'{n}'"))
+        .collect();
+    let (last, rest) = names.split_last()?;
+    Some(if rest.is_empty() {
+        format!("Input should be {last}")
+    } else {
+        format!("Input should be {} or {last}", rest.join(", "))
+    })
 }
 
 /// serde_json appends " at line 1 column 7"; clients do not need it.
@@ -247,6 +287,20 @@ fn strip_position(message: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unknown_variants_are_named_as_pydantic_names_them() {
+        let serde = "unknown variant `toys`, expected one of `ELECTRONICS`, `CLOTHING`, `BOOKS`";
+        assert_eq!(
+            enum_message(serde).unwrap(),
+            "Input should be 'ELECTRONICS', 'CLOTHING' or 'BOOKS'"
+        );
+        assert_eq!(
+            enum_message("unknown variant `b`, expected `a`").unwrap(),
+            "Input should be 'a'"
+        );
+        assert_eq!(enum_message("invalid type: map"), None);
+    }
 
     #[test]
     fn bearer_token_is_parsed_case_insensitively() {

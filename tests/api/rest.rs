@@ -259,13 +259,28 @@ async fn bodies_are_objects_and_whole_numbers_are_integers() {
     let (status, user) = post(json!({"name": "Py", "email": "py@example.com", "age": 30.0})).await;
     assert_eq!(status, StatusCode::CREATED, "{user}");
     assert_eq!(user["age"], 30);
-    for age in [json!(30.5), json!(1e300), json!(9223372036854775808u64)] {
+    for (age, kind) in [
+        (json!(30.5), "int_from_float"),
+        (json!(1e300), "int_type"),
+        (json!(9223372036854775808u64), "int_type"),
+        (json!("thirty"), "int_type"),
+    ] {
         let (status, body) =
             post(json!({"name": "Py", "email": "py2@example.com", "age": age})).await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{age}");
         assert_eq!(body["detail"][0]["loc"], json!(["body", "age"]), "{age}");
-        assert_eq!(body["detail"][0]["type"], "int_parsing", "{age}");
+        assert_eq!(body["detail"][0]["type"], kind, "{age}");
     }
+    let (_, body) = app.get_json("/users/?limit=ten").await;
+    assert_eq!(
+        body["detail"][0]["msg"],
+        "Input should be a valid integer, unable to parse string as an integer"
+    );
+    let (_, body) = app.get_json("/products/?category=TOYS").await;
+    assert_eq!(
+        body["detail"][0]["msg"],
+        "Input should be 'ELECTRONICS', 'CLOTHING', 'FOOD' or 'BOOKS'"
+    );
 
     let (status, body) = app.get_json("/users/?offset=9223372036854775808").await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
