@@ -8,9 +8,8 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{MethodRouter, get},
 };
-use serde::Deserialize;
-use serde_json::json;
-use utoipa::{IntoParams, OpenApi};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use super::{
     Detail,
@@ -111,30 +110,59 @@ async fn delete_product(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Version 1 of the items view.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ItemsV1 {
+    #[schema(example = 1)]
+    version: u8,
+    items: Vec<Product>,
+}
+
+/// Version 2 of the items view: version 1 with paging metadata.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ItemsV2 {
+    #[schema(example = 2)]
+    version: u8,
+    items: Vec<Product>,
+    metadata: PageMetadata,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PageMetadata {
+    /// Matching products on every page.
+    total: i64,
+    page: i64,
+    page_size: i64,
+}
+
 /// Version 1 of the items view: `{"version": 1, "items": [...]}`.
 #[utoipa::path(get, path = "/api/v1/items", params(CatalogueParams), tag = "items",
-    responses((status = 200, description = "`{version: 1, items}`")))]
+    responses((status = 200, body = ItemsV1)))]
 pub async fn items_v1(
     State(state): State<AppState>,
     Query(q): Query<CatalogueParams>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<ItemsV1>, ApiError> {
     let (items, _, _, _) = q.fetch(&state).await?;
-    Ok(Json(json!({"version": 1, "items": items})))
+    Ok(Json(ItemsV1 { version: 1, items }))
 }
 
 /// Version 2 of the items view, with paging metadata.
 #[utoipa::path(get, path = "/api/v2/items", params(CatalogueParams), tag = "items",
-    responses((status = 200, description = "`{version: 2, items, metadata: {total, page, page_size}}`")))]
+    responses((status = 200, body = ItemsV2)))]
 pub async fn items_v2(
     State(state): State<AppState>,
     Query(q): Query<CatalogueParams>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let (items, total, page, size) = q.fetch(&state).await?;
-    Ok(Json(json!({
-        "version": 2,
-        "items": items,
-        "metadata": {"total": total, "page": page, "page_size": size},
-    })))
+) -> Result<Json<ItemsV2>, ApiError> {
+    let (items, total, page, page_size) = q.fetch(&state).await?;
+    Ok(Json(ItemsV2 {
+        version: 2,
+        items,
+        metadata: PageMetadata {
+            total,
+            page,
+            page_size,
+        },
+    }))
 }
 
 #[derive(OpenApi)]
