@@ -12,7 +12,6 @@ use axum::{
 };
 use bytes::Bytes;
 use http_body_util::Full;
-use serde_json::json;
 use std::{
     sync::Arc,
     time::{Duration, Instant},
@@ -230,7 +229,7 @@ async fn create_order(
         .domain
         .insert_order(user_id, new.total, new.status.unwrap_or_default())
         .await?;
-    Ok((StatusCode::CREATED, Json(json!(order))).into_response())
+    Ok((StatusCode::CREATED, Json(order)).into_response())
 }
 
 #[derive(OpenApi)]
