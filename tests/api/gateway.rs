@@ -518,6 +518,12 @@ async fn routes_over_the_real_services() {
         order["user"]["name"], "Alice",
         "the orders service embeds the user"
     );
+    // Fields come in the order the seed's models declare them, as FastAPI
+    // writes them, however many services a body passed through.
+    assert_eq!(
+        keys(&order),
+        ["id", "user_id", "total", "status", "created_at", "user"]
+    );
     let (_, both) = gw.get("/api/user-orders/2").await;
     assert_eq!(both["user"]["name"], "Bob");
     assert_eq!(both["orders"][0]["total"], 149.99);
@@ -584,6 +590,18 @@ async fn routes_over_the_real_services() {
     assert_eq!(
         (s, p["name"].clone(), p["category"].clone()),
         (StatusCode::OK, json!("Widget"), json!("ELECTRONICS"))
+    );
+    assert_eq!(
+        keys(&p),
+        [
+            "id",
+            "name",
+            "description",
+            "price",
+            "category",
+            "tags",
+            "metadata"
+        ]
     );
     let (s, body) = gw.get("/api/products/99").await;
     assert_eq!(
@@ -1821,4 +1839,9 @@ async fn prism_up_runs_the_whole_topology() {
             .await
             .is_err()
     );
+}
+
+/// An object's field names, in the order the body wrote them.
+fn keys(v: &Value) -> Vec<&str> {
+    v.as_object().unwrap().keys().map(String::as_str).collect()
 }

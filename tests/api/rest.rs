@@ -305,6 +305,8 @@ async fn versioned_items_views() {
     assert_eq!(v1["items"].as_array().unwrap().len(), 2);
     assert_eq!(v1["items"][0]["name"], "Widget");
     let (_, v2) = app.get_json("/api/v2/items?page=1&page_size=1").await;
+    let fields: Vec<&String> = v2.as_object().unwrap().keys().collect();
+    assert_eq!(fields, ["version", "items", "metadata"]);
     assert_eq!(v2["version"], 2);
     assert_eq!(v2["items"].as_array().unwrap().len(), 1);
     assert_eq!(
