@@ -265,20 +265,33 @@ impl Domain {
         }))
     }
 
-    /// Makes two users friends (both directions). Only one of the two, or an admin.
-    pub async fn add_friend(&self, by: &Principal, user_id: i64, friend_id: i64) -> Result<()> {
+    /// Either of the two may change their friendship, or an admin; both
+    /// must exist.
+    async fn may_change_friendship(
+        &self,
+        by: &Principal,
+        user_id: i64,
+        friend_id: i64,
+    ) -> Result<()> {
         if by.user_id != friend_id {
             by.ensure_self_or_admin(user_id, "change your own friendships")?;
         }
+        self.get_user(user_id).await?;
+        self.get_user(friend_id).await?;
+        Ok(())
+    }
+
+    /// Makes two users friends (both directions). Only one of the two, or an admin.
+    pub async fn add_friend(&self, by: &Principal, user_id: i64, friend_id: i64) -> Result<()> {
         if user_id == friend_id {
+            by.ensure_self_or_admin(user_id, "change your own friendships")?;
             return Err(Error::invalid(
                 "friend_id",
                 "value_error",
                 "A user cannot befriend themselves",
             ));
         }
-        self.get_user(user_id).await?;
-        self.get_user(friend_id).await?;
+        self.may_change_friendship(by, user_id, friend_id).await?;
         let mut tx = self.db.begin().await?;
         let sql = "INSERT INTO friendships (user_id, friend_id) VALUES ($1, $2), ($2, $1) \
                    ON CONFLICT DO NOTHING";
@@ -298,11 +311,7 @@ impl Domain {
 
     /// Ends a friendship (both directions). Only one of the two, or an admin.
     pub async fn remove_friend(&self, by: &Principal, user_id: i64, friend_id: i64) -> Result<()> {
-        if by.user_id != friend_id {
-            by.ensure_self_or_admin(user_id, "change your own friendships")?;
-        }
-        self.get_user(user_id).await?;
-        self.get_user(friend_id).await?;
+        self.may_change_friendship(by, user_id, friend_id).await?;
         let mut tx = self.db.begin().await?;
         let sql = "DELETE FROM friendships \
                    WHERE (user_id = $1 AND friend_id = $2) OR (user_id = $2 AND friend_id = $1)";
