@@ -8,6 +8,7 @@
 //! every upstream.
 
 pub mod breaker;
+mod docs;
 pub mod registry;
 pub mod retry;
 pub mod upstream;
@@ -62,6 +63,7 @@ pub struct Inner {
     /// Each route's count of 200 answers, looked up once: the labelled
     /// family hashes its labels on every lookup.
     ok: Vec<prometheus_client::metrics::counter::Counter>,
+    docs: docs::Docs,
 }
 
 /// The gateway's routes, as its metrics label them.
@@ -224,6 +226,7 @@ impl Gateway {
             requests,
             registry: Arc::new(parking_lot::Mutex::new(metrics)),
             ok,
+            docs: docs::Docs::new(),
         })))
     }
 
@@ -757,6 +760,9 @@ impl Gateway {
                 "/healthz" if get => healthz(self),
                 "/metrics" if get => metrics(self),
                 "/healthz" | "/metrics" => method_not_allowed("GET,HEAD"),
+                _ if docs::Docs::serves(path) => {
+                    self.docs.answer(Request::from_parts(parts, body)).await
+                }
                 _ => detail(StatusCode::NOT_FOUND, "Not Found"),
             };
         };

@@ -23,6 +23,7 @@ use crate::{
 };
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct CatalogueParams {
     /// 1-based page; below 1 means 1.
     pub page: Option<i64>,

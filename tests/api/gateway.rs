@@ -629,6 +629,15 @@ async fn routes_over_the_real_services() {
     assert_eq!(health["upstreams"]["users"][0]["circuit"], "closed");
     assert_eq!(health["upstreams"]["products"][0]["healthy"], true);
 
+    // Its own document and Swagger UI, as the seed's FastAPI gateway has.
+    let base = format!("http://{}", gw.addr);
+    let r = gw.client.get(format!("{base}/docs/")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.text().await.unwrap().contains("swagger-ui"));
+    let checked = documents_hold(&gw.client, &base, &["/openapi.json"]).await;
+    assert_eq!(checked, 11, "every route, /healthz and /metrics");
+    schemathesis(&base, &["/openapi.json"], alice).await;
+
     gw.stop().await;
     for service in running {
         service.stop().await;
