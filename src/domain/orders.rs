@@ -66,6 +66,25 @@ pub struct NewOrder {
     pub status: Option<OrderStatus>,
 }
 
+impl NewOrder {
+    /// The rules every way of placing an order shares: a total of at least 0,
+    /// orders for oneself only, and a status other than `pending` (an order
+    /// placed as already completed or cancelled) for an admin only. Gives the
+    /// order's user and status.
+    pub fn check(&self, by: &Principal) -> Result<(i64, OrderStatus)> {
+        let user_id = self.user_id.unwrap_or(by.user_id);
+        Check::new().non_negative("total", self.total).finish()?;
+        by.ensure_self_or_admin(user_id, "place orders for yourself")?;
+        let status = self.status.unwrap_or_default();
+        if status != OrderStatus::Pending && !by.is_admin() {
+            return Err(Error::Forbidden(
+                "Only an admin may place an order that is not pending".into(),
+            ));
+        }
+        Ok((user_id, status))
+    }
+}
+
 impl Domain {
     pub async fn list_orders(&self, user_id: Option<i64>, page: Page) -> Result<Vec<Order>> {
         Ok(match user_id {
@@ -122,9 +141,7 @@ impl Domain {
     /// Places an order. The user must exist here (the orders microservice checks
     /// with the users service instead, before calling this).
     pub async fn create_order(&self, by: &Principal, new: NewOrder) -> Result<Order> {
-        let user_id = new.user_id.unwrap_or(by.user_id);
-        Check::new().non_negative("total", new.total).finish()?;
-        by.ensure_self_or_admin(user_id, "place orders for yourself")?;
+        let (user_id, status) = new.check(by)?;
         match self.get_user(user_id).await {
             Err(Error::NotFound(_)) => {
                 return Err(Error::invalid(
@@ -135,8 +152,7 @@ impl Domain {
             }
             other => other?,
         };
-        self.insert_order(user_id, new.total, new.status.unwrap_or_default())
-            .await
+        self.insert_order(user_id, new.total, status).await
     }
 
     /// Records an order without checking its user: for callers that have

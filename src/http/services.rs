@@ -216,18 +216,14 @@ async fn create_order(
     Json(new): Json<NewOrder>,
 ) -> Result<Response, ApiError> {
     let due = answer_due(&headers);
-    let user_id = new.user_id.unwrap_or(by.user_id);
-    crate::domain::validate::Check::new()
-        .non_negative("total", new.total)
-        .finish()?;
-    by.ensure_self_or_admin(user_id, "place orders for yourself")?;
+    let (user_id, status) = new.check(&by)?;
     if fetch_user(&ctx, user_id, &headers, due).await?.is_none() {
         return Err(Error::invalid("user_id", "value_error", "User does not exist").into());
     }
     let order = ctx
         .app
         .domain
-        .insert_order(user_id, new.total, new.status.unwrap_or_default())
+        .insert_order(user_id, new.total, status)
         .await?;
     Ok((StatusCode::CREATED, Json(order)).into_response())
 }

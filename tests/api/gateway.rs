@@ -584,6 +584,16 @@ async fn routes_over_the_real_services() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    // The orders service applies the domain's rules: a customer's order starts pending.
+    let r = gw
+        .client
+        .post(format!("http://{}/orders", gw.addr))
+        .bearer_auth(alice)
+        .json(&json!({"total": 3.5, "status": "cancelled"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
 
     // Products over gRPC, statuses mapped to HTTP.
     let (s, p) = gw.get("/api/products/1").await;

@@ -438,8 +438,26 @@ async fn posts_comments_messages_and_orders_over_rest() {
         .await;
     assert_eq!(status, StatusCode::CREATED);
     assert_eq!(o["status"], "pending");
+    // A customer cannot place an order as already completed; an admin can
+    // (recording one taken elsewhere).
+    let completed = json!({"total": 3.0, "status": "completed", "user_id": 1});
+    let (status, body) = app
+        .send_json(
+            Method::POST,
+            "/orders",
+            Some(&alice),
+            Some(completed.clone()),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    let admin = app.admin_token().await;
+    let (status, placed) = app
+        .send_json(Method::POST, "/orders", Some(&admin), Some(completed))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{placed}");
+    assert_eq!(placed["status"], "completed");
     let (_, orders) = app.get_json("/orders?user_id=1").await;
-    assert_eq!(orders.as_array().unwrap().len(), 2);
+    assert_eq!(orders.as_array().unwrap().len(), 3);
     let (status, body) = app.get_json("/orders/999").await;
     assert_eq!(
         (status, body),
