@@ -18,7 +18,7 @@ use reqwest::StatusCode;
 use serde_json::json;
 use tonic::{Code, Request};
 
-use crate::helpers::{TestApp, WAIT, spawn_app, spawn_with_idle_timeout};
+use crate::helpers::{TestApp, WAIT, spawn_app, spawn_with_idle_timeout, succeeds};
 
 fn authed<T>(msg: T, token: &str) -> Request<T> {
     let mut r = Request::new(msg);
@@ -606,28 +606,18 @@ async fn python_grpcio_stubs_interoperate() {
     let alice = app.alice_token().await;
     let root = env!("CARGO_MANIFEST_DIR");
     for protos in ["proto", "tests/python/seed"] {
-        let out = tokio::time::timeout(
-            std::time::Duration::from_secs(120),
-            tokio::process::Command::new("python3")
-                .args([
-                    "tests/python/interop.py",
-                    protos,
-                    &app.grpc_addr.to_string(),
-                    &admin,
-                    &alice,
-                ])
-                .current_dir(root)
-                .output(),
-        )
-        .await
-        .expect("interop test timed out")
-        .unwrap();
-        println!("{}", String::from_utf8_lossy(&out.stdout));
-        eprintln!("{}", String::from_utf8_lossy(&out.stderr));
-        assert!(
-            out.status.success(),
-            "Python grpcio interop failed with stubs from {protos}"
-        );
+        let mut interop = tokio::process::Command::new("python3");
+        interop
+            .args([
+                "tests/python/interop.py",
+                protos,
+                &app.grpc_addr.to_string(),
+                &admin,
+                &alice,
+            ])
+            .current_dir(root);
+        let what = format!("Python grpcio interop with stubs from {protos}");
+        succeeds(interop, std::time::Duration::from_secs(120), &what).await;
     }
     app.stop().await;
 }

@@ -702,23 +702,11 @@ pub async fn schemathesis(base: &str, specs: &[&str], token: &str) {
         let (doc, prefix) = document(&client, base, spec).await;
         let file = workdir.path().join("openapi.json");
         std::fs::write(&file, doc.to_string()).unwrap();
-        let validate = tokio::process::Command::new("python3")
-            .args(["-m", "openapi_spec_validator"])
-            .arg(&file)
-            .kill_on_drop(true)
-            .output();
-        let out = tokio::time::timeout(WAIT, validate)
-            .await
-            .expect("openapi-spec-validator timed out")
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{base}{spec} is not valid OpenAPI:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let run = tokio::process::Command::new("python3")
-            .args(["-m", "schemathesis.cli", "run", "--no-color"])
+        let mut validate = tokio::process::Command::new("python3");
+        validate.args(["-m", "openapi_spec_validator"]).arg(&file);
+        succeeds(validate, WAIT, &format!("{base}{spec} as OpenAPI")).await;
+        let mut run = tokio::process::Command::new("python3");
+        run.args(["-m", "schemathesis.cli", "run", "--no-color"])
             .arg(format!("{base}{spec}"))
             .args(["--url", &format!("{base}{prefix}")])
             .args(["--header", &format!("Authorization: Bearer {token}")])
@@ -734,18 +722,23 @@ pub async fn schemathesis(base: &str, specs: &[&str], token: &str) {
             // documents_hold checks that they are routed as documented.
             .args(["--exclude-tag", "streams"])
             .args(["--request-timeout", "10"])
-            .current_dir(workdir.path())
-            .kill_on_drop(true)
-            .output();
-        let out = tokio::time::timeout(Duration::from_secs(300), run)
-            .await
-            .expect("schemathesis timed out")
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{base}{spec}:\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+            .current_dir(workdir.path());
+        let what = format!("schemathesis on {base}{spec}");
+        succeeds(run, Duration::from_secs(300), &what).await;
     }
+}
+
+/// Runs `cmd` to its end within `limit` and asserts that it succeeded,
+/// showing its output if it did not.
+pub async fn succeeds(mut cmd: tokio::process::Command, limit: Duration, what: &str) {
+    let out = tokio::time::timeout(limit, cmd.kill_on_drop(true).output())
+        .await
+        .unwrap_or_else(|_| panic!("{what} timed out"))
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
