@@ -183,6 +183,12 @@ impl Domain {
         c.finish()?;
         let current = self.get_post(id).await?;
         by.ensure_self_or_admin(current.author_id, "change your own posts")?;
+        let changes = |new: &Option<String>, old: &str| new.as_deref().is_some_and(|n| n != old);
+        if !changes(&patch.title, &current.title) && !changes(&patch.content, &current.content) {
+            // Nothing to write: no new updated_at, no post.updated for every
+            // subscriber to receive.
+            return Ok(current);
+        }
         let mut tx = self.db.begin().await?;
         let post: Option<Post> = on_tx!(&mut tx, c => {
             sqlx::query_as(

@@ -3,7 +3,7 @@
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 
-use crate::helpers::{documents_hold, schemathesis, spawn_app, spawn_with, test_config};
+use crate::helpers::{Sse, documents_hold, schemathesis, spawn_app, spawn_with, test_config};
 
 #[tokio::test]
 async fn index_names_every_protocol() {
@@ -477,6 +477,42 @@ async fn posts_comments_messages_and_orders_over_rest() {
         assert_eq!(again, first);
     }
     assert_eq!(app.get_json(&format!("/orders/{}", o["id"])).await.1, o);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_patch_that_changes_nothing_writes_nothing() {
+    let app = spawn_app().await;
+    let (alice, bob) = (app.alice_token().await, app.bob_token().await);
+    let (_, before) = app.get_json("/posts/1").await;
+    let mut feed = Sse::connect(&app, "/events/feed?types=post.*", None).await;
+    for patch in [json!({}), json!({"title": "First Post", "content": null})] {
+        let (status, after) = app
+            .send_json(Method::PATCH, "/posts/1", Some(&alice), Some(patch))
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(after, before, "updated_at moved");
+    }
+    // Still only the author's to make.
+    let (status, _) = app
+        .send_json(Method::PATCH, "/posts/1", Some(&bob), Some(json!({})))
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, after) = app
+        .send_json(
+            Method::PATCH,
+            "/posts/1",
+            Some(&alice),
+            Some(json!({"title": "First Post!"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_ne!(after["updated_at"], before["updated_at"]);
+    // Events come in order, so the first is this change's if the no-op
+    // patches recorded none.
+    let first = feed.next().await.expect("feed ended");
+    let event: serde_json::Value = serde_json::from_str(&first.data).unwrap();
+    assert_eq!(event["payload"]["title"], "First Post!", "{event}");
     app.stop().await;
 }
 
