@@ -131,32 +131,34 @@ impl App {
                 jobs.spawn(async move { domain.run_task(&id).await });
             }
         }
-        match (role, &config.nats_url) {
-            (Role::Serve, Some(url)) => {
+        // prism serve publishes every event; the orders service its orders.
+        let relay_filter = match role {
+            Role::Serve => Some(EventFilter::all()),
+            Role::Orders => Some(EventFilter::parse("order.*")),
+            _ => None,
+        };
+        let relay = match (relay_filter, &config.nats_url) {
+            (Some(filter), Some(url)) => {
+                events.keep_unread_by(crate::relay::RELAY_POSITION);
+                let status = Arc::new(crate::relay::RelayStatus::default());
                 workers.spawn(crate::relay::run_relay(
                     domain.clone(),
                     url.clone(),
-                    EventFilter::all(),
+                    filter,
+                    status.clone(),
                     stop_workers.clone(),
                 ));
+                Some(status)
             }
-            (Role::Orders, Some(url)) => {
-                workers.spawn(crate::relay::run_relay(
-                    domain.clone(),
-                    url.clone(),
-                    EventFilter::parse("order.*"),
-                    stop_workers.clone(),
-                ));
-            }
-            (Role::Users, nats) => {
-                workers.spawn(crate::relay::run_order_consumer(
-                    domain.clone(),
-                    nats.clone(),
-                    config.orders_url.clone(),
-                    stop_workers.clone(),
-                ));
-            }
-            _ => {}
+            _ => None,
+        };
+        if role == Role::Users {
+            workers.spawn(crate::relay::run_order_consumer(
+                domain.clone(),
+                config.nats_url.clone(),
+                config.orders_url.clone(),
+                stop_workers.clone(),
+            ));
         }
 
         let (listener, http_addr) = if role.serves_http() {
@@ -182,17 +184,22 @@ impl App {
             (None, None)
         };
 
+        let metrics = Arc::new(Metrics::default());
+        if let Some(relay) = &relay {
+            metrics.watch_relay(relay.clone());
+        }
         let state = AppState::new(Shared {
             domain,
             limiter: Arc::new(LoginLimiter::new(config.login_max_failures)),
             config: Arc::new(config),
             keys,
             stats: Arc::new(Stats::default()),
-            metrics: Arc::new(Metrics::default()),
+            metrics,
             shutdown: CancellationToken::new(),
             sessions: TaskTracker::new(),
             jobs,
             ticker,
+            relay,
         });
         Ok(App {
             role,

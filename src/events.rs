@@ -35,8 +35,8 @@
 use std::{
     collections::VecDeque,
     sync::{
-        Arc,
-        atomic::{AtomicI64, AtomicU64, Ordering},
+        Arc, OnceLock,
+        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -220,6 +220,11 @@ struct Inner {
     hooks: RwLock<Vec<Hook>>,
     poll: Duration,
     retention: Duration,
+    /// A consumer of this log whose unread events retention must keep (the
+    /// NATS relay: an event it has not published yet is not lost to age).
+    kept_for: OnceLock<&'static str>,
+    /// Whether the last retention run was held back by `kept_for`.
+    held: AtomicBool,
     delivered: AtomicU64,
 }
 
@@ -283,6 +288,8 @@ impl EventLog {
                 hooks: RwLock::new(Vec::new()),
                 poll,
                 retention,
+                kept_for: OnceLock::new(),
+                held: AtomicBool::new(false),
                 delivered: AtomicU64::new(0),
             }),
         })
@@ -292,6 +299,12 @@ impl EventLog {
     /// see it. Must be quick: it runs on the pump.
     pub fn on_event(&self, hook: impl Fn(&Event) + Send + Sync + 'static) {
         self.inner.hooks.write().push(Box::new(hook));
+    }
+
+    /// Makes retention keep every event after `consumer`'s stored position
+    /// (`event_offsets`), however old: that consumer still has to read it.
+    pub fn keep_unread_by(&self, consumer: &'static str) {
+        let _ = self.inner.kept_for.set(consumer);
     }
 
     /// Tells the pump that a transaction with events just committed.
@@ -440,7 +453,30 @@ impl EventLog {
                 .fetch_one(c)
                 .await?
         });
-        let Some(upto) = upto else { return Ok(0) };
+        let Some(mut upto) = upto else { return Ok(0) };
+        if let Some(consumer) = self.inner.kept_for.get() {
+            let position: Option<i64> = on_tx!(&mut tx, c => {
+                sqlx::query_scalar("SELECT last_id FROM event_offsets WHERE consumer = $1")
+                    .bind(*consumer)
+                    .fetch_optional(c)
+                    .await?
+            });
+            let position = position.unwrap_or(0);
+            let held = position < upto;
+            if held && !self.inner.held.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    consumer,
+                    position,
+                    "keeping events past their retention until {consumer} has read them"
+                );
+            } else if !held {
+                self.inner.held.store(false, Ordering::Relaxed);
+            }
+            upto = upto.min(position);
+            if upto <= 0 {
+                return Ok(0);
+            }
+        }
         let removed = on_tx!(&mut tx, c => {
             let removed = sqlx::query("DELETE FROM events WHERE id <= $1")
                 .bind(upto)

@@ -15,7 +15,13 @@
 //! from the orders service's `/events/feed`, resuming with `Last-Event-ID`
 //! from the position it stores with each change.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicI64, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use async_nats::jetstream;
 use futures::StreamExt;
@@ -28,7 +34,8 @@ use crate::{
 };
 
 pub const STREAM: &str = "PRISM_EVENTS";
-const RELAY_POSITION: &str = "nats-relay";
+/// The relay's position in `event_offsets`.
+pub const RELAY_POSITION: &str = "nats-relay";
 
 async fn pause(stop: &CancellationToken, d: Duration) -> bool {
     tokio::select! {
@@ -120,12 +127,45 @@ async fn jetstream_context(url: &str) -> Result<jetstream::Context, async_nats::
     Ok(js)
 }
 
+/// What `/metrics` and `/readyz` show of a running relay.
+#[derive(Debug, Default)]
+pub struct RelayStatus {
+    connected: AtomicBool,
+    position: AtomicI64,
+}
+
+impl RelayStatus {
+    /// Whether the relay is connected to JetStream now.
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// The id of the last event the relay is done with (published and
+    /// acknowledged, or not for the broker), as stored.
+    pub fn position(&self) -> i64 {
+        self.position.load(Ordering::Relaxed)
+    }
+}
+
+/// Events read from the log at a time; the position is stored once per batch,
+/// so a crash republishes at most this many (which the broker drops as
+/// duplicates).
+const BATCH: i64 = 256;
+
 /// Publishes every event matching `filter` to JetStream until `stop`.
 /// After a break it resumes from the last event JetStream acknowledged.
-pub async fn run_relay(domain: Domain, url: String, filter: EventFilter, stop: CancellationToken) {
+pub async fn run_relay(
+    domain: Domain,
+    url: String,
+    filter: EventFilter,
+    status: Arc<RelayStatus>,
+    stop: CancellationToken,
+) {
     let mut reconnect = Reconnect::new("event relay");
     while !stop.is_cancelled() {
-        match relay_session(&domain, &url, &filter, &stop, &mut reconnect).await {
+        let session = relay_session(&domain, &url, &filter, &status, &stop, &mut reconnect).await;
+        status.connected.store(false, Ordering::Relaxed);
+        match session {
             Ok(()) => return,
             Err(e) => {
                 if !pause(&stop, reconnect.failed(&e, Instant::now())).await {
@@ -140,6 +180,7 @@ async fn relay_session(
     domain: &Domain,
     url: &str,
     filter: &EventFilter,
+    status: &RelayStatus,
     stop: &CancellationToken,
     reconnect: &mut Reconnect,
 ) -> Result<(), async_nats::Error> {
@@ -147,12 +188,16 @@ async fn relay_session(
     let origin = domain.origin().await?;
     tracing::info!(url, "event relay connected to NATS JetStream");
     reconnect.connected(Instant::now());
+    status.connected.store(true, Ordering::Relaxed);
     // A live subscription only as a wake-up; the log itself is read below.
     let mut wake = Box::pin(domain.events().subscribe(None, EventFilter::all()));
+    let mut after = 0;
     loop {
-        let after = domain.offset(RELAY_POSITION).await?;
-        let batch = domain.events().read_after(after, 200).await?;
-        if batch.is_empty() {
+        // Another relay sharing the database (PostgreSQL) may be further on.
+        after = after.max(domain.offset(RELAY_POSITION).await?);
+        status.position.store(after, Ordering::Relaxed);
+        let batch = domain.events().read_after(after, BATCH).await?;
+        let Some(last) = batch.last().map(|e| e.id) else {
             tokio::select! {
                 _ = stop.cancelled() => return Ok(()),
                 item = wake.next() => {
@@ -163,24 +208,26 @@ async fn relay_session(
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
             continue;
+        };
+        // One at a time, each acknowledged before the next is sent: an event
+        // lost in a reconnect is sent again before any later one, so the
+        // stream keeps the log's order.
+        for event in batch.iter().filter(|e| filter.matches(&e.kind)) {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", format!("{origin}:{}", event.id).as_str());
+            let ack = js
+                .publish_with_headers(
+                    format!("prism.events.{}", event.kind),
+                    headers,
+                    event.json.clone().into(),
+                )
+                .await?;
+            tokio::time::timeout(Duration::from_secs(5), ack)
+                .await
+                .map_err(|_| "JetStream did not acknowledge in time")??;
         }
-        for event in batch {
-            if filter.matches(&event.kind) {
-                let mut headers = async_nats::HeaderMap::new();
-                headers.insert("Nats-Msg-Id", format!("{origin}:{}", event.id).as_str());
-                let ack = js
-                    .publish_with_headers(
-                        format!("prism.events.{}", event.kind),
-                        headers,
-                        event.json.clone().into(),
-                    )
-                    .await?;
-                tokio::time::timeout(Duration::from_secs(5), ack)
-                    .await
-                    .map_err(|_| "JetStream did not acknowledge in time")??;
-            }
-            domain.set_offset(RELAY_POSITION, event.id).await?;
-        }
+        domain.set_offset(RELAY_POSITION, last).await?;
+        after = last;
     }
 }
 

@@ -4,7 +4,7 @@
 use std::{
     collections::HashMap,
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicI64, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -28,6 +28,7 @@ use crate::{
     config::Config,
     domain::Domain,
     pool::ConnPool,
+    relay::RelayStatus,
 };
 
 /// Everything a handler may need, behind one `Arc`: axum clones the state for
@@ -66,6 +67,8 @@ pub struct Shared {
     pub jobs: TaskTracker,
     /// The simulated stock ticker shared by SSE and WebSocket clients.
     pub ticker: crate::realtime::ticker::Ticker,
+    /// The NATS relay, when this process publishes its events.
+    pub relay: Option<Arc<crate::relay::RelayStatus>>,
 }
 
 /// How long a user counts as active after an authenticated request.
@@ -166,15 +169,19 @@ pub struct Metrics {
     cache_entries: Gauge,
     sse_connections: Gauge,
     websocket_connections: Gauge,
-    users_service: UsersServiceConnections,
+    parts: PartGauges,
 }
 
-/// The orders service's connections to the users service, read at scrape
-/// time; other roles have none, and show none.
+/// Gauges read at scrape time from parts only some roles have: the orders
+/// service's connections to the users service, and the NATS relay. A role
+/// without the part shows none of its gauges.
 #[derive(Debug, Clone, Default)]
-struct UsersServiceConnections(Arc<std::sync::OnceLock<Arc<ConnPool>>>);
+struct PartGauges {
+    users_service: Arc<OnceLock<Arc<ConnPool>>>,
+    relay: Arc<OnceLock<Arc<RelayStatus>>>,
+}
 
-impl prometheus_client::collector::Collector for UsersServiceConnections {
+impl prometheus_client::collector::Collector for PartGauges {
     fn encode(
         &self,
         mut encoder: prometheus_client::encoding::DescriptorEncoder,
@@ -183,22 +190,33 @@ impl prometheus_client::collector::Collector for UsersServiceConnections {
             encoding::EncodeMetric,
             metrics::{MetricType, gauge::ConstGauge},
         };
-        let Some(pool) = self.0.get() else {
-            return Ok(());
-        };
-        for (name, help, value) in [
-            (
+        let mut gauges = Vec::new();
+        if let Some(pool) = self.users_service.get() {
+            gauges.push((
                 "users_service_connections",
                 "Connections open to the users service.",
-                pool.open(),
-            ),
-            (
+                i64::try_from(pool.open()).unwrap_or(i64::MAX),
+            ));
+            gauges.push((
                 "users_service_pending_requests",
                 "Requests waiting for a connection to the users service, every one being busy.",
-                pool.pending(),
-            ),
-        ] {
-            let gauge = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
+                i64::try_from(pool.pending()).unwrap_or(i64::MAX),
+            ));
+        }
+        if let Some(relay) = self.relay.get() {
+            gauges.push((
+                "nats_relay_connected",
+                "1 while the event relay is connected to NATS JetStream, else 0.",
+                i64::from(relay.connected()),
+            ));
+            gauges.push((
+                "nats_relay_position",
+                "The last event id the relay has published (event_log_head minus this is its backlog).",
+                relay.position(),
+            ));
+        }
+        for (name, help, value) in gauges {
+            let gauge = ConstGauge::new(value);
             gauge.encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)?;
         }
         Ok(())
@@ -223,7 +241,7 @@ impl Default for Metrics {
             cache_entries: Gauge::default(),
             sse_connections: Gauge::default(),
             websocket_connections: Gauge::default(),
-            users_service: UsersServiceConnections::default(),
+            parts: PartGauges::default(),
         };
         let mut r = m.registry;
         r.register(
@@ -266,7 +284,7 @@ impl Default for Metrics {
             "Open WebSocket connections",
             m.websocket_connections.clone(),
         );
-        r.register_collector(Box::new(m.users_service.clone()));
+        r.register_collector(Box::new(m.parts.clone()));
         Metrics { registry: r, ..m }
     }
 }
@@ -274,7 +292,12 @@ impl Default for Metrics {
 impl Metrics {
     /// Reports the orders service's connections to the users service.
     pub fn watch_users_service(&self, pool: Arc<ConnPool>) {
-        let _ = self.users_service.0.set(pool);
+        let _ = self.parts.users_service.set(pool);
+    }
+
+    /// Reports the NATS relay's connection and position.
+    pub fn watch_relay(&self, relay: Arc<RelayStatus>) {
+        let _ = self.parts.relay.set(relay);
     }
 
     /// Renders the registry, refreshing the gauges that are read at scrape time.

@@ -86,15 +86,27 @@ async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// Readiness: the database answers.
+/// Readiness: the database answers. With a NATS relay, its state is reported
+/// too but does not make the server unready: every request is still served,
+/// and the relay's outbox keeps each event until the broker has it.
 #[utoipa::path(get, path = "/readyz", tag = "meta",
-    responses((status = 200, description = "`{status: ready}`"), (status = 503, body = Detail)))]
+    responses((status = 200, description = "`{status: ready, database: ok}`, and `nats: connected` or `reconnecting` when events are relayed to NATS"), (status = 503, body = Detail)))]
 async fn readyz(State(state): State<AppState>) -> Response {
     if state.shutdown.is_cancelled() {
         return detail(StatusCode::SERVICE_UNAVAILABLE, "Shutting down");
     }
     match state.domain.db().ping().await {
-        Ok(()) => Json(json!({"status": "ready", "database": "ok"})).into_response(),
+        Ok(()) => {
+            let mut body = json!({"status": "ready", "database": "ok"});
+            if let Some(relay) = &state.relay {
+                body["nats"] = json!(if relay.connected() {
+                    "connected"
+                } else {
+                    "reconnecting"
+                });
+            }
+            Json(body).into_response()
+        }
         Err(e) => {
             tracing::warn!(error = %e, "readiness check: database unreachable");
             detail(StatusCode::SERVICE_UNAVAILABLE, "Database unavailable")

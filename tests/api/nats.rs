@@ -270,3 +270,87 @@ async fn serve_publishes_every_domain_event_to_jetstream() {
     app.stop().await;
     broker.stop().await;
 }
+
+/// While the broker is away, the relay's unpublished events outlive their
+/// retention (they are the outbox), `/readyz` and `/metrics` say the relay is
+/// reconnecting, and once the broker is back every event reaches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unpublished_events_outlive_their_retention() {
+    let Some(bin) = nats_server() else {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("nats-server is missing");
+        }
+        eprintln!("SKIPPED: NATS retention test (no nats-server binary)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let nats = format!("nats://127.0.0.1:{port}");
+    let mut config = crate::helpers::test_config(&dir.path().join("serve"));
+    config.nats_url = Some(nats.clone());
+    config.event_retention = std::time::Duration::ZERO;
+    let app = crate::helpers::spawn_with(config).await;
+    let token = app.alice_token().await;
+    let (status, user) = app
+        .send_json(
+            reqwest::Method::POST,
+            "/users/",
+            Some(&token),
+            Some(json!({"name": "Kept", "email": "kept@example.com"})),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::CREATED);
+    let events = app.state.domain.events();
+    let logged = events.read_after(0, 10_000).await.unwrap();
+    let head = logged.last().unwrap().id;
+
+    let (status, ready) = app.get_json("/readyz").await;
+    assert_eq!(status, reqwest::StatusCode::OK);
+    assert_eq!(ready["nats"], "reconnecting", "{ready}");
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains("prism_nats_relay_connected 0"),
+        "{metrics}"
+    );
+    assert_eq!(
+        events.enforce_retention().await.unwrap(),
+        0,
+        "events the relay has not published were deleted"
+    );
+
+    let broker = Broker::start(&bin, port, &dir.path().join("nats")).await;
+    let js = async_nats::jetstream::new(async_nats::connect(&nats).await.unwrap());
+    // Every event up to the head, the demo's included.
+    let published = eventually("the relay to publish every event", || async {
+        let mut stream = js.get_stream(prism::relay::STREAM).await.ok()?;
+        let messages = stream.info().await.ok()?.state.messages;
+        (messages >= logged.len() as u64).then_some(messages)
+    })
+    .await;
+    assert_eq!(
+        published,
+        logged.len() as u64,
+        "an event was published twice"
+    );
+    let stream = js.get_stream(prism::relay::STREAM).await.unwrap();
+    let last = stream
+        .get_last_raw_message_by_subject("prism.events.user.created")
+        .await
+        .unwrap();
+    let event: Value = serde_json::from_slice(&last.payload).unwrap();
+    assert_eq!(event["payload"]["id"], user["id"]);
+
+    eventually("the relay to report its position", || async {
+        let (_, ready) = app.get_json("/readyz").await;
+        let metrics = app.get("/metrics").await.text().await.unwrap();
+        (ready["nats"] == "connected"
+            && metrics.contains("prism_nats_relay_connected 1")
+            && metrics.contains(&format!("prism_nats_relay_position {head}")))
+        .then_some(())
+    })
+    .await;
+    // Published, the events are ordinary history again.
+    assert!(events.enforce_retention().await.unwrap() > 0);
+    app.stop().await;
+    broker.stop().await;
+}

@@ -26,8 +26,10 @@ async fn health_readiness_and_metrics() {
     let (status, body) = app.get_json("/healthz").await;
     assert_eq!((status, body), (StatusCode::OK, json!({"status": "ok"})));
     let (status, body) = app.get_json("/readyz").await;
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(body["status"], "ready");
+    assert_eq!(
+        (status, body),
+        (StatusCode::OK, json!({"status": "ready", "database": "ok"}))
+    );
     app.get("/users/1").await;
     let r = app.get("/metrics").await;
     assert_eq!(r.status(), StatusCode::OK);
@@ -40,6 +42,7 @@ async fn health_readiness_and_metrics() {
     );
     assert!(text.contains("prism_http_request_duration_seconds_bucket"));
     assert!(text.contains("prism_event_log_head"));
+    assert!(!text.contains("nats_relay"), "no relay, no relay gauges");
     app.stop().await;
 }
 
