@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# The NATS relay (`prism serve --nats-url`): how far behind the event log it
+# falls while clients write as fast as they can, and how fast it publishes a
+# backlog left by a broker outage. Writes are `POST /broadcast` (one event
+# each) from wrk; positions come from `/metrics` (`prism_event_log_head`,
+# `prism_nats_relay_position`). A private nats-server with JetStream is
+# started on a port of its own and stopped for the outage. Writes its
+# section of docs/benchmarks.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source bench/lib.sh
+ensure_wrk
+command -v nats-server >/dev/null || { apt-get update -qq && apt-get install -y -qq nats-server; }
+release_prism
+for port in 18500 18551 18522; do
+    if (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+        echo "port $port is taken; stop what listens there first" >&2
+        exit 1
+    fi
+done
+duration=${DURATION:-10s}
+work=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+
+start_nats() {
+    nats-server -a 127.0.0.1 -p 18522 -js -sd "$work/js" >"$work/nats.log" 2>&1 &
+    nats_pid=$!
+    wait_port 18522
+}
+
+metric() { # name -> value from prism's /metrics
+    curl -s localhost:18500/metrics | awk -v m="prism_$1" '$1 == m {print $2}'
+}
+
+now() { date +%s.%N; }
+
+# Seconds until the relay's position reaches the log's head.
+caught_up_after() {
+    local t0 head
+    t0=$(now)
+    head=$(metric event_log_head)
+    # The relay stores its position per batch, so it may pass the head read here.
+    while [ "$(metric nats_relay_position)" -lt "$head" ]; do sleep 0.02; done
+    python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$t0" "$(now)"
+}
+
+write_load() { # -> requests/s
+    wrk -t2 -c32 -d"$duration" -s "$work/post.lua" http://127.0.0.1:18500 | awk '/Requests\/sec/ {print $2}'
+}
+
+start_nats
+PRISM_ADMIN_PASSWORD=bench-admin-password "$PRISM_BIN" serve --demo --data-dir "$work/data" \
+    --port 18500 --grpc-port 18551 --nats-url nats://127.0.0.1:18522 --log-level error &
+wait_port 18500
+token=$(curl -s localhost:18500/auth/login -d username=admin -d password=bench-admin-password |
+        python3 -c 'import json,sys;print(json.load(sys.stdin)["access_token"])')
+cat > "$work/post.lua" <<LUA
+wrk.method = "POST"
+wrk.path = "/broadcast?message=hello"
+wrk.headers["Authorization"] = "Bearer $token"
+LUA
+while [ "$(metric nats_relay_connected)" != 1 ]; do sleep 0.05; done
+
+# Live: the broker up, clients writing.
+live_rps=$(write_load)
+live_head=$(metric event_log_head)
+live_behind=$(( live_head - $(metric nats_relay_position) ))
+live_catch=$(caught_up_after)
+echo "live: $live_rps writes/s; $live_behind events behind at the end; caught up ${live_catch}s later"
+
+# An outage: the broker stopped while clients write, then started again.
+kill "$nats_pid"; wait "$nats_pid" 2>/dev/null || true
+before=$(metric nats_relay_position)
+outage_rps=$(write_load)
+backlog=$(( $(metric event_log_head) - before ))
+t0=$(now)
+start_nats
+while [ "$(metric nats_relay_connected)" != 1 ]; do sleep 0.02; done
+reconnect=$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$t0" "$(now)")
+drain=$(caught_up_after)
+rate=$(python3 -c "import sys; print(round(int(sys.argv[1]) / float(sys.argv[2])))" "$backlog" "$drain")
+echo "outage: $outage_rps writes/s; relay back ${reconnect}s after the broker; backlog of $backlog events published in ${drain}s ($rate events/s)"
+
+write_section relay <<MD
+## NATS relay: \`prism serve --nats-url\` under a write load and after a broker outage
+
+$(machine); release build, SQLite, a private nats-server (JetStream, file storage) on the same
+machine; wrk, 2 threads, 32 connections, $duration of \`POST /broadcast\` (one event each). The
+relay publishes each event and waits for JetStream's acknowledgement before the next (so the
+stream keeps the log's order), and stores its position once per batch of 256.
+
+| phase | writes/s | relay behind at the end of the load | caught up |
+|---|---:|---:|---:|
+| broker up | $live_rps | $live_behind events | ${live_catch} s later |
+| broker stopped, then started | $outage_rps | $backlog events (all of them) | ${drain} s after the relay reconnected (${reconnect} s after the broker started): $rate events/s |
+MD
