@@ -165,6 +165,14 @@ fn is_form(headers: &HeaderMap) -> bool {
 }
 
 fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Response> {
+    // No body at all is a missing body, as FastAPI reports it, not bad JSON.
+    if bytes.is_empty() {
+        return Err(unprocessable(
+            vec!["body".into()],
+            "missing",
+            "Field required",
+        ));
+    }
     // Every body prism reads is an object; serde would also fill a struct
     // from an array (`[null, null]`), which no client means.
     if let Some(first) = bytes.iter().find(|b| !b.is_ascii_whitespace())

@@ -441,7 +441,7 @@ async fn logs(
             ApiError::query(crate::error::Error::invalid(
                 "level",
                 "enum",
-                "Input should be trace, debug, info, warn or error",
+                "Input should be 'trace', 'debug', 'info', 'warn' or 'error'",
             ))
         })?,
     };

@@ -353,6 +353,11 @@ async fn logs_stream_the_servers_own_records_to_admins() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        body["detail"][0]["msg"],
+        "Input should be 'trace', 'debug', 'info', 'warn' or 'error'"
+    );
 
     let r = app
         .client

@@ -235,6 +235,21 @@ async fn malformed_json_is_a_422() {
     assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["detail"][0]["type"], "json_invalid");
+    // No body at all is a missing body, as FastAPI says, with or without a
+    // content type.
+    for content_type in [None, Some("application/json")] {
+        let mut req = app.client.post(app.url("/posts")).bearer_auth(&token);
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(
+            body["detail"],
+            json!([{"loc": ["body"], "msg": "Field required", "type": "missing"}])
+        );
+    }
     app.stop().await;
 }
 
