@@ -5,7 +5,7 @@
 
 use std::sync::{Arc, atomic::Ordering};
 
-use async_graphql::{Context, Object, Result, Subscription};
+use async_graphql::{Context, ErrorExtensions, Object, Result, Subscription};
 use chrono::{DateTime, SecondsFormat, Utc};
 use futures::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
@@ -85,7 +85,7 @@ impl User {
             .await?
             .unwrap_or_default();
         prefetch_posts(ctx, &ctx.look_ahead(), &posts).await?;
-        Ok(posts.into_iter().map(Post).collect())
+        Ok(posts.into_iter().map(Post::from).collect())
     }
     /// The user's friends.
     async fn friends(&self, ctx: &Context<'_>) -> Result<Vec<User>> {
@@ -100,12 +100,24 @@ impl User {
 }
 
 /// A blog post.
-pub struct Post(pub domain::Post);
+pub struct Post(pub domain::Post, pub Option<i64>);
+
+impl From<domain::Post> for Post {
+    fn from(p: domain::Post) -> Self {
+        Post(p, None)
+    }
+}
 
 #[Object]
 impl Post {
     async fn id(&self) -> i32 {
         id32(self.0.id)
+    }
+    /// In `postCreated`, the event-log id that announced the post: subscribe
+    /// with `afterEventId` set to the last one seen to resume without a gap.
+    /// Null elsewhere.
+    async fn event_id(&self) -> Option<i64> {
+        self.1
     }
     async fn title(&self) -> &str {
         &self.0.title
@@ -159,12 +171,18 @@ impl Comment {
 }
 
 /// A chat message.
-pub struct Message(pub domain::Message);
+pub struct Message(pub domain::Message, pub Option<i64>);
 
 #[Object]
 impl Message {
     async fn id(&self) -> i32 {
         id32(self.0.id)
+    }
+    /// In `messageAdded`, the event-log id that announced the message:
+    /// subscribe with `afterEventId` set to the last one seen to resume
+    /// without a gap. Null elsewhere.
+    async fn event_id(&self) -> Option<i64> {
+        self.1
     }
     async fn content(&self) -> &str {
         &self.0.content
@@ -218,7 +236,7 @@ impl Query {
         if let Some(p) = &post {
             prefetch_posts(ctx, &ctx.look_ahead(), std::slice::from_ref(p)).await?;
         }
-        Ok(post.map(Post))
+        Ok(post.map(Post::from))
     }
 
     /// Posts in id order, optionally by one author.
@@ -235,7 +253,7 @@ impl Query {
             .await
             .map_err(gql_error)?;
         prefetch_posts(ctx, &ctx.look_ahead(), &posts).await?;
-        Ok(posts.into_iter().map(Post).collect())
+        Ok(posts.into_iter().map(Post::from).collect())
     }
 
     /// Search posts by title or content (case-insensitive).
@@ -252,7 +270,7 @@ impl Query {
             .await
             .map_err(gql_error)?;
         prefetch_posts(ctx, &ctx.look_ahead(), &posts).await?;
-        Ok(posts.into_iter().map(Post).collect())
+        Ok(posts.into_iter().map(Post::from).collect())
     }
 
     /// Get user with all their posts in one query.
@@ -310,7 +328,7 @@ impl Mutation {
             )
             .await
             .map_err(gql_error)?;
-        Ok(Post(post))
+        Ok(Post(post, None))
     }
 
     /// Update post fields; null when the post does not exist. As in the seed,
@@ -328,7 +346,7 @@ impl Mutation {
             content: content.filter(|c| !c.is_empty()),
         };
         let domain = ctx.data::<Domain>()?;
-        Ok(optional(domain.update_post(&by, post_id.into(), patch).await)?.map(Post))
+        Ok(optional(domain.update_post(&by, post_id.into(), patch).await)?.map(Post::from))
     }
 
     /// Delete a post; false when it did not exist.
@@ -367,7 +385,7 @@ impl Mutation {
             .send_message(&by, &content, Some(user_id.into()))
             .await
             .map_err(gql_error)?;
-        Ok(Message(message))
+        Ok(Message(message, None))
     }
 }
 
@@ -389,17 +407,26 @@ impl Drop for Open {
     }
 }
 
-/// Live events of one type from the event log, decoded, until shutdown (which
-/// completes the subscription). A subscriber that falls behind gets one error
-/// and the subscription ends; it can subscribe again.
-fn live<T: serde::de::DeserializeOwned + Send + 'static>(
+/// Events of one type from the event log, decoded with their ids, until
+/// shutdown (which completes the subscription): those after `after` first
+/// (from the database), then live. A subscriber that falls behind gets one
+/// error naming the last event id it was sent, and the subscription ends; it
+/// resumes by subscribing again after that id.
+fn events<T: serde::de::DeserializeOwned + Send + 'static>(
     ctx: &Context<'_>,
     kind: &str,
-) -> Result<impl Stream<Item = Result<T>> + Send + 'static> {
+    after: Option<i64>,
+) -> Result<impl Stream<Item = Result<(i64, T)>> + Send + 'static> {
     let domain = ctx.data::<Domain>()?;
     let shutdown = ctx.data::<CancellationToken>()?.clone();
     let open = Open::new(ctx.data::<Arc<Stats>>()?.clone());
-    let events = domain.events().subscribe(None, EventFilter::parse(kind));
+    if after.is_some_and(|a| a < 0) {
+        return Err(coded(
+            "BAD_USER_INPUT",
+            "afterEventId: Input should be greater than or equal to 0",
+        ));
+    }
+    let events = domain.events().subscribe(after, EventFilter::parse(kind));
     Ok(events
         .take_until(shutdown.cancelled_owned())
         .scan(false, |ended, item| {
@@ -409,15 +436,26 @@ fn live<T: serde::de::DeserializeOwned + Send + 'static>(
                 match item {
                     Item::Event(e) => Some(
                         e.payload_as::<T>()
+                            .map(|t| (e.id, t))
                             .ok_or_else(|| coded("INTERNAL_SERVER_ERROR", "Unreadable event")),
                     ),
-                    Item::Reset => Some(Err(coded("RESET", "History was truncated"))),
-                    Item::CutOff { .. } => {
+                    Item::Reset => Some(Err(coded(
+                        "RESET",
+                        "History was truncated: the events after afterEventId that are \
+                         no longer kept were skipped",
+                    ))),
+                    Item::CutOff { last_id } => {
                         *ended = true;
                         Some(Err(coded(
                             "SUBSCRIBER_TOO_SLOW",
-                            "Subscription fell behind and was ended; subscribe again",
-                        )))
+                            "Subscription fell behind and was ended; subscribe again \
+                             with afterEventId set to the last eventId received",
+                        )
+                        .extend_with(|_, ext| {
+                            if let Some(id) = last_id {
+                                ext.set("lastEventId", id);
+                            }
+                        })))
                     }
                 }
             };
@@ -432,35 +470,41 @@ fn live<T: serde::de::DeserializeOwned + Send + 'static>(
 #[Subscription]
 impl Subscription {
     /// Every message sent (through any protocol), optionally only one user's.
+    /// With `afterEventId`, first every such message announced after that
+    /// event (a reconnecting client's last `eventId`), then live.
     async fn message_added(
         &self,
         ctx: &Context<'_>,
         user_id: Option<i32>,
+        after_event_id: Option<i64>,
     ) -> Result<impl Stream<Item = Result<Message>>> {
         let want = user_id.map(i64::from);
         Ok(
-            live::<domain::Message>(ctx, "message.sent")?.filter_map(move |m| {
+            events::<domain::Message>(ctx, "message.sent", after_event_id)?.filter_map(move |m| {
                 futures::future::ready(match m {
-                    Ok(m) if want.is_some_and(|u| u != m.user_id) => None,
-                    Ok(m) => Some(Ok(Message(m))),
+                    Ok((_, m)) if want.is_some_and(|u| u != m.user_id) => None,
+                    Ok((id, m)) => Some(Ok(Message(m, Some(id)))),
                     Err(e) => Some(Err(e)),
                 })
             }),
         )
     }
 
-    /// Every post created, optionally only one author's.
+    /// Every post created, optionally only one author's. With
+    /// `afterEventId`, first every such post announced after that event (a
+    /// reconnecting client's last `eventId`), then live.
     async fn post_created(
         &self,
         ctx: &Context<'_>,
         author_id: Option<i32>,
+        after_event_id: Option<i64>,
     ) -> Result<impl Stream<Item = Result<Post>>> {
         let want = author_id.map(i64::from);
         Ok(
-            live::<domain::Post>(ctx, "post.created")?.filter_map(move |p| {
+            events::<domain::Post>(ctx, "post.created", after_event_id)?.filter_map(move |p| {
                 futures::future::ready(match p {
-                    Ok(p) if want.is_some_and(|a| a != p.author_id) => None,
-                    Ok(p) => Some(Ok(Post(p))),
+                    Ok((_, p)) if want.is_some_and(|a| a != p.author_id) => None,
+                    Ok((id, p)) => Some(Ok(Post(p, Some(id)))),
                     Err(e) => Some(Err(e)),
                 })
             }),

@@ -354,6 +354,22 @@ impl Chat for Services {
     ) -> Result<Response<Self::ChatStream>, Status> {
         // Listening is public; sending needs a token, checked at the first send.
         let by = principal(&self.state, req.metadata());
+        // A reconnecting client names the last `event_id` it received, as an
+        // EventSource does with its header, and misses nothing.
+        let after = match req.metadata().get("last-event-id") {
+            None => None,
+            Some(v) => Some(
+                v.to_str()
+                    .ok()
+                    .and_then(|v| v.trim().parse::<i64>().ok())
+                    .filter(|id| *id >= 0)
+                    .ok_or_else(|| {
+                        Status::invalid_argument(
+                            "last-event-id: Input should be an event id (an integer >= 0)",
+                        )
+                    })?,
+            ),
+        };
         let mut incoming = req.into_inner();
         let domain = self.domain().clone();
         let (errors_tx, errors_rx) = tokio::sync::mpsc::channel::<Status>(1);
@@ -386,8 +402,9 @@ impl Chat for Services {
         let messages = self
             .domain()
             .events()
-            .subscribe(None, EventFilter::parse("message.sent"))
-            // Cut off for falling behind: the stream ends; the client reconnects.
+            .subscribe(after, EventFilter::parse("message.sent"))
+            // Cut off for falling behind: the stream ends; the client
+            // reconnects with the last `event_id` it received.
             .take_while(|item| futures::future::ready(!matches!(item, Item::CutOff { .. })))
             .filter_map(|item| {
                 futures::future::ready(match item {

@@ -454,6 +454,30 @@ async fn chat_is_bidirectional_over_the_event_log() {
         .unwrap()
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
+
+    // Reconnecting with the last event id seen replays what came after it.
+    let (_tx3, rx3) = tokio::sync::mpsc::channel::<ChatSend>(1);
+    let mut request = Request::new(tokio_stream::wrappers::ReceiverStream::new(rx3));
+    request
+        .metadata_mut()
+        .insert("last-event-id", first.event_id.to_string().parse().unwrap());
+    let mut resumed = chat.chat(request).await.unwrap().into_inner();
+    let replayed = tokio::time::timeout(WAIT, resumed.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (replayed.content.as_str(), replayed.event_id),
+        ("over REST", second.event_id)
+    );
+    let (_tx4, rx4) = tokio::sync::mpsc::channel::<ChatSend>(1);
+    let mut request = Request::new(tokio_stream::wrappers::ReceiverStream::new(rx4));
+    request
+        .metadata_mut()
+        .insert("last-event-id", "yesterday".parse().unwrap());
+    let err = chat.chat(request).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
     app.stop().await;
 }
 
