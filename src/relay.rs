@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     domain::Domain,
-    events::{EventFilter, Item},
+    events::{Event, EventFilter, Item},
 };
 
 pub const STREAM: &str = "PRISM_EVENTS";
@@ -192,12 +192,12 @@ async fn relay_session(
     // A live subscription only as a wake-up; the log itself is read below.
     let mut wake = Box::pin(domain.events().subscribe(None, EventFilter::all()));
     let mut after = 0;
-    loop {
+    while !stop.is_cancelled() {
         // Another relay sharing the database (PostgreSQL) may be further on.
         after = after.max(domain.offset(RELAY_POSITION).await?);
         status.position.store(after, Ordering::Relaxed);
         let batch = domain.events().read_after(after, BATCH).await?;
-        let Some(last) = batch.last().map(|e| e.id) else {
+        if batch.is_empty() {
             tokio::select! {
                 _ = stop.cancelled() => return Ok(()),
                 item = wake.next() => {
@@ -208,27 +208,51 @@ async fn relay_session(
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
             continue;
-        };
+        }
         // One at a time, each acknowledged before the next is sent: an event
         // lost in a reconnect is sent again before any later one, so the
         // stream keeps the log's order.
-        for event in batch.iter().filter(|e| filter.matches(&e.kind)) {
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert("Nats-Msg-Id", format!("{origin}:{}", event.id).as_str());
-            let ack = js
-                .publish_with_headers(
-                    format!("prism.events.{}", event.kind),
-                    headers,
-                    event.json.clone().into(),
-                )
-                .await?;
-            tokio::time::timeout(Duration::from_secs(5), ack)
-                .await
-                .map_err(|_| "JetStream did not acknowledge in time")??;
+        let mut done = after;
+        let mut sent = Ok(());
+        for event in &batch {
+            if filter.matches(&event.kind)
+                && let Err(e) = publish(&js, origin, event).await
+            {
+                sent = Err(e);
+                break;
+            }
+            done = event.id;
         }
-        domain.set_offset(RELAY_POSITION, last).await?;
-        after = last;
+        // What was acknowledged is stored even when the broker failed part
+        // way, so that as little as possible is sent twice.
+        if done > after {
+            domain.set_offset(RELAY_POSITION, done).await?;
+            after = done;
+        }
+        sent?;
     }
+    Ok(())
+}
+
+/// Publishes one event and waits for JetStream's acknowledgement.
+async fn publish(
+    js: &jetstream::Context,
+    origin: i64,
+    event: &Event,
+) -> Result<(), async_nats::Error> {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", format!("{origin}:{}", event.id).as_str());
+    let ack = js
+        .publish_with_headers(
+            format!("prism.events.{}", event.kind),
+            headers,
+            event.json.clone().into(),
+        )
+        .await?;
+    tokio::time::timeout(Duration::from_secs(5), ack)
+        .await
+        .map_err(|_| "JetStream did not acknowledge in time")??;
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -359,6 +383,16 @@ async fn consume_feed(
         };
         buf.extend_from_slice(&chunk?);
         while let Some(block) = take_block(&mut buf) {
+            if block.starts_with(b"event: reset\n") {
+                // Away longer than the orders service keeps its events: those
+                // it no longer has cannot be applied, and someone should know.
+                tracing::error!(
+                    orders_url,
+                    after,
+                    "the orders feed no longer holds some order.created events this service had not applied; their orders are missing from the order statistics"
+                );
+                continue;
+            }
             let Some(data) = sse_data(&block) else {
                 continue;
             };
