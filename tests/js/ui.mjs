@@ -1,7 +1,8 @@
 // Drives prism's /ui page in headless Chromium (Debian's) with playwright-core:
 // `node ui.mjs http://127.0.0.1:PORT USER PASSWORD SCREENSHOT.png`.
 // Checks that the page shows the counter, a broadcast sent with its own form,
-// a ticker price and a message over the GraphQL subscription; saves a
+// a ticker price and a message over the GraphQL subscription, also one sent
+// while its socket was down (it resumes from the last eventId); saves a
 // screenshot; prints what it saw as JSON. Exits 1 on any failure.
 import { chromium } from 'playwright-core';
 
@@ -42,6 +43,23 @@ try {
   await page.waitForFunction((t) => document.getElementById('gql-list').textContent.includes(t), chat);
   await page.waitForFunction((t) => document.getElementById('named-list').textContent.includes(t), chat);
   seen.subscription = chat;
+
+  // The subscription's socket drops; a message sent before it is back
+  // reaches the page once it has resumed from its last eventId.
+  const missed = `sent while the socket was down ${Date.now()}`;
+  const wasDown = await page.evaluate(async (t) => {
+    gql.close();
+    const r = await fetch('/messages', {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', authorization: `Bearer ${token}` },
+      body: JSON.stringify({ content: t }),
+    });
+    if (r.status !== 201) throw new Error(`POST /messages: ${r.status}`);
+    return !document.getElementById('gql-dot').classList.contains('live');
+  }, missed);
+  if (!wasDown) throw new Error('the GraphQL socket was still up when the message was sent');
+  await page.waitForFunction((t) => document.getElementById('gql-list').textContent.includes(t), missed);
+  seen.resumed = missed;
 
   await page.waitForFunction(() => Number(document.getElementById('stat-requests').textContent) > 0);
   seen.requests = await page.textContent('#stat-requests');
