@@ -18,7 +18,7 @@
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicI64, Ordering},
+        atomic::{AtomicI64, AtomicU8, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -130,14 +130,32 @@ async fn jetstream_context(url: &str) -> Result<jetstream::Context, async_nats::
 /// What `/metrics` and `/readyz` show of a running relay.
 #[derive(Debug, Default)]
 pub struct RelayStatus {
-    connected: AtomicBool,
+    state: AtomicU8,
     position: AtomicI64,
 }
 
+/// What a relay is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayState {
+    /// Not connected to JetStream; trying again.
+    Reconnecting = 0,
+    /// Connected and publishing.
+    Connected = 1,
+    /// Another instance sharing the database (PostgreSQL) relays its events.
+    Standby = 2,
+}
+
 impl RelayStatus {
-    /// Whether the relay is connected to JetStream now.
-    pub fn connected(&self) -> bool {
-        self.connected.load(Ordering::Relaxed)
+    pub fn state(&self) -> RelayState {
+        match self.state.load(Ordering::Relaxed) {
+            1 => RelayState::Connected,
+            2 => RelayState::Standby,
+            _ => RelayState::Reconnecting,
+        }
+    }
+
+    fn set(&self, state: RelayState) {
+        self.state.store(state as u8, Ordering::Relaxed);
     }
 
     /// The id of the last event the relay is done with (published and
@@ -146,6 +164,23 @@ impl RelayStatus {
         self.position.load(Ordering::Relaxed)
     }
 }
+
+impl RelayState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RelayState::Reconnecting => "reconnecting",
+            RelayState::Connected => "connected",
+            RelayState::Standby => "standby",
+        }
+    }
+}
+
+/// The key of the session-level advisory lock that makes one relay at a time
+/// publish a PostgreSQL database's events ("relay" in ASCII).
+const RELAY_LOCK_KEY: i64 = 0x72_65_6c_61_79;
+
+/// How often a relay on standby asks for the lock again.
+const STANDBY_RETRY: Duration = Duration::from_secs(2);
 
 /// Events read from the log at a time; the position is stored once per batch,
 /// so a crash republishes at most this many (which the broker drops as
@@ -164,16 +199,40 @@ pub async fn run_relay(
     let mut reconnect = Reconnect::new("event relay");
     while !stop.is_cancelled() {
         let session = relay_session(&domain, &url, &filter, &status, &stop, &mut reconnect).await;
-        status.connected.store(false, Ordering::Relaxed);
-        match session {
-            Ok(()) => return,
-            Err(e) => {
-                if !pause(&stop, reconnect.failed(&e, Instant::now())).await {
-                    return;
-                }
+        let wait = match session {
+            Ok(Ended::Stopped) => return,
+            Ok(Ended::Standby) => {
+                status.set(RelayState::Standby);
+                STANDBY_RETRY
             }
+            Err(e) => {
+                status.set(RelayState::Reconnecting);
+                reconnect.failed(&e, Instant::now())
+            }
+        };
+        if !pause(&stop, wait).await {
+            return;
         }
     }
+}
+
+/// How a relay session ended, other than by an error.
+enum Ended {
+    Stopped,
+    /// Another instance holds the relay lock.
+    Standby,
+}
+
+/// On PostgreSQL, a connection holding the relay lock, or `None` when another
+/// instance holds it. The lock lasts as long as the connection: it is taken
+/// out of the pool, and dropping it hands the lock on.
+async fn relay_lock(pool: &sqlx::PgPool) -> sqlx::Result<Option<sqlx::PgConnection>> {
+    let mut conn = pool.acquire().await?.detach();
+    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(RELAY_LOCK_KEY)
+        .fetch_one(&mut conn)
+        .await?;
+    Ok(got.then_some(conn))
 }
 
 async fn relay_session(
@@ -183,23 +242,42 @@ async fn relay_session(
     status: &RelayStatus,
     stop: &CancellationToken,
     reconnect: &mut Reconnect,
-) -> Result<(), async_nats::Error> {
+) -> Result<Ended, async_nats::Error> {
+    // Instances sharing a PostgreSQL database share its event log: one of
+    // them publishes it, the others stand by to take over.
+    let mut lock = match domain.db().postgres() {
+        Some(pool) => match relay_lock(pool).await? {
+            Some(conn) => Some(conn),
+            None => {
+                status
+                    .position
+                    .store(domain.offset(RELAY_POSITION).await?, Ordering::Relaxed);
+                return Ok(Ended::Standby);
+            }
+        },
+        None => None,
+    };
     let js = jetstream_context(url).await?;
     let origin = domain.origin().await?;
     tracing::info!(url, "event relay connected to NATS JetStream");
     reconnect.connected(Instant::now());
-    status.connected.store(true, Ordering::Relaxed);
+    status.set(RelayState::Connected);
     // A live subscription only as a wake-up; the log itself is read below.
     let mut wake = Box::pin(domain.events().subscribe(None, EventFilter::all()));
     let mut after = 0;
     while !stop.is_cancelled() {
-        // Another relay sharing the database (PostgreSQL) may be further on.
+        // The lock went with its connection if that broke; another relay may
+        // have it now.
+        if let Some(conn) = lock.as_mut() {
+            sqlx::query("SELECT 1").execute(conn).await?;
+        }
+        // A relay that had the lock before may have got further.
         after = after.max(domain.offset(RELAY_POSITION).await?);
         status.position.store(after, Ordering::Relaxed);
         let batch = domain.events().read_after(after, BATCH).await?;
         if batch.is_empty() {
             tokio::select! {
-                _ = stop.cancelled() => return Ok(()),
+                _ = stop.cancelled() => return Ok(Ended::Stopped),
                 item = wake.next() => {
                     if matches!(item, None | Some(Item::CutOff { .. })) {
                         wake = Box::pin(domain.events().subscribe(None, EventFilter::all()));
@@ -231,7 +309,7 @@ async fn relay_session(
         }
         sent?;
     }
-    Ok(())
+    Ok(Ended::Stopped)
 }
 
 /// Publishes one event and waits for JetStream's acknowledgement.

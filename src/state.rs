@@ -28,7 +28,7 @@ use crate::{
     config::Config,
     domain::Domain,
     pool::ConnPool,
-    relay::RelayStatus,
+    relay::{RelayState, RelayStatus},
 };
 
 /// Everything a handler may need, behind one `Arc`: axum clones the state for
@@ -204,10 +204,16 @@ impl prometheus_client::collector::Collector for PartGauges {
             ));
         }
         if let Some(relay) = self.relay.get() {
+            let state = relay.state();
             gauges.push((
                 "nats_relay_connected",
-                "1 while the event relay is connected to NATS JetStream, else 0.",
-                i64::from(relay.connected()),
+                "1 while the event relay is connected to NATS JetStream and publishing, else 0.",
+                i64::from(state == RelayState::Connected),
+            ));
+            gauges.push((
+                "nats_relay_standby",
+                "1 while another instance sharing the database relays its events, else 0.",
+                i64::from(state == RelayState::Standby),
             ));
             gauges.push((
                 "nats_relay_position",

@@ -354,3 +354,107 @@ async fn unpublished_events_outlive_their_retention() {
     app.stop().await;
     broker.stop().await;
 }
+
+/// Instances sharing a PostgreSQL database share one event log, and one of
+/// them relays it: the other stands by, and takes over when the first stops,
+/// from where it left off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn instances_sharing_postgres_take_turns_to_relay() {
+    let Some(bin) = nats_server() else {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("nats-server is missing");
+        }
+        eprintln!("SKIPPED: NATS relay test (no nats-server binary)");
+        return;
+    };
+    let Some(db) = crate::helpers::postgres_url().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let nats = format!("nats://127.0.0.1:{port}");
+    let broker = Broker::start(&bin, port, &dir.path().join("nats")).await;
+    let instance = |name: &str| {
+        let mut config = crate::helpers::test_config(&dir.path().join(name));
+        config.database_url = Some(db.clone());
+        config.nats_url = Some(nats.clone());
+        crate::helpers::spawn_with(config)
+    };
+    let relay_state = |app: &crate::helpers::TestApp| {
+        let url = app.url("/readyz");
+        let client = app.client.clone();
+        async move {
+            let body: Value = client.get(url).send().await.ok()?.json().await.ok()?;
+            body["nats"].as_str().map(str::to_owned)
+        }
+    };
+    let a = instance("a").await;
+    eventually("the first instance to relay", || async {
+        (relay_state(&a).await.as_deref() == Some("connected")).then_some(())
+    })
+    .await;
+    let b = instance("b").await;
+    eventually("the second instance to stand by", || async {
+        (relay_state(&b).await.as_deref() == Some("standby")).then_some(())
+    })
+    .await;
+    let metrics = b.get("/metrics").await.text().await.unwrap();
+    assert!(metrics.contains("prism_nats_relay_standby 1"), "{metrics}");
+
+    let js = async_nats::jetstream::new(async_nats::connect(&nats).await.unwrap());
+    let create = |app: &crate::helpers::TestApp, email: &'static str| {
+        let app_url = app.url("/users/");
+        let client = app.client.clone();
+        let login = app.url("/auth/login");
+        async move {
+            let token: Value = client
+                .post(login)
+                .form(&[
+                    ("username", "alice"),
+                    ("password", prism::demo::ALICE_PASSWORD),
+                ])
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let r = client
+                .post(app_url)
+                .bearer_auth(token["access_token"].as_str().unwrap())
+                .json(&json!({"name": "Shared", "email": email}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), reqwest::StatusCode::CREATED);
+        }
+    };
+    // Every event of the shared log, once each, whichever instance wrote it.
+    let all_published = |events: prism::events::EventLog| {
+        let js = js.clone();
+        async move {
+            let logged = events.read_after(0, 10_000).await.ok()?.len() as u64;
+            let mut stream = js.get_stream(prism::relay::STREAM).await.ok()?;
+            (stream.info().await.ok()?.state.messages == logged).then_some(())
+        }
+    };
+    create(&b, "written-on-b@example.com").await;
+    eventually(
+        "the relaying instance to publish what the other wrote",
+        || all_published(b.state.domain.events().clone()),
+    )
+    .await;
+
+    a.stop().await;
+    eventually("the standby to take over", || async {
+        (relay_state(&b).await.as_deref() == Some("connected")).then_some(())
+    })
+    .await;
+    create(&b, "after-the-handover@example.com").await;
+    eventually("the new relay to publish, with no gap", || {
+        all_published(b.state.domain.events().clone())
+    })
+    .await;
+    b.stop().await;
+    broker.stop().await;
+}
