@@ -63,8 +63,11 @@ while [ "$(metric nats_relay_connected)" != 1 ]; do sleep 0.05; done
 
 # Live: the broker up, clients writing.
 live_rps=$(write_load)
-live_head=$(metric event_log_head)
-live_behind=$(( live_head - $(metric nats_relay_position) ))
+# The relay reads the database, while the head is what the pump has delivered,
+# which may trail it by an event or two: less than nothing behind is nothing.
+live_position=$(metric nats_relay_position)
+live_behind=$(( $(metric event_log_head) - live_position ))
+[ "$live_behind" -ge 0 ] || live_behind=0
 live_catch=$(caught_up_after)
 echo "live: $live_rps writes/s; $live_behind events behind at the end; caught up ${live_catch}s later"
 
