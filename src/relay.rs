@@ -224,15 +224,15 @@ enum Ended {
 }
 
 /// On PostgreSQL, a connection holding the relay lock, or `None` when another
-/// instance holds it. The lock lasts as long as the connection: it is taken
-/// out of the pool, and dropping it hands the lock on.
+/// instance holds it. The lock lasts as long as the connection: one that got
+/// it leaves the pool, and dropping it hands the lock on.
 async fn relay_lock(pool: &sqlx::PgPool) -> sqlx::Result<Option<sqlx::PgConnection>> {
-    let mut conn = pool.acquire().await?.detach();
+    let mut conn = pool.acquire().await?;
     let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
         .bind(RELAY_LOCK_KEY)
-        .fetch_one(&mut conn)
+        .fetch_one(&mut *conn)
         .await?;
-    Ok(got.then_some(conn))
+    Ok(got.then(|| conn.detach()))
 }
 
 async fn relay_session(

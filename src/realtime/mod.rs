@@ -191,12 +191,18 @@ fn describe(e: &Event) -> String {
         id: Option<serde_json::Value>,
         order_id: Option<i64>,
         task_id: Option<String>,
+        progress: Option<i32>,
         message: Option<String>,
     }
     match e.payload_as::<Ids>() {
         Some(Ids {
             message: Some(m), ..
         }) if e.kind == "broadcast" => format!("Broadcast: {m}"),
+        Some(Ids {
+            task_id: Some(id),
+            progress: Some(p),
+            ..
+        }) if e.kind == "task.progress" => format!("{entity} {id} at {p}%"),
         Some(Ids {
             order_id: Some(id), ..
         }) => format!("{entity} {id} {verb}"),
@@ -542,6 +548,14 @@ mod tests {
         assert_eq!(
             describe(&event("broadcast", r#"{"message":"hi"}"#)),
             "Broadcast: hi"
+        );
+        assert_eq!(
+            describe(&event("task.progress", r#"{"task_id":"t1","progress":40}"#)),
+            "Task t1 at 40%"
+        );
+        assert_eq!(
+            describe(&event("task.completed", r#"{"task_id":"t1"}"#)),
+            "Task t1 completed"
         );
     }
 }
