@@ -41,9 +41,13 @@ pub struct TokenResponse {
               (status = 422, body = ValidationDetail)))]
 async fn register(
     State(state): State<AppState>,
-    Input(reg): Input<Registration>,
+    Input(reg, from): Input<Registration>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    let user = state.domain.register(reg).await?;
+    let user = state
+        .domain
+        .register(reg)
+        .await
+        .map_err(ApiError::at(from))?;
     Ok((
         StatusCode::CREATED,
         Json(json!({"message": "User created", "id": user.id})),
@@ -61,7 +65,7 @@ async fn login(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    Input(creds): Input<Login>,
+    Input(creds, _): Input<Login>,
 ) -> Result<Json<TokenResponse>, ApiError> {
     let ip = state.config.trusted_proxies.client(peer.ip(), &headers);
     state.limiter.check(ip, &creds.username)?;

@@ -37,6 +37,11 @@ impl ApiError {
         }
     }
 
+    /// An error about input that came from `source` (`body` or `query`).
+    pub fn at(source: &'static str) -> impl Fn(Error) -> Self {
+        move |error| ApiError { error, source }
+    }
+
     pub fn payload_too_large() -> Self {
         Error::BadRequest(PAYLOAD_TOO_LARGE.into()).into()
     }

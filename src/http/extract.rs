@@ -40,9 +40,11 @@ impl<T: serde::Serialize> IntoResponse for Json<T> {
 
 /// Input taken from a JSON or form body, or, when the body is empty, from the
 /// query string — the seed called `POST /users/?name=…` and
-/// `/auth/login?username=…`, and those calls keep working.
+/// `/auth/login?username=…`, and those calls keep working. The second field
+/// is where it came from (`body` or `query`), for the locations of the
+/// domain's validation errors ([`ApiError::at`]).
 #[derive(Debug)]
-pub struct Input<T>(pub T);
+pub struct Input<T>(pub T, pub &'static str);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Input<T> {
     type Rejection = Response;
@@ -54,11 +56,11 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Input<T> {
             .await
             .map_err(bytes_rejection)?;
         if bytes.is_empty() {
-            parse_urlencoded(query.as_bytes(), "query").map(Input)
+            parse_urlencoded(query.as_bytes(), "query").map(|v| Input(v, "query"))
         } else if form {
-            parse_urlencoded(&bytes, "body").map(Input)
+            parse_urlencoded(&bytes, "body").map(|v| Input(v, "body"))
         } else {
-            parse_json(&bytes).map(Input)
+            parse_json(&bytes).map(|v| Input(v, "body"))
         }
     }
 }

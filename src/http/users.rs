@@ -62,9 +62,13 @@ async fn get_user(
 async fn create_user(
     state: axum::extract::State<AppState>,
     Auth(by): Auth,
-    Input(new): Input<NewUser>,
+    Input(new, from): Input<NewUser>,
 ) -> Result<(StatusCode, Json<User>), ApiError> {
-    let user = state.domain.create_user(&by, new).await?;
+    let user = state
+        .domain
+        .create_user(&by, new)
+        .await
+        .map_err(ApiError::at(from))?;
     Ok((StatusCode::CREATED, Json(user)))
 }
 

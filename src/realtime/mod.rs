@@ -286,9 +286,13 @@ struct Accepted {
 async fn broadcast(
     State(state): State<AppState>,
     Auth(by): Auth,
-    Input(b): Input<BroadcastIn>,
+    Input(b, from): Input<BroadcastIn>,
 ) -> Result<Json<Broadcasted>, ApiError> {
-    state.domain.broadcast(&by, &b.message).await?;
+    state
+        .domain
+        .broadcast(&by, &b.message)
+        .await
+        .map_err(ApiError::at(from))?;
     Ok(Json(Broadcasted {
         status: "broadcasted",
     }))

@@ -135,6 +135,17 @@ async fn create_user_needs_a_token_and_valid_input() {
     let err: serde_json::Value = r.json().await.unwrap();
     assert_eq!(err["detail"][0]["loc"], json!(["query", "email"]));
     assert_eq!(err["detail"][0]["type"], "missing");
+    // A value the domain refuses is located where it came from, too.
+    let r = app
+        .client
+        .post(app.url("/users/?name=Eve&email=not-an-address"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let err: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(err["detail"][0]["loc"], json!(["query", "email"]), "{err}");
 
     // Duplicate email, any case.
     let (status, err) = app
