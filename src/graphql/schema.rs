@@ -131,6 +131,10 @@ impl Post {
     async fn created_at(&self) -> DateTime<Utc> {
         self.0.created_at
     }
+    /// When the post was last changed (its creation time until then).
+    async fn updated_at(&self) -> DateTime<Utc> {
+        self.0.updated_at
+    }
     /// The post's author.
     async fn author(&self, ctx: &Context<'_>) -> Result<Option<User>> {
         let user = loader::<UserLoader>(ctx)?

@@ -132,25 +132,30 @@ async fn the_seeds_mutations() {
 
     let r = app
         .graphql(
-            "mutation($t: String!) { createPost(title: $t, content: \"Body\", authorId: 1) { id title authorId author { name } } }",
+            "mutation($t: String!) { createPost(title: $t, content: \"Body\", authorId: 1) { id title authorId author { name } createdAt updatedAt } }",
             json!({"t": "Via GraphQL"}),
             Some(&alice),
         )
         .await;
     let post_id = r["data"]["createPost"]["id"].as_i64().unwrap();
     assert_eq!(r["data"]["createPost"]["author"]["name"], "Alice");
+    let created = &r["data"]["createPost"]["createdAt"];
+    assert_eq!(&r["data"]["createPost"]["updatedAt"], created);
 
     let r = app
         .graphql(
-            &format!(r#"mutation {{ updatePost(postId: {post_id}, title: "Renamed") {{ title content }} }}"#),
+            &format!(r#"mutation {{ updatePost(postId: {post_id}, title: "Renamed") {{ title content updatedAt }} }}"#),
             json!({}),
             Some(&alice),
         )
         .await;
-    assert_eq!(
-        r["data"]["updatePost"],
-        json!({"title": "Renamed", "content": "Body"})
+    let time = |v: &Value| chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap()).unwrap();
+    assert!(
+        time(&r["data"]["updatePost"]["updatedAt"]) > time(created),
+        "{r}"
     );
+    assert_eq!(r["data"]["updatePost"]["title"], "Renamed");
+    assert_eq!(r["data"]["updatePost"]["content"], "Body");
     let r = app
         .graphql(
             r#"mutation { updatePost(postId: 999, title: "x") { id } }"#,
