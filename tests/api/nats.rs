@@ -18,15 +18,23 @@ struct Broker {
     child: tokio::process::Child,
 }
 
-fn nats_server() -> Option<String> {
+/// The nats-server binary, or `None` (with a notice) when there is none, for
+/// `test` to skip; under `CI=true` a missing binary fails the test instead.
+fn nats_server(test: &str) -> Option<String> {
     let path = [
         "/usr/sbin/nats-server",
         "/usr/bin/nats-server",
         "/usr/local/bin/nats-server",
     ]
     .into_iter()
-    .find(|p| Path::new(p).exists())?;
-    Some(path.to_owned())
+    .find(|p| Path::new(p).exists());
+    if path.is_none() {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("nats-server is missing");
+        }
+        eprintln!("SKIPPED: {test} (no nats-server binary)");
+    }
+    path.map(str::to_owned)
 }
 
 impl Broker {
@@ -100,11 +108,7 @@ async fn start_orders(dir: &Path, users_url: &str, nats: &str) -> Process {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn no_order_created_is_lost_when_the_broker_or_the_service_goes_down() {
-    let Some(bin) = nats_server() else {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("nats-server is missing");
-        }
-        eprintln!("SKIPPED: NATS fault test (no nats-server binary)");
+    let Some(bin) = nats_server("NATS fault test") else {
         return;
     };
     prism::telemetry::init_tap_only("warn");
@@ -208,11 +212,7 @@ async fn no_order_created_is_lost_when_the_broker_or_the_service_goes_down() {
 /// named `<origin>:<event id>` so the broker drops a relay's duplicates.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_publishes_every_domain_event_to_jetstream() {
-    let Some(bin) = nats_server() else {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("nats-server is missing");
-        }
-        eprintln!("SKIPPED: NATS relay test (no nats-server binary)");
+    let Some(bin) = nats_server("NATS relay test") else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -222,16 +222,7 @@ async fn serve_publishes_every_domain_event_to_jetstream() {
     let mut config = crate::helpers::test_config(&dir.path().join("serve"));
     config.nats_url = Some(nats.clone());
     let app = crate::helpers::spawn_with(config).await;
-    let token = app.alice_token().await;
-    let (status, user) = app
-        .send_json(
-            reqwest::Method::POST,
-            "/users/",
-            Some(&token),
-            Some(json!({"name": "Relayed", "email": "relayed@example.com"})),
-        )
-        .await;
-    assert_eq!(status, reqwest::StatusCode::CREATED);
+    let user = create_user(&app, "Relayed", "relayed@example.com").await;
 
     let js = async_nats::jetstream::new(async_nats::connect(&nats).await.unwrap());
     let stream = eventually("the relay to create its stream", || async {
@@ -276,11 +267,7 @@ async fn serve_publishes_every_domain_event_to_jetstream() {
 /// reconnecting, and once the broker is back every event reaches it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unpublished_events_outlive_their_retention() {
-    let Some(bin) = nats_server() else {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("nats-server is missing");
-        }
-        eprintln!("SKIPPED: NATS retention test (no nats-server binary)");
+    let Some(bin) = nats_server("NATS retention test") else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -290,16 +277,7 @@ async fn unpublished_events_outlive_their_retention() {
     config.nats_url = Some(nats.clone());
     config.event_retention = std::time::Duration::ZERO;
     let app = crate::helpers::spawn_with(config).await;
-    let token = app.alice_token().await;
-    let (status, user) = app
-        .send_json(
-            reqwest::Method::POST,
-            "/users/",
-            Some(&token),
-            Some(json!({"name": "Kept", "email": "kept@example.com"})),
-        )
-        .await;
-    assert_eq!(status, reqwest::StatusCode::CREATED);
+    let user = create_user(&app, "Kept", "kept@example.com").await;
     let events = app.state.domain.events();
     let logged = events.read_after(0, 10_000).await.unwrap();
     let head = logged.last().unwrap().id;
@@ -360,11 +338,7 @@ async fn unpublished_events_outlive_their_retention() {
 /// from where it left off.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn instances_sharing_postgres_take_turns_to_relay() {
-    let Some(bin) = nats_server() else {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("nats-server is missing");
-        }
-        eprintln!("SKIPPED: NATS relay test (no nats-server binary)");
+    let Some(bin) = nats_server("NATS relay test") else {
         return;
     };
     let Some(db) = crate::helpers::postgres_url().await else {
@@ -402,33 +376,6 @@ async fn instances_sharing_postgres_take_turns_to_relay() {
     assert!(metrics.contains("prism_nats_relay_standby 1"), "{metrics}");
 
     let js = async_nats::jetstream::new(async_nats::connect(&nats).await.unwrap());
-    let create = |app: &crate::helpers::TestApp, email: &'static str| {
-        let app_url = app.url("/users/");
-        let client = app.client.clone();
-        let login = app.url("/auth/login");
-        async move {
-            let token: Value = client
-                .post(login)
-                .form(&[
-                    ("username", "alice"),
-                    ("password", prism::demo::ALICE_PASSWORD),
-                ])
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            let r = client
-                .post(app_url)
-                .bearer_auth(token["access_token"].as_str().unwrap())
-                .json(&json!({"name": "Shared", "email": email}))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), reqwest::StatusCode::CREATED);
-        }
-    };
     // Every event of the shared log, once each, whichever instance wrote it.
     let all_published = |events: prism::events::EventLog| {
         let js = js.clone();
@@ -438,7 +385,7 @@ async fn instances_sharing_postgres_take_turns_to_relay() {
             (stream.info().await.ok()?.state.messages == logged).then_some(())
         }
     };
-    create(&b, "written-on-b@example.com").await;
+    create_user(&b, "Shared", "written-on-b@example.com").await;
     eventually(
         "the relaying instance to publish what the other wrote",
         || all_published(b.state.domain.events().clone()),
@@ -450,11 +397,26 @@ async fn instances_sharing_postgres_take_turns_to_relay() {
         (relay_state(&b).await.as_deref() == Some("connected")).then_some(())
     })
     .await;
-    create(&b, "after-the-handover@example.com").await;
+    create_user(&b, "Shared", "after-the-handover@example.com").await;
     eventually("the new relay to publish, with no gap", || {
         all_published(b.state.domain.events().clone())
     })
     .await;
     b.stop().await;
     broker.stop().await;
+}
+
+/// Creates a user as Alice; returns it.
+async fn create_user(app: &crate::helpers::TestApp, name: &str, email: &str) -> Value {
+    let token = app.alice_token().await;
+    let (status, user) = app
+        .send_json(
+            reqwest::Method::POST,
+            "/users/",
+            Some(&token),
+            Some(json!({"name": name, "email": email})),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::CREATED, "{user}");
+    user
 }
