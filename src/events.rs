@@ -178,6 +178,33 @@ impl EventFilter {
         }
     }
 
+    /// The filter as an SQL condition on `event_type` whose values are bound
+    /// from `$first` on, with those values; `None` when it takes every event,
+    /// or names so many patterns that a statement of its own is not worth it.
+    fn sql(&self, first: usize) -> Option<(String, Vec<&str>)> {
+        const MOST: usize = 16;
+        if self.patterns.is_empty() || self.patterns.len() > MOST {
+            return None;
+        }
+        let mut terms = Vec::with_capacity(self.patterns.len());
+        let mut values = Vec::with_capacity(self.patterns.len());
+        for (i, p) in self.patterns.iter().enumerate() {
+            let n = first + i;
+            match p {
+                Pattern::Exact(e) => {
+                    terms.push(format!("event_type = ${n}"));
+                    values.push(e.as_str());
+                }
+                Pattern::Prefix(pre) => {
+                    let len = pre.chars().count();
+                    terms.push(format!("substr(event_type, 1, {len}) = ${n}"));
+                    values.push(pre.as_str());
+                }
+            }
+        }
+        Some((terms.join(" OR "), values))
+    }
+
     pub fn matches(&self, kind: &str) -> bool {
         self.patterns.is_empty()
             || self.patterns.iter().any(|p| match p {
@@ -332,6 +359,35 @@ impl EventLog {
         let sql = "SELECT id, event_type, payload, created_at FROM events WHERE id > $1 ORDER BY id LIMIT $2";
         let rows: Vec<EventRow> = on_pool!(&self.inner.db, pool => {
             sqlx::query_as(sql).bind(after).bind(limit).fetch_all(pool).await?
+        });
+        rows.into_iter()
+            .map(|r| Event::from_row(r).map(Arc::new))
+            .collect()
+    }
+
+    /// Like [`EventLog::read_after`], but only events `filter` may match: the
+    /// database skips the others, so a subscriber resuming a narrow stream
+    /// far back does not read the whole log through this process.
+    async fn read_matching(
+        &self,
+        after: i64,
+        limit: i64,
+        filter: &EventFilter,
+    ) -> Result<Vec<Arc<Event>>> {
+        let Some((condition, values)) = filter.sql(2) else {
+            return self.read_after(after, limit).await;
+        };
+        let sql = format!(
+            "SELECT id, event_type, payload, created_at FROM events \
+             WHERE id > $1 AND ({condition}) ORDER BY id LIMIT ${}",
+            values.len() + 2
+        );
+        let rows: Vec<EventRow> = on_pool!(&self.inner.db, pool => {
+            let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(after);
+            for v in &values {
+                q = q.bind(*v);
+            }
+            q.bind(limit).fetch_all(pool).await?
         });
         rows.into_iter()
             .map(|r| Event::from_row(r).map(Arc::new))
@@ -588,7 +644,7 @@ impl SubState {
                 },
                 Phase::Replay => {
                     let after = self.last.unwrap_or(0);
-                    match self.log.read_after(after, PAGE).await {
+                    match self.log.read_matching(after, PAGE, &self.filter).await {
                         Ok(page) => {
                             if (page.len() as i64) < PAGE {
                                 self.phase = Phase::Live;
@@ -657,5 +713,19 @@ mod tests {
         assert!(!f.matches("post.created"));
         assert!(EventFilter::parse("").matches("anything"));
         assert!(EventFilter::parse("*").matches("anything"));
+    }
+
+    #[test]
+    fn filter_as_sql_binds_its_values() {
+        let filter = EventFilter::parse("order.*, user.created");
+        let (sql, values) = filter.sql(2).unwrap();
+        assert_eq!(sql, "substr(event_type, 1, 6) = $2 OR event_type = $3");
+        assert_eq!(values, ["order.", "user.created"]);
+        assert!(EventFilter::all().sql(2).is_none());
+        let many = (0..17)
+            .map(|i| format!("t{i}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        assert!(EventFilter::parse(&many).sql(2).is_none());
     }
 }

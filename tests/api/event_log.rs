@@ -68,6 +68,7 @@ on_both_databases!(
     resume_mid_stream_has_no_gap_or_duplicate,
     stalled_subscriber_is_cut_off_without_delaying_others,
     retention_truncates_and_resume_gets_reset,
+    a_filtered_replay_gets_its_types_in_order,
 );
 
 fn admin() -> Principal {
@@ -364,4 +365,52 @@ async fn start_up_events_are_history_before_anyone_can_subscribe() {
     let stored = events.read_after(0, 10_000).await.unwrap();
     assert!(!stored.is_empty(), "the demo wrote events");
     assert_eq!(head, stored.last().unwrap().id);
+}
+
+/// A filtered resume is read from the database with the filter applied there
+/// (exact types and prefixes): only the matching events, every one, in order,
+/// then live.
+async fn a_filtered_replay_gets_its_types_in_order(backend: Backend) {
+    let (_app, domain) = backend.instance(|_| {}).await;
+    let start = all_event_ids(&domain, 0).await.last().copied().unwrap_or(0);
+    for i in 0..30 {
+        let product = write(&domain, i).await;
+        domain
+            .insert_order(1, i as f64, prism::domain::OrderStatus::Pending)
+            .await
+            .unwrap();
+        if i % 10 == 0 {
+            domain.delete_product(&admin(), product).await.unwrap();
+        }
+    }
+    let filter = "order.*, product.deleted";
+    let wanted: Vec<i64> = domain
+        .events()
+        .read_after(start, 100_000)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|e| EventFilter::parse(filter).matches(&e.kind))
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(wanted.len(), 33);
+    let mut stream = Box::pin(
+        domain
+            .events()
+            .subscribe(Some(start), EventFilter::parse(filter)),
+    );
+    let got: Vec<i64> = take_events(&mut stream, wanted.len())
+        .await
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(got, wanted);
+    write(&domain, 99).await;
+    domain
+        .insert_order(1, 99.0, prism::domain::OrderStatus::Pending)
+        .await
+        .unwrap();
+    let live = take_events(&mut stream, 1).await;
+    assert_eq!(live[0].kind, "order.created");
+    assert!(live[0].id > *wanted.last().unwrap());
 }
