@@ -113,12 +113,6 @@ impl Post {
     async fn id(&self) -> i32 {
         id32(self.0.id)
     }
-    /// In `postCreated`, the event-log id that announced the post: subscribe
-    /// with `afterEventId` set to the last one seen to resume without a gap.
-    /// Null elsewhere.
-    async fn event_id(&self) -> Option<i64> {
-        self.1
-    }
     async fn title(&self) -> &str {
         &self.0.title
     }
@@ -130,10 +124,6 @@ impl Post {
     }
     async fn created_at(&self) -> DateTime<Utc> {
         self.0.created_at
-    }
-    /// When the post was last changed (its creation time until then).
-    async fn updated_at(&self) -> DateTime<Utc> {
-        self.0.updated_at
     }
     /// The post's author.
     async fn author(&self, ctx: &Context<'_>) -> Result<Option<User>> {
@@ -149,6 +139,16 @@ impl Post {
             .await?
             .unwrap_or_default();
         Ok(comments.into_iter().map(Comment).collect())
+    }
+    /// When the post was last changed (its creation time until then).
+    async fn updated_at(&self) -> DateTime<Utc> {
+        self.0.updated_at
+    }
+    /// In `postCreated`, the event-log id that announced the post: subscribe
+    /// with `afterEventId` set to the last one seen to resume without a gap.
+    /// Null elsewhere.
+    async fn event_id(&self) -> Option<i64> {
+        self.1
     }
 }
 
@@ -182,12 +182,6 @@ impl Message {
     async fn id(&self) -> i32 {
         id32(self.0.id)
     }
-    /// In `messageAdded`, the event-log id that announced the message:
-    /// subscribe with `afterEventId` set to the last one seen to resume
-    /// without a gap. Null elsewhere.
-    async fn event_id(&self) -> Option<i64> {
-        self.1
-    }
     async fn content(&self) -> &str {
         &self.0.content
     }
@@ -199,6 +193,12 @@ impl Message {
         self.0
             .timestamp
             .to_rfc3339_opts(SecondsFormat::Micros, true)
+    }
+    /// In `messageAdded`, the event-log id that announced the message:
+    /// subscribe with `afterEventId` set to the last one seen to resume
+    /// without a gap. Null elsewhere.
+    async fn event_id(&self) -> Option<i64> {
+        self.1
     }
 }
 
