@@ -188,6 +188,9 @@ impl App {
         if let Some(relay) = &relay {
             metrics.watch_relay(relay.clone());
         }
+        if let crate::db::Pools::Sqlite { write, .. } = &domain.db().pools {
+            metrics.watch_sqlite(write.clone());
+        }
         let state = AppState::new(Shared {
             domain,
             limiter: Arc::new(LoginLimiter::new(config.login_max_failures)),

@@ -179,6 +179,7 @@ pub struct Metrics {
 struct PartGauges {
     users_service: Arc<OnceLock<Arc<ConnPool>>>,
     relay: Arc<OnceLock<Arc<RelayStatus>>>,
+    sqlite: Arc<OnceLock<Arc<crate::db::writer::Writer>>>,
 }
 
 impl prometheus_client::collector::Collector for PartGauges {
@@ -188,7 +189,7 @@ impl prometheus_client::collector::Collector for PartGauges {
     ) -> Result<(), std::fmt::Error> {
         use prometheus_client::{
             encoding::EncodeMetric,
-            metrics::{MetricType, gauge::ConstGauge},
+            metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
         };
         let mut gauges = Vec::new();
         if let Some(pool) = self.users_service.get() {
@@ -224,6 +225,28 @@ impl prometheus_client::collector::Collector for PartGauges {
         for (name, help, value) in gauges {
             let gauge = ConstGauge::new(value);
             gauge.encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)?;
+        }
+        if let Some(writer) = self.sqlite.get() {
+            for (name, help, value) in [
+                (
+                    "sqlite_writes",
+                    "Write transactions committed to SQLite.",
+                    writer.writes(),
+                ),
+                (
+                    "sqlite_commits",
+                    "SQLite commits (each one fsync): fewer than the writes when writes queued and shared one.",
+                    writer.commits(),
+                ),
+            ] {
+                let counter = ConstCounter::new(value);
+                counter.encode(encoder.encode_descriptor(
+                    name,
+                    help,
+                    None,
+                    MetricType::Counter,
+                )?)?;
+            }
         }
         Ok(())
     }
@@ -304,6 +327,11 @@ impl Metrics {
     /// Reports the NATS relay's connection and position.
     pub fn watch_relay(&self, relay: Arc<RelayStatus>) {
         let _ = self.parts.relay.set(relay);
+    }
+
+    /// Reports SQLite's commits and the writes they held.
+    pub fn watch_sqlite(&self, writer: Arc<crate::db::writer::Writer>) {
+        let _ = self.parts.sqlite.set(writer);
     }
 
     /// Renders the registry, refreshing the gauges that are read at scrape time.

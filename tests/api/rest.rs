@@ -43,6 +43,20 @@ async fn health_readiness_and_metrics() {
     assert!(text.contains("prism_http_request_duration_seconds_bucket"));
     assert!(text.contains("prism_event_log_head"));
     assert!(!text.contains("nats_relay"), "no relay, no relay gauges");
+    // The demo data was written at start-up.
+    let counter = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in {text}"))
+    };
+    let (writes, commits) = (
+        counter("prism_sqlite_writes_total"),
+        counter("prism_sqlite_commits_total"),
+    );
+    assert!(
+        writes >= commits && commits >= 1,
+        "{writes} writes, {commits} commits"
+    );
     app.stop().await;
 }
 

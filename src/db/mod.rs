@@ -8,9 +8,12 @@
 //! dialects differ (the event log's ordering lock, LISTEN/NOTIFY) match on the
 //! enum explicitly.
 //!
-//! SQLite gets a separate single-connection write pool: SQLite allows one writer
-//! at a time anyway, and queueing writers in-process avoids `SQLITE_BUSY` on lock
-//! upgrades, which a busy timeout cannot always cure.
+//! SQLite gets a single writer connection ([`writer`]): SQLite allows one
+//! writer at a time anyway, queueing writers in-process avoids `SQLITE_BUSY`
+//! on lock upgrades, which a busy timeout cannot always cure, and the writers
+//! that queue share one commit.
+
+pub mod writer;
 
 use std::{
     path::Path,
@@ -24,7 +27,7 @@ use std::{
 
 use anyhow::Context;
 use sqlx::{
-    PgPool, Postgres, Sqlite, SqlitePool, Transaction,
+    ConnectOptions, PgPool, Postgres, SqlitePool, Transaction,
     postgres::PgPoolOptions,
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
 };
@@ -51,7 +54,7 @@ pub enum Pools {
         /// Readers: WAL lets them run beside the writer.
         read: SqlitePool,
         /// The one writer connection.
-        write: SqlitePool,
+        write: Arc<writer::Writer>,
     },
     Postgres(PgPool),
 }
@@ -59,7 +62,7 @@ pub enum Pools {
 /// A write transaction on either database.
 #[derive(Debug)]
 pub enum Tx {
-    Sqlite(Transaction<'static, Sqlite>),
+    Sqlite(writer::WriteTx),
     Postgres(Transaction<'static, Postgres>),
 }
 
@@ -172,21 +175,19 @@ impl Db {
                     .synchronous(SqliteSynchronous::Full)
                     .foreign_keys(true)
                     .busy_timeout(Duration::from_secs(5));
+                let mut write = opts
+                    .connect()
+                    .await
+                    .context("cannot open the SQLite database")?;
+                sqlx::migrate!("./migrations/sqlite")
+                    .run(&mut write)
+                    .await
+                    .context("SQLite migration failed")?;
+                let write = writer::Writer::new(write, opts.clone());
                 // No ping before handing out a connection (sqlx's default):
                 // an SQLite connection is a local file and a thread of its
                 // own, with nothing between them to fail, and the ping was one
                 // more trip to that thread before every statement.
-                let write = SqlitePoolOptions::new()
-                    .max_connections(1)
-                    .test_before_acquire(false)
-                    .acquire_timeout(Duration::from_secs(30))
-                    .connect_with(opts.clone())
-                    .await
-                    .context("cannot open the SQLite database")?;
-                sqlx::migrate!("./migrations/sqlite")
-                    .run(&write)
-                    .await
-                    .context("SQLite migration failed")?;
                 let read = SqlitePoolOptions::new()
                     .max_connections(max_connections)
                     .test_before_acquire(false)

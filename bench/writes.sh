@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# Writes to the embedded SQLite store: `POST /broadcast` (one message and its
+# event) and `POST /posts` (a post and its event), from 2, 32 and 256 clients
+# at once, with wrk. SQLite syncs its log to disk at each commit
+# (`synchronous=FULL`); the writers that queue share one commit, so the
+# commits per write (from /metrics) show how many shared.
+# BASELINE=/path/to/an/older/prism measures that build too, the two taking
+# turns round by round. Writes its section of docs/benchmarks.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source bench/lib.sh
+ensure_wrk
+release_prism
+duration=${DURATION:-4s}
+rounds=${ROUNDS:-3}
+work=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+port=18600
+if (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "port $port is taken; stop what listens there first" >&2
+    exit 1
+fi
+
+metric() { # name -> value from prism's /metrics, or "-"
+    curl -s "localhost:$port/metrics" | awk -v m="prism_$1" '$1 == m {v=$2} END {print (v == "" ? "-" : v)}'
+}
+
+# bin name -> starts prism (a fresh database) and writes the wrk scripts.
+start() {
+    rm -rf "$work/data"
+    PRISM_ADMIN_PASSWORD=bench-admin-password "$1" serve --demo --data-dir "$work/data" \
+        --port "$port" --grpc-port 0 --log-level error &
+    prism_pid=$!
+    wait_port "$port"
+    local token
+    token=$(curl -s "localhost:$port/auth/login" -d username=admin -d password=bench-admin-password |
+            python3 -c 'import json,sys;print(json.load(sys.stdin)["access_token"])')
+    cat >"$work/broadcast.lua" <<LUA
+wrk.method = "POST"
+wrk.path = "/broadcast?message=hello"
+wrk.headers["Authorization"] = "Bearer $token"
+LUA
+    cat >"$work/posts.lua" <<LUA
+wrk.method = "POST"
+wrk.path = "/posts"
+wrk.body = '{"title":"t","content":"c","author_id":1}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer $token"
+LUA
+}
+
+stop() { kill "$prism_pid"; wait "$prism_pid" 2>/dev/null || true; }
+
+# write connections -> "rps p50 p99 non2xx writes_per_commit"
+load() {
+    local w0 c0 w1 c1 out
+    w0=$(metric sqlite_writes_total); c0=$(metric sqlite_commits_total)
+    out=$(wrk -t2 -c"$2" -d"$duration" --latency -s "$work/$1.lua" "http://127.0.0.1:$port")
+    w1=$(metric sqlite_writes_total); c1=$(metric sqlite_commits_total)
+    awk -v w0="$w0" -v w1="$w1" -v c0="$c0" -v c1="$c1" '
+        /Requests\/sec/ {rps=$2}
+        /^ +50%/ {p50=$2}
+        /^ +99%/ {p99=$2}
+        /Non-2xx/ {bad=$NF}
+        END {
+            per = (w0 == "-" || c1 == c0) ? "–" : sprintf("%.1f", (w1 - w0) / (c1 - c0))
+            printf "%s %s %s %d %s\n", rps, p50, p99, bad, per
+        }' <<<"$out"
+}
+
+builds=(current)
+declare -A bin=([current]=$PRISM_BIN)
+if [ -n "${BASELINE:-}" ]; then
+    builds=(baseline current)
+    bin[baseline]=$BASELINE
+fi
+declare -A rows=()
+for _ in $(seq "$rounds"); do
+    for b in "${builds[@]}"; do
+        start "${bin[$b]}"
+        for write in broadcast posts; do
+            for c in 2 32 256; do
+                rows[$b/$write/$c]+="$(load "$write" "$c")"$'\n'
+            done
+        done
+        stop
+    done
+done
+
+{
+    echo "## SQLite writes"
+    echo
+    echo "$(machine); wrk, 2 threads, $duration per row, release build, a fresh database each"
+    echo "round; each row is the median of $rounds rounds. \`POST /broadcast\` stores a message and"
+    echo "its event, \`POST /posts\` a post and its event; every answer is sent after the commit"
+    echo "that made the write durable (\`synchronous=FULL\`: the log synced to disk). Writes per"
+    echo "commit: how many queued writers shared one commit (from \`/metrics\`)."
+    echo
+    echo "| build | write | clients | writes/s | p50 | p99 | non-2xx | writes per commit |"
+    echo "|---|---|---:|---:|---:|---:|---:|---:|"
+    for b in "${builds[@]}"; do
+        for write in broadcast posts; do
+            for c in 2 32 256; do
+                read -r rps p50 p99 bad per < <(median <<<"${rows[$b/$write/$c]}")
+                echo "| $b | \`POST /$write\` | $c | $rps | $p50 | $p99 | $bad | $per |"
+            done
+        done
+    done
+} | write_section writes
+sed -n '/<!-- writes:start -->/,/<!-- writes:end -->/p' docs/benchmarks.md
