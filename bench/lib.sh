@@ -64,3 +64,19 @@ count_connections() {
         sleep 0.25
     done
 }
+
+# port user password -> that user's bearer token from prism's /auth/login.
+login_token() {
+    curl -s "localhost:$1/auth/login" -d "username=$2" -d "password=$3" |
+        python3 -c 'import json,sys;print(json.load(sys.stdin)["access_token"])'
+}
+
+# token file -> a wrk script at file that sends `POST /broadcast` (one event
+# each) with the token.
+broadcast_lua() {
+    cat >"$2" <<LUA
+wrk.method = "POST"
+wrk.path = "/broadcast?message=hello"
+wrk.headers["Authorization"] = "Bearer $1"
+LUA
+}

@@ -52,13 +52,7 @@ start_nats
 PRISM_ADMIN_PASSWORD=bench-admin-password "$PRISM_BIN" serve --demo --data-dir "$work/data" \
     --port 18500 --grpc-port 18551 --nats-url nats://127.0.0.1:18522 --log-level error &
 wait_port 18500
-token=$(curl -s localhost:18500/auth/login -d username=admin -d password=bench-admin-password |
-        python3 -c 'import json,sys;print(json.load(sys.stdin)["access_token"])')
-cat > "$work/post.lua" <<LUA
-wrk.method = "POST"
-wrk.path = "/broadcast?message=hello"
-wrk.headers["Authorization"] = "Bearer $token"
-LUA
+broadcast_lua "$(login_token 18500 admin bench-admin-password)" "$work/post.lua"
 while [ "$(metric nats_relay_connected)" != 1 ]; do sleep 0.05; done
 
 # Live: the broker up, clients writing.

@@ -20,8 +20,7 @@ for n in ${CLIENTS:-1000 10000}; do
     "$target/release/prism" serve --demo --data-dir "$work/data" --port 18000 --grpc-port 18051 --log-level warn &
     pid=$!
     wait_port 18000
-    token=$(curl -s localhost:18000/auth/login -d username=alice -d password=alice-password |
-            python3 -c 'import json,sys;print(json.load(sys.stdin)["access_token"])')
+    token=$(login_token 18000 alice alice-password)
     line=$("$target/release/examples/sse_fanout" 127.0.0.1:18000 "$n" "$pid" "$token")
     echo "$line"
     results+=("$line")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Writes to the embedded SQLite store: `POST /broadcast` (one message and its
-# event) and `POST /posts` (a post and its event), from 2, 32 and 256 clients
+# Writes to the embedded SQLite store: `POST /broadcast` (one event in the
+# log) and `POST /posts` (a post and its event), from 2, 32 and 256 clients
 # at once, with wrk. SQLite syncs its log to disk at each commit
 # (`synchronous=FULL`); the writers that queue share one commit, so the
 # commits per write (from /metrics) show how many shared.
@@ -33,13 +33,8 @@ start() {
     prism_pid=$!
     wait_port "$port"
     local token
-    token=$(curl -s "localhost:$port/auth/login" -d username=admin -d password=bench-admin-password |
-            python3 -c 'import json,sys;print(json.load(sys.stdin)["access_token"])')
-    cat >"$work/broadcast.lua" <<LUA
-wrk.method = "POST"
-wrk.path = "/broadcast?message=hello"
-wrk.headers["Authorization"] = "Bearer $token"
-LUA
+    token=$(login_token "$port" admin bench-admin-password)
+    broadcast_lua "$token" "$work/broadcast.lua"
     cat >"$work/posts.lua" <<LUA
 wrk.method = "POST"
 wrk.path = "/posts"
@@ -91,8 +86,8 @@ done
     echo "## SQLite writes"
     echo
     echo "$(machine); wrk, 2 threads, $duration per row, release build, a fresh database each"
-    echo "round; each row is the median of $rounds rounds. \`POST /broadcast\` stores a message and"
-    echo "its event, \`POST /posts\` a post and its event; every answer is sent after the commit"
+    echo "round; each row is the median of $rounds rounds. \`POST /broadcast\` appends one event to"
+    echo "the log, \`POST /posts\` stores a post and its event; every answer is sent after the commit"
     echo "that made the write durable (\`synchronous=FULL\`: the log synced to disk). Writes per"
     echo "commit: how many queued writers shared one commit (from \`/metrics\`)."
     echo
