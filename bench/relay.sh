@@ -20,7 +20,7 @@ for port in 18500 18551 18522; do
 done
 duration=${DURATION:-10s}
 work=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
 
 start_nats() {
     nats-server -a 127.0.0.1 -p 18522 -js -sd "$work/js" >"$work/nats.log" 2>&1 &

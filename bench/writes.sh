@@ -14,7 +14,7 @@ release_prism
 duration=${DURATION:-4s}
 rounds=${ROUNDS:-3}
 work=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
 port=18600
 if (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "port $port is taken; stop what listens there first" >&2
