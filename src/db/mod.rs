@@ -13,6 +13,7 @@
 //! on lock upgrades, which a busy timeout cannot always cure, and the writers
 //! that queue share one commit.
 
+pub mod reader;
 pub mod writer;
 
 use std::{
@@ -27,9 +28,9 @@ use std::{
 
 use anyhow::Context;
 use sqlx::{
-    ConnectOptions, PgPool, Postgres, SqlitePool, Transaction,
+    ConnectOptions, PgPool, Postgres, Transaction,
     postgres::PgPoolOptions,
-    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous},
 };
 
 /// A pooled PostgreSQL connection idle for longer than this is pinged before
@@ -52,7 +53,7 @@ pub struct Db {
 pub enum Pools {
     Sqlite {
         /// Readers: WAL lets them run beside the writer.
-        read: SqlitePool,
+        read: Arc<reader::Readers>,
         /// The one writer connection.
         write: Arc<writer::Writer>,
     },
@@ -66,17 +67,16 @@ pub enum Tx {
     Postgres(Transaction<'static, Postgres>),
 }
 
-/// Runs `$body` — one read statement — with `$pool` bound to the live read
-/// pool (`&SqlitePool` or `&PgPool`).
+/// Runs `$body` — one read statement — with `$pool` bound to an executor of
+/// the live database: a read connection of SQLite's (`&mut
+/// SqliteConnection`, taken for the statement) or the `&PgPool`. Failing to
+/// get a connection returns from the enclosing function with its error.
 #[macro_export]
 macro_rules! on_db {
     ($db:expr, $pool:ident => $body:expr) => {{
         let db: &$crate::db::Db = $db;
         db.count_read();
-        match &db.pools {
-            $crate::db::Pools::Sqlite { read: $pool, .. } => $body,
-            $crate::db::Pools::Postgres($pool) => $body,
-        }
+        $crate::on_pool!(db, $pool => $body)
     }};
 }
 
@@ -87,7 +87,11 @@ macro_rules! on_pool {
     ($db:expr, $pool:ident => $body:expr) => {{
         let db: &$crate::db::Db = $db;
         match &db.pools {
-            $crate::db::Pools::Sqlite { read: $pool, .. } => $body,
+            $crate::db::Pools::Sqlite { read, .. } => {
+                let mut reader = read.acquire().await?;
+                let $pool = &mut *reader;
+                $body
+            }
             $crate::db::Pools::Postgres($pool) => $body,
         }
     }};
@@ -184,17 +188,11 @@ impl Db {
                     .await
                     .context("SQLite migration failed")?;
                 let write = writer::Writer::new(write, opts.clone());
-                // No ping before handing out a connection (sqlx's default):
-                // an SQLite connection is a local file and a thread of its
-                // own, with nothing between them to fail, and the ping was one
-                // more trip to that thread before every statement.
-                let read = SqlitePoolOptions::new()
-                    .max_connections(max_connections)
-                    .test_before_acquire(false)
-                    .min_connections(1)
-                    .connect_with(opts)
-                    .await
-                    .context("cannot open the SQLite database for reading")?;
+                let read = Arc::new(
+                    reader::Readers::open(opts, max_connections)
+                        .await
+                        .context("cannot open the SQLite database for reading")?,
+                );
                 Pools::Sqlite { read, write }
             }
         };
@@ -305,7 +303,7 @@ mod tests {
             unreachable!("no database URL opens SQLite")
         };
         let used: i64 = sqlx::query_scalar("SELECT sqlite_compileoption_used('ENABLE_QPSG')")
-            .fetch_one(read)
+            .fetch_one(&mut *read.acquire().await.unwrap())
             .await
             .unwrap();
         assert_eq!(used, 1, "SQLite was built without SQLITE_ENABLE_QPSG");

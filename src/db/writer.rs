@@ -402,7 +402,7 @@ mod tests {
             unreachable!()
         };
         sqlx::query_scalar("SELECT v FROM t ORDER BY v")
-            .fetch_all(read)
+            .fetch_all(&mut *read.acquire().await.unwrap())
             .await
             .unwrap()
     }

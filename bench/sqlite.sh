@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Writes to the embedded SQLite store: `POST /broadcast` (one event in the
-# log) and `POST /posts` (a post and its event), from 2, 32 and 256 clients
-# at once, with wrk. SQLite syncs its log to disk at each commit
+# The embedded SQLite store, with wrk. Reads: routes that read SQLite at
+# every request (no cache in front), 64 clients. Writes: `POST /broadcast`
+# (one event in the log) and `POST /posts` (a post and its event), from 2, 32
+# and 256 clients at once. SQLite syncs its log to disk at each commit
 # (`synchronous=FULL`); the writers that queue share one commit, so the
 # commits per write (from /metrics) show how many shared.
 # BASELINE=/path/to/an/older/prism measures that build too, the two taking
-# turns round by round. Writes its section of docs/benchmarks.md.
+# turns round by round. Writes its sections of docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
@@ -46,6 +47,16 @@ LUA
 
 stop() { kill "$prism_pid"; wait "$prism_pid" 2>/dev/null || true; }
 
+# path -> "rps p50 p99 non2xx"
+read_load() {
+    wrk -t2 -c64 -d"$duration" --latency "http://127.0.0.1:$port$1" | awk '
+        /Requests\/sec/ {rps=$2}
+        /^ +50%/ {p50=$2}
+        /^ +99%/ {p99=$2}
+        /Non-2xx/ {bad=$NF}
+        END {printf "%s %s %s %d\n", rps, p50, p99, bad}'
+}
+
 # write connections -> "rps p50 p99 non2xx writes_per_commit"
 load() {
     local w0 c0 w1 c1 out
@@ -69,10 +80,15 @@ if [ -n "${BASELINE:-}" ]; then
     builds=(baseline current)
     bin[baseline]=$BASELINE
 fi
+reads=(/users/1/posts "/users/?limit=10" /posts/1/comments /messages)
 declare -A rows=()
 for _ in $(seq "$rounds"); do
     for b in "${builds[@]}"; do
         start "${bin[$b]}"
+        wrk -t2 -c64 -d1s "http://127.0.0.1:$port/users/1/posts" >/dev/null
+        for path in "${reads[@]}"; do
+            rows[$b/read/$path]+="$(read_load "$path")"$'\n'
+        done
         for write in broadcast posts; do
             for c in 2 32 256; do
                 rows[$b/$write/$c]+="$(load "$write" "$c")"$'\n'
@@ -82,6 +98,22 @@ for _ in $(seq "$rounds"); do
     done
 done
 
+{
+    echo "## SQLite reads"
+    echo
+    echo "$(machine); wrk, 2 threads, 64 connections, $duration per row, release build; each row is"
+    echo "the median of $rounds rounds, the builds taking turns. Each request reads SQLite (these"
+    echo "routes have no cache in front)."
+    echo
+    echo "| build | route | requests/s | p50 | p99 | non-2xx |"
+    echo "|---|---|---:|---:|---:|---:|"
+    for b in "${builds[@]}"; do
+        for path in "${reads[@]}"; do
+            read -r rps p50 p99 bad < <(median <<<"${rows[$b/read/$path]}")
+            echo "| $b | \`GET $path\` | $rps | $p50 | $p99 | $bad |"
+        done
+    done
+} | write_section sqlite-reads
 {
     echo "## SQLite writes"
     echo
@@ -102,4 +134,4 @@ done
         done
     done
 } | write_section writes
-sed -n '/<!-- writes:start -->/,/<!-- writes:end -->/p' docs/benchmarks.md
+sed -n '/<!-- sqlite-reads:start -->/,/<!-- sqlite-reads:end -->/p;/<!-- writes:start -->/,/<!-- writes:end -->/p' docs/benchmarks.md
