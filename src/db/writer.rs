@@ -67,6 +67,8 @@ pub struct Writer {
     /// its own. So a rollback ends the group: it is committed before anyone
     /// else writes, and if it was lost, its members are told.
     rolled_back: AtomicBool,
+    /// Set by [`Writer::close`]: later writes are refused, not reopened.
+    closed: AtomicBool,
     /// Transactions committed, and the writes they held.
     commits: AtomicU64,
     writes: AtomicU64,
@@ -174,6 +176,7 @@ impl Writer {
             wake: Arc::new(Notify::new()),
             committing: AtomicBool::new(false),
             rolled_back: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
             commits: AtomicU64::new(0),
             writes: AtomicU64::new(0),
             opts,
@@ -188,6 +191,9 @@ impl Writer {
         let mut conn = tokio::time::timeout(WAIT_FOR_CONNECTION, self.conn.clone().lock_owned())
             .await
             .map_err(|_| sqlx::Error::PoolTimedOut)?;
+        if self.closed.load(Ordering::Acquire) {
+            return Err(sqlx::Error::PoolClosed);
+        }
         if conn.is_none() {
             *conn = Some(self.opts.connect().await?);
         }
@@ -286,6 +292,7 @@ impl Writer {
     /// Commits what is pending and closes the connection.
     pub async fn close(&self) {
         let mut conn = self.conn.lock().await;
+        self.closed.store(true, Ordering::Release);
         if self.group.lock().members > 0 {
             let _ = self.commit_group(&mut conn, false).await;
         }
@@ -353,6 +360,7 @@ async fn committer(writer: Weak<Writer>, wake: Arc<Notify>) {
             Ok(mut conn) => {
                 let _ = writer.commit_group(&mut conn, false).await;
             }
+            Err(sqlx::Error::PoolClosed) => {}
             Err(e) => {
                 // The connection stayed busy for the whole wait, or could
                 // not be reopened: the group's writers are still waiting.
@@ -467,6 +475,14 @@ mod tests {
         );
         last.await.unwrap().unwrap();
         assert_eq!(values(&db).await, [1, 2, 3]);
+    }
+
+    #[tokio::test]
+    async fn a_closed_database_refuses_writes_rather_than_reopening() {
+        let (_dir, db, writer) = open().await;
+        spawn_write(&writer, 1).await.unwrap().unwrap();
+        db.close().await;
+        assert!(matches!(writer.begin().await, Err(sqlx::Error::PoolClosed)));
     }
 
     /// A writer that gives up alone must not leave the group's transaction
