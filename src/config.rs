@@ -115,7 +115,7 @@ pub struct Settings {
     #[arg(long, env = "PRISM_TRUSTED_PROXIES")]
     pub trusted_proxies: Option<String>,
 
-    /// Database connections in the pool [default: 8]
+    /// Read connections to the database; writes have their own (SQLite: one; PostgreSQL: a pool of this size) [default: 8]
     #[arg(long, env = "PRISM_DB_MAX_CONNECTIONS")]
     pub db_max_connections: Option<u32>,
 

@@ -53,11 +53,16 @@ pub struct Db {
 pub enum Pools {
     Sqlite {
         /// Readers: WAL lets them run beside the writer.
-        read: Arc<reader::Readers>,
+        read: Arc<reader::Readers<sqlx::SqliteConnection>>,
         /// The one writer connection.
         write: Arc<writer::Writer>,
     },
-    Postgres(PgPool),
+    Postgres {
+        /// Writes, and what holds a connection of its own (LISTEN, the
+        /// relay's lock).
+        pool: PgPool,
+        read: Arc<reader::Readers<sqlx::PgConnection>>,
+    },
 }
 
 /// A write transaction on either database.
@@ -67,10 +72,10 @@ pub enum Tx {
     Postgres(Transaction<'static, Postgres>),
 }
 
-/// Runs `$body` — one read statement — with `$pool` bound to an executor of
-/// the live database: a read connection of SQLite's (`&mut
-/// SqliteConnection`, taken for the statement) or the `&PgPool`. Failing to
-/// get a connection returns from the enclosing function with its error.
+/// Runs `$body` — one read statement — with `$pool` bound to a read
+/// connection of the live database (`&mut SqliteConnection` or `&mut
+/// PgConnection`, taken for the statement). Failing to get a connection
+/// returns from the enclosing function with its error.
 #[macro_export]
 macro_rules! on_db {
     ($db:expr, $pool:ident => $body:expr) => {{
@@ -92,7 +97,11 @@ macro_rules! on_pool {
                 let $pool = &mut *reader;
                 $body
             }
-            $crate::db::Pools::Postgres($pool) => $body,
+            $crate::db::Pools::Postgres { read, .. } => {
+                let mut reader = read.acquire().await?;
+                let $pool = &mut *reader;
+                $body
+            }
         }
     }};
 }
@@ -164,7 +173,19 @@ impl Db {
                     .run(&pool)
                     .await
                     .context("PostgreSQL migration failed")?;
-                Pools::Postgres(pool)
+                let opts = sqlx::postgres::PgConnectOptions::from_str(url)?;
+                let read = reader::Readers::open(
+                    opts,
+                    max_connections,
+                    Some(PING_IDLE_AFTER),
+                    Duration::from_secs(5),
+                )
+                .await
+                .context("cannot connect to PostgreSQL for reading")?;
+                Pools::Postgres {
+                    pool,
+                    read: Arc::new(read),
+                }
             }
             None => {
                 std::fs::create_dir_all(data_dir).with_context(|| {
@@ -189,7 +210,7 @@ impl Db {
                     .context("SQLite migration failed")?;
                 let write = writer::Writer::new(write, opts.clone());
                 let read = Arc::new(
-                    reader::Readers::open(opts, max_connections)
+                    reader::Readers::open(opts, max_connections, None, Duration::from_secs(5))
                         .await
                         .context("cannot open the SQLite database for reading")?,
                 );
@@ -205,14 +226,14 @@ impl Db {
     pub fn kind(&self) -> &'static str {
         match self.pools {
             Pools::Sqlite { .. } => "sqlite",
-            Pools::Postgres(_) => "postgres",
+            Pools::Postgres { .. } => "postgres",
         }
     }
 
     /// The PostgreSQL pool, when that is the database in use.
     pub fn postgres(&self) -> Option<&PgPool> {
         match &self.pools {
-            Pools::Postgres(pool) => Some(pool),
+            Pools::Postgres { pool, .. } => Some(pool),
             Pools::Sqlite { .. } => None,
         }
     }
@@ -231,7 +252,7 @@ impl Db {
     pub async fn begin(&self) -> sqlx::Result<Tx> {
         Ok(match &self.pools {
             Pools::Sqlite { write, .. } => Tx::Sqlite(write.begin().await?),
-            Pools::Postgres(pool) => Tx::Postgres(pool.begin().await?),
+            Pools::Postgres { pool, .. } => Tx::Postgres(pool.begin().await?),
         })
     }
 
@@ -246,7 +267,10 @@ impl Db {
                 read.close().await;
                 write.close().await;
             }
-            Pools::Postgres(pool) => pool.close().await,
+            Pools::Postgres { pool, read } => {
+                read.close().await;
+                pool.close().await;
+            }
         }
     }
 }

@@ -13,4 +13,5 @@ mod nats;
 mod products;
 mod realtime;
 mod rest;
+mod store;
 mod users;

@@ -6,7 +6,9 @@
 # (`synchronous=FULL`); the writers that queue share one commit, so the
 # commits per write (from /metrics) show how many shared.
 # BASELINE=/path/to/an/older/prism measures that build too, the two taking
-# turns round by round. Writes its sections of docs/benchmarks.md.
+# turns round by round. PG_URL=postgres://user@host/db (a database to create
+# others from) measures the reads on PostgreSQL too, in a database of their
+# own made afresh each round. Writes its sections of docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
@@ -26,10 +28,12 @@ metric() { # name -> value from prism's /metrics, or "-"
     curl -s "localhost:$port/metrics" | awk -v m="prism_$1" '$1 == m {v=$2} END {print (v == "" ? "-" : v)}'
 }
 
-# bin name -> starts prism (a fresh database) and writes the wrk scripts.
+# bin [database url] -> starts prism (a fresh database) and writes the wrk scripts.
 start() {
     rm -rf "$work/data"
-    PRISM_ADMIN_PASSWORD=bench-admin-password "$1" serve --demo --data-dir "$work/data" \
+    local db=()
+    [ -n "${2:-}" ] && db=(--database-url "$2")
+    PRISM_ADMIN_PASSWORD=bench-admin-password "$1" serve --demo --data-dir "$work/data" "${db[@]}" \
         --port "$port" --grpc-port 0 --log-level error &
     prism_pid=$!
     wait_port "$port"
@@ -95,25 +99,43 @@ for _ in $(seq "$rounds"); do
             done
         done
         stop
+        if [ -n "${PG_URL:-}" ]; then
+            psql "$PG_URL" -qc "DROP DATABASE IF EXISTS prism_bench WITH (FORCE)" -c "CREATE DATABASE prism_bench"
+            start "${bin[$b]}" "${PG_URL%/*}/prism_bench"
+            wrk -t2 -c64 -d1s "http://127.0.0.1:$port/users/1/posts" >/dev/null
+            for path in "${reads[@]}"; do
+                rows[$b/pg/$path]+="$(read_load "$path")"$'\n'
+            done
+            stop
+        fi
     done
 done
+[ -n "${PG_URL:-}" ] && psql "$PG_URL" -qc "DROP DATABASE IF EXISTS prism_bench WITH (FORCE)"
+databases=(sqlite)
+[ -n "${PG_URL:-}" ] && databases+=(pg)
 
 {
-    echo "## SQLite reads"
+    echo "## Store reads"
     echo
     echo "$(machine); wrk, 2 threads, 64 connections, $duration per row, release build; each row is"
-    echo "the median of $rounds rounds, the builds taking turns. Each request reads SQLite (these"
-    echo "routes have no cache in front)."
+    echo "the median of $rounds rounds, the builds taking turns. Each request reads the database"
+    echo "(these routes have no cache in front); PostgreSQL is the machine's own server, over TCP."
     echo
-    echo "| build | route | requests/s | p50 | p99 | non-2xx |"
-    echo "|---|---|---:|---:|---:|---:|"
-    for b in "${builds[@]}"; do
-        for path in "${reads[@]}"; do
-            read -r rps p50 p99 bad < <(median <<<"${rows[$b/read/$path]}")
-            echo "| $b | \`GET $path\` | $rps | $p50 | $p99 | $bad |"
+    echo "| build | database | route | requests/s | p50 | p99 | non-2xx |"
+    echo "|---|---|---|---:|---:|---:|---:|"
+    for d in "${databases[@]}"; do
+        for b in "${builds[@]}"; do
+            for path in "${reads[@]}"; do
+                key=$b/read/$path
+                [ "$d" = pg ] && key=$b/pg/$path
+                read -r rps p50 p99 bad < <(median <<<"${rows[$key]}")
+                name=SQLite
+                [ "$d" = pg ] && name=PostgreSQL
+                echo "| $b | $name | \`GET $path\` | $rps | $p50 | $p99 | $bad |"
+            done
         done
     done
-} | write_section sqlite-reads
+} | write_section store-reads
 {
     echo "## SQLite writes"
     echo
@@ -134,4 +156,4 @@ done
         done
     done
 } | write_section writes
-sed -n '/<!-- sqlite-reads:start -->/,/<!-- sqlite-reads:end -->/p;/<!-- writes:start -->/,/<!-- writes:end -->/p' docs/benchmarks.md
+sed -n '/<!-- store-reads:start -->/,/<!-- store-reads:end -->/p;/<!-- writes:start -->/,/<!-- writes:end -->/p' docs/benchmarks.md
