@@ -393,7 +393,7 @@ mod tests {
             .execute(&mut *tx)
             .await
             .unwrap();
-        tx.commit().await.unwrap();
+        within(tx.commit()).await.unwrap();
         (dir, db, writer)
     }
 
@@ -426,6 +426,14 @@ mod tests {
         })
     }
 
+    /// `f`'s output; a commit that never comes fails the test instead of
+    /// hanging it.
+    async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(10), f)
+            .await
+            .expect("finished within 10 s")
+    }
+
     async fn until_queued(writer: &Writer, n: usize) {
         tokio::time::timeout(Duration::from_secs(10), async {
             while writer.queued.load(std::sync::atomic::Ordering::Acquire) < n {
@@ -444,9 +452,9 @@ mod tests {
         let others: Vec<_> = (2..=20).map(|v| spawn_write(&writer, v)).collect();
         until_queued(&writer, 19).await;
         insert(&mut first, 1).await.unwrap();
-        first.commit().await.unwrap();
+        within(first.commit()).await.unwrap();
         for w in others {
-            w.await.unwrap().unwrap();
+            within(w).await.unwrap().unwrap();
         }
         assert_eq!(values(&db).await, (1..=20).collect::<Vec<_>>());
         assert_eq!(writer.writes() - writes, 20);
@@ -467,20 +475,20 @@ mod tests {
         until_queued(&writer, 2).await;
         insert(&mut first, 1).await.unwrap();
         insert(&mut first, 2).await.unwrap();
-        first.commit().await.unwrap();
-        let refused = duplicate.await.unwrap().unwrap_err();
+        within(first.commit()).await.unwrap();
+        let refused = within(duplicate).await.unwrap().unwrap_err();
         assert!(
             crate::db::is_unique_violation(&refused, "t_v_key", "t.v"),
             "{refused}"
         );
-        last.await.unwrap().unwrap();
+        within(last).await.unwrap().unwrap();
         assert_eq!(values(&db).await, [1, 2, 3]);
     }
 
     #[tokio::test]
     async fn a_closed_database_refuses_writes_rather_than_reopening() {
         let (_dir, db, writer) = open().await;
-        spawn_write(&writer, 1).await.unwrap().unwrap();
+        within(spawn_write(&writer, 1)).await.unwrap().unwrap();
         db.close().await;
         assert!(matches!(writer.begin().await, Err(sqlx::Error::PoolClosed)));
     }
