@@ -26,7 +26,7 @@ use std::{
 };
 
 use sqlx::{ConnectOptions, Connection};
-use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::sync::{Semaphore, SemaphorePermit, TryAcquireError};
 
 /// How long a read waits for a connection when all are busy, as sqlx's
 /// pool waited by default.
@@ -82,10 +82,18 @@ impl<C: Connection> Readers<C> {
     }
 
     pub async fn acquire(&self) -> sqlx::Result<Reader<'_, C>> {
-        let permit = match tokio::time::timeout(WAIT_FOR_CONNECTION, self.permits.acquire()).await {
-            Ok(Ok(permit)) => permit,
-            Ok(Err(_)) => return Err(sqlx::Error::PoolClosed),
-            Err(_) => return Err(sqlx::Error::PoolTimedOut),
+        // A free connection is taken without arming a timer (a clock read):
+        // the common case on every read statement.
+        let permit = match self.permits.try_acquire() {
+            Ok(permit) => permit,
+            Err(TryAcquireError::Closed) => return Err(sqlx::Error::PoolClosed),
+            Err(TryAcquireError::NoPermits) => {
+                match tokio::time::timeout(WAIT_FOR_CONNECTION, self.permits.acquire()).await {
+                    Ok(Ok(permit)) => permit,
+                    Ok(Err(_)) => return Err(sqlx::Error::PoolClosed),
+                    Err(_) => return Err(sqlx::Error::PoolTimedOut),
+                }
+            }
         };
         let conn = loop {
             let idle = self.idle.lock().pop();
