@@ -7,8 +7,10 @@
 # commits per write (from /metrics) show how many shared.
 # BASELINE=/path/to/an/older/prism measures that build too, the two taking
 # turns round by round. PG_URL=postgres://user@host/db (a database to create
-# others from) measures the reads on PostgreSQL too, in a database of their
-# own made afresh each round. Writes its sections of docs/benchmarks.md.
+# others from) measures the reads and writes on PostgreSQL too, in a database
+# of their own made afresh each round; its writes per commit are requests per
+# WAL sync (`pg_stat_wal`, server-wide: nothing else should write meanwhile).
+# Writes its sections of docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
@@ -61,12 +63,22 @@ read_load() {
         END {printf "%s %s %s %d\n", rps, p50, p99, bad}'
 }
 
-# write connections -> "rps p50 p99 non2xx writes_per_commit"
+wal_syncs() { psql "$PG_URL" -Atc "SELECT wal_sync FROM pg_stat_wal"; }
+
+# write connections [pg] -> "rps p50 p99 non2xx writes_per_commit"
 load() {
     local w0 c0 w1 c1 out
-    w0=$(metric sqlite_writes_total); c0=$(metric sqlite_commits_total)
+    if [ -n "${3:-}" ]; then
+        w0=0; c0=$(wal_syncs)
+    else
+        w0=$(metric sqlite_writes_total); c0=$(metric sqlite_commits_total)
+    fi
     out=$(wrk -t2 -c"$2" -d"$duration" --latency -s "$work/$1.lua" "http://127.0.0.1:$port")
-    w1=$(metric sqlite_writes_total); c1=$(metric sqlite_commits_total)
+    if [ -n "${3:-}" ]; then
+        w1=$(awk '/requests in/ {print $1}' <<<"$out"); c1=$(wal_syncs)
+    else
+        w1=$(metric sqlite_writes_total); c1=$(metric sqlite_commits_total)
+    fi
     awk -v w0="$w0" -v w1="$w1" -v c0="$c0" -v c1="$c1" '
         /Requests\/sec/ {rps=$2}
         /^ +50%/ {p50=$2}
@@ -106,6 +118,11 @@ for _ in $(seq "$rounds"); do
             for path in "${reads[@]}"; do
                 rows[$b/pg/$path]+="$(read_load "$path")"$'\n'
             done
+            for write in broadcast posts; do
+                for c in 2 32 256; do
+                    rows[$b/pg/$write/$c]+="$(load "$write" "$c" pg)"$'\n'
+                done
+            done
             stop
         fi
     done
@@ -137,21 +154,27 @@ databases=(sqlite)
     done
 } | write_section store-reads
 {
-    echo "## SQLite writes"
+    echo "## Store writes"
     echo
     echo "$(machine); wrk, 2 threads, $duration per row, release build, a fresh database each"
     echo "round; each row is the median of $rounds rounds. \`POST /broadcast\` appends one event to"
     echo "the log, \`POST /posts\` stores a post and its event; every answer is sent after the commit"
-    echo "that made the write durable (\`synchronous=FULL\`: the log synced to disk). Writes per"
-    echo "commit: how many queued writers shared one commit (from \`/metrics\`)."
+    echo "that made the write durable (SQLite \`synchronous=FULL\`, PostgreSQL \`synchronous_commit=on\`:"
+    echo "the log synced to disk). Writes per commit: on SQLite how many queued writers shared one"
+    echo "commit (from \`/metrics\`), on PostgreSQL requests per WAL sync (\`pg_stat_wal\`)."
     echo
-    echo "| build | write | clients | writes/s | p50 | p99 | non-2xx | writes per commit |"
-    echo "|---|---|---:|---:|---:|---:|---:|---:|"
-    for b in "${builds[@]}"; do
-        for write in broadcast posts; do
-            for c in 2 32 256; do
-                read -r rps p50 p99 bad per < <(median <<<"${rows[$b/$write/$c]}")
-                echo "| $b | \`POST /$write\` | $c | $rps | $p50 | $p99 | $bad | $per |"
+    echo "| build | database | write | clients | writes/s | p50 | p99 | non-2xx | writes per commit |"
+    echo "|---|---|---|---:|---:|---:|---:|---:|---:|"
+    for d in "${databases[@]}"; do
+        for b in "${builds[@]}"; do
+            for write in broadcast posts; do
+                for c in 2 32 256; do
+                    key=$b/$write/$c
+                    name=SQLite
+                    if [ "$d" = pg ]; then key=$b/pg/$write/$c; name=PostgreSQL; fi
+                    read -r rps p50 p99 bad per < <(median <<<"${rows[$key]}")
+                    echo "| $b | $name | \`POST /$write\` | $c | $rps | $p50 | $p99 | $bad | $per |"
+                done
             done
         done
     done

@@ -11,14 +11,22 @@
 //! # Ordering on PostgreSQL
 //! A sequence hands out ids at insert time, but transactions commit in any
 //! order: id 11 can become visible before id 10, and a reader that remembers
-//! only the highest id it has seen would skip 10 forever. prism makes that
-//! impossible at the source: [`append`] takes a transaction-scoped advisory
-//! lock *before* drawing the id, and holds it until commit. Ids are therefore
-//! drawn and made visible in the same order, and a gap in the log can only be a
-//! rolled-back transaction, never a late one. The lock serialises only the tail
-//! of write transactions (event insert to commit), which is short because the
-//! event is always the last statement. SQLite has a single writer, so its ids
-//! are ordered by construction.
+//! only the highest id it has seen would skip 10 forever (the outbox trap).
+//! prism does not make writers take turns to avoid it, which would put every
+//! write's commit, fsync included, behind the one before. Instead:
+//! - [`append`] takes a *shared* transaction-scoped advisory lock before it
+//!   draws the id and holds it to commit, so writers never wait on each other;
+//! - the pump delivers an event only when every id below it is final. A missing
+//!   id is usually a transaction a moment from committing, and its commit wakes
+//!   the pump. If it is still missing after `GAP_WAIT`, the pump *settles*:
+//!   it takes the same lock exclusively, which waits for every transaction that
+//!   drew an id before it, and then whatever is still missing below the highest
+//!   committed id was rolled back and is skipped for good;
+//! - every other reader (replays, the NATS relay) reads only up to the pump's
+//!   head, so none of them can pass an id that is still to come.
+//!
+//! SQLite has a single writer, so its ids become visible in order by
+//! construction.
 //!
 //! # Wake-ups
 //! A local commit wakes the pump directly ([`EventLog::committed`]). On
@@ -47,7 +55,10 @@ use parking_lot::RwLock;
 use serde::Serialize;
 use serde_json::value::RawValue;
 use sqlx::{FromRow, postgres::PgListener};
-use tokio::sync::{Notify, broadcast};
+use tokio::{
+    sync::{Notify, broadcast},
+    time::Instant,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -58,8 +69,14 @@ use crate::{
 
 /// The PostgreSQL NOTIFY channel that announces new events.
 const CHANNEL: &str = "prism_events";
-/// Key of the advisory lock that orders event ids with commits ("prism" in ASCII).
+/// Key of the advisory lock that writers share while they hold an undelivered
+/// id and the pump takes alone to settle a gap ("prism" in ASCII).
 const ORDER_LOCK_KEY: i64 = 0x70_72_69_73_6d;
+/// How long the pump waits for a missing id's transaction to commit before it
+/// settles the gap (module docs). Commits take a few milliseconds; a gap that
+/// outlives this is most likely a rollback, which holds back delivery by this
+/// much. Settling blocks new writers until those in flight have committed.
+const GAP_WAIT: Duration = Duration::from_millis(50);
 /// Rows per replay or pump query.
 const PAGE: i64 = 500;
 
@@ -241,8 +258,11 @@ struct Inner {
     live: broadcast::Sender<Arc<Event>>,
     /// Wakes the pump after a local commit.
     wake: Notify,
-    /// The highest id the pump has delivered.
+    /// The highest id the pump has delivered; every id up to it is final.
     head: AtomicI64,
+    /// On PostgreSQL, the highest id known final by the last settling: a gap
+    /// below it is a rollback, not a transaction still to commit.
+    settled: AtomicI64,
     /// Run by the pump for each event before it is broadcast (cache invalidation).
     hooks: RwLock<Vec<Hook>>,
     poll: Duration,
@@ -253,6 +273,7 @@ struct Inner {
     /// Whether the last retention run was held back by `kept_for`.
     held: AtomicBool,
     delivered: AtomicU64,
+    gaps_settled: AtomicU64,
 }
 
 impl std::fmt::Debug for EventLog {
@@ -268,34 +289,34 @@ impl std::fmt::Debug for EventLog {
 pub async fn append(tx: &mut Tx, kind: &str, payload: &impl Serialize) -> Result<i64> {
     let payload = serde_json::to_string(payload).map_err(Error::internal)?;
     let now = Utc::now();
-    let insert =
-        "INSERT INTO events (event_type, payload, created_at) VALUES ($1, $2, $3) RETURNING id";
     let id: i64 = match tx {
         Tx::Sqlite(t) => {
-            sqlx::query_scalar(insert)
-                .bind(kind)
-                .bind(payload)
-                .bind(now)
-                .fetch_one(&mut **t)
-                .await?
+            sqlx::query_scalar(
+                "INSERT INTO events (event_type, payload, created_at) VALUES ($1, $2, $3) \
+                 RETURNING id",
+            )
+            .bind(kind)
+            .bind(payload)
+            .bind(now)
+            .fetch_one(&mut **t)
+            .await?
         }
         Tx::Postgres(t) => {
-            // See the module docs: the lock makes id order equal commit order.
-            sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                .bind(ORDER_LOCK_KEY)
-                .execute(&mut **t)
-                .await?;
-            let id = sqlx::query_scalar(insert)
-                .bind(kind)
-                .bind(payload)
-                .bind(now)
-                .fetch_one(&mut **t)
-                .await?;
-            sqlx::query("SELECT pg_notify($1, '')")
-                .bind(CHANNEL)
-                .execute(&mut **t)
-                .await?;
-            id
+            // See the module docs. The CTE runs before the insert draws its id
+            // (`nextval` is in the scan above it), so the lock is held first;
+            // the notification is delivered at commit.
+            sqlx::query_scalar(
+                "WITH held AS (SELECT pg_advisory_xact_lock_shared($4), pg_notify($5, '')) \
+                 INSERT INTO events (event_type, payload, created_at) \
+                 SELECT $1, $2, $3 FROM held RETURNING id",
+            )
+            .bind(kind)
+            .bind(payload)
+            .bind(now)
+            .bind(ORDER_LOCK_KEY)
+            .bind(CHANNEL)
+            .fetch_one(&mut **t)
+            .await?
         }
     };
     Ok(id)
@@ -304,7 +325,8 @@ pub async fn append(tx: &mut Tx, kind: &str, payload: &impl Serialize) -> Result
 impl EventLog {
     /// Creates the log handle; nothing runs until [`EventLog::run_pump`] is spawned.
     pub async fn open(db: Db, buffer: usize, poll: Duration, retention: Duration) -> Result<Self> {
-        let head = max_id(&db).await?;
+        // Ids up to here are history, so they must all be final.
+        let head = settle(&db).await?;
         let (live, _) = broadcast::channel(buffer);
         Ok(EventLog {
             inner: Arc::new(Inner {
@@ -312,12 +334,14 @@ impl EventLog {
                 live,
                 wake: Notify::new(),
                 head: AtomicI64::new(head),
+                settled: AtomicI64::new(head),
                 hooks: RwLock::new(Vec::new()),
                 poll,
                 retention,
                 kept_for: OnceLock::new(),
                 held: AtomicBool::new(false),
                 delivered: AtomicU64::new(0),
+                gaps_settled: AtomicU64::new(0),
             }),
         })
     }
@@ -344,6 +368,11 @@ impl EventLog {
         self.inner.head.load(Ordering::Acquire)
     }
 
+    /// Gaps in the ids the pump has settled (module docs) since start.
+    pub fn gaps_settled(&self) -> u64 {
+        self.inner.gaps_settled.load(Ordering::Relaxed)
+    }
+
     /// Live subscriptions in this process.
     pub fn subscriber_count(&self) -> usize {
         self.inner.live.receiver_count()
@@ -354,11 +383,26 @@ impl EventLog {
         self.inner.delivered.load(Ordering::Relaxed)
     }
 
-    /// Events after `after`, in id order, at most `limit` of them.
+    /// Delivered events after `after`, in id order, at most `limit` of them.
+    /// Only up to the pump's head: an event past it may still have an earlier
+    /// one to come (module docs).
     pub async fn read_after(&self, after: i64, limit: i64) -> Result<Vec<Arc<Event>>> {
-        let sql = "SELECT id, event_type, payload, created_at FROM events WHERE id > $1 ORDER BY id LIMIT $2";
+        self.read_range(after, self.head(), limit).await
+    }
+
+    /// Every stored event after `after`, in id order, at most `limit` of them,
+    /// including ones that an earlier id still to commit may yet precede: for
+    /// looking at the log, not for consuming it in order.
+    pub async fn read_stored(&self, after: i64, limit: i64) -> Result<Vec<Arc<Event>>> {
+        self.read_range(after, i64::MAX, limit).await
+    }
+
+    /// Stored events with `after < id <= upto`, in id order, at most `limit`.
+    async fn read_range(&self, after: i64, upto: i64, limit: i64) -> Result<Vec<Arc<Event>>> {
+        let sql = "SELECT id, event_type, payload, created_at FROM events \
+                   WHERE id > $1 AND id <= $2 ORDER BY id LIMIT $3";
         let rows: Vec<EventRow> = on_pool!(&self.inner.db, pool => {
-            sqlx::query_as(sql).bind(after).bind(limit).fetch_all(pool).await?
+            sqlx::query_as(sql).bind(after).bind(upto).bind(limit).fetch_all(pool).await?
         });
         rows.into_iter()
             .map(|r| Event::from_row(r).map(Arc::new))
@@ -374,16 +418,17 @@ impl EventLog {
         limit: i64,
         filter: &EventFilter,
     ) -> Result<Vec<Arc<Event>>> {
-        let Some((condition, values)) = filter.sql(2) else {
+        let Some((condition, values)) = filter.sql(3) else {
             return self.read_after(after, limit).await;
         };
         let sql = format!(
             "SELECT id, event_type, payload, created_at FROM events \
-             WHERE id > $1 AND ({condition}) ORDER BY id LIMIT ${}",
-            values.len() + 2
+             WHERE id > $1 AND id <= $2 AND ({condition}) ORDER BY id LIMIT ${}",
+            values.len() + 3
         );
+        let upto = self.head();
         let rows: Vec<EventRow> = on_pool!(&self.inner.db, pool => {
-            let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(after);
+            let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(after).bind(upto);
             for v in &values {
                 q = q.bind(*v);
             }
@@ -430,15 +475,41 @@ impl EventLog {
             None => None,
         };
         let mut failures = 0u32;
+        // The first id found missing below later ones, and since when.
+        let mut gap: Option<(i64, Instant)> = None;
         loop {
             match self.pump_once().await {
-                Ok(true) => continue, // a full page: there may be more right away
-                Ok(false) => failures = 0,
+                Ok(Pass::More) => continue,
+                Ok(Pass::Idle) => {
+                    failures = 0;
+                    gap = None;
+                }
+                Ok(Pass::Gap(missing)) => {
+                    failures = 0;
+                    match gap {
+                        Some((id, since)) if id == missing => {
+                            if since.elapsed() >= GAP_WAIT {
+                                gap = None;
+                                match self.settle().await {
+                                    Ok(()) => {
+                                        self.inner.gaps_settled.fetch_add(1, Ordering::Relaxed);
+                                        continue;
+                                    }
+                                    Err(e) => {
+                                        tracing::warn!(error = %e, missing, "event pump cannot settle a gap in the log; retrying")
+                                    }
+                                }
+                            }
+                        }
+                        _ => gap = Some((missing, Instant::now())),
+                    }
+                }
                 Err(e) => {
                     failures += 1;
                     tracing::warn!(error = %e, failures, "event pump cannot read the log; retrying");
                 }
             }
+            let settle_at = gap.map(|(_, since)| since + GAP_WAIT);
             let wait = async {
                 match listener.as_mut() {
                     Some(l) => {
@@ -454,6 +525,7 @@ impl EventLog {
                 _ = stop.cancelled() => break,
                 _ = self.inner.wake.notified() => {}
                 _ = wait => {}
+                _ = tokio::time::sleep_until(settle_at.unwrap_or_else(Instant::now)), if settle_at.is_some() => {}
                 _ = tokio::time::sleep(self.inner.poll) => {
                     if listener.is_none() && let Some(pool) = self.inner.db.postgres() {
                         listener = connect_listener(pool).await;
@@ -468,17 +540,39 @@ impl EventLog {
     /// to receive it), so that events written while starting are history to
     /// the first subscribers rather than news.
     pub async fn catch_up(&self) -> Result<()> {
-        while self.pump_once().await? {}
+        self.settle().await?;
+        while let Pass::More = self.pump_once().await? {}
         Ok(())
     }
 
-    /// Reads and broadcasts one page; `Ok(true)` when the page was full.
-    async fn pump_once(&self) -> Result<bool> {
+    /// Marks every id up to the highest committed one final (module docs).
+    async fn settle(&self) -> Result<()> {
+        let settled = settle(&self.inner.db).await?;
+        self.inner.settled.fetch_max(settled, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Reads one page and broadcasts it up to the first id that may still
+    /// come.
+    async fn pump_once(&self) -> Result<Pass> {
         let head = self.head();
-        let events = self.read_after(head, PAGE).await?;
+        let mut events = self.read_stored(head, PAGE).await?;
         let full = events.len() as i64 == PAGE;
         if events.is_empty() {
-            return Ok(false);
+            return Ok(Pass::Idle);
+        }
+        let mut pass = if full { Pass::More } else { Pass::Idle };
+        if self.inner.db.postgres().is_some() {
+            let settled = self.inner.settled.load(Ordering::Acquire);
+            let mut before = head;
+            if let Some(at) = events.iter().position(|e| {
+                let next_in_order = e.id == before + 1 || e.id - 1 <= settled;
+                before = e.id;
+                !next_in_order
+            }) {
+                pass = Pass::Gap(if at == 0 { head } else { events[at - 1].id } + 1);
+                events.truncate(at);
+            }
         }
         let hooks = self.inner.hooks.read();
         for event in events {
@@ -490,7 +584,7 @@ impl EventLog {
             // No receivers is not an error: events are in the log for later.
             let _ = self.inner.live.send(event);
         }
-        Ok(full)
+        Ok(pass)
     }
 
     /// Deletes events older than the retention period, remembering the highest
@@ -578,6 +672,40 @@ impl EventLog {
         });
         Ok(v.unwrap_or(0))
     }
+}
+
+/// The highest committed event id, with every id below it final: on
+/// PostgreSQL, after every transaction that drew an id so far has ended.
+async fn settle(db: &Db) -> Result<i64> {
+    let Some(pool) = db.postgres() else {
+        return max_id(db).await;
+    };
+    let mut tx = pool.begin().await?;
+    // Writers hold the lock from their event to their commit, which is quick;
+    // one that does not let go must not stall the log (and new writers,
+    // queued behind this request) for longer than this.
+    sqlx::query("SET LOCAL lock_timeout = '5s'")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(ORDER_LOCK_KEY)
+        .execute(&mut *tx)
+        .await?;
+    let max: Option<i64> = sqlx::query_scalar("SELECT MAX(id) FROM events")
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(max.unwrap_or(0))
+}
+
+/// What one pass of the pump found.
+enum Pass {
+    /// A full page was delivered: there may be more right away.
+    More,
+    /// Everything committed was delivered.
+    Idle,
+    /// Delivery stopped before this id, missing below later ones.
+    Gap(i64),
 }
 
 async fn max_id(db: &Db) -> Result<i64> {

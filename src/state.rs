@@ -165,6 +165,7 @@ pub struct Metrics {
     pub latency: Family<RouteLabels, Histogram>,
     events_head: Gauge,
     events_delivered: Gauge,
+    events_gaps_settled: Gauge,
     event_subscribers: Gauge,
     cache_entries: Gauge,
     sse_connections: Gauge,
@@ -266,6 +267,7 @@ impl Default for Metrics {
             latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             events_head: Gauge::default(),
             events_delivered: Gauge::default(),
+            events_gaps_settled: Gauge::default(),
             event_subscribers: Gauge::default(),
             cache_entries: Gauge::default(),
             sse_connections: Gauge::default(),
@@ -292,6 +294,12 @@ impl Default for Metrics {
             "events_delivered",
             "Events delivered to subscribers since start",
             m.events_delivered.clone(),
+        );
+        r.register(
+            "event_log_gaps_settled",
+            "Times this process's pump found an event id missing for long and waited for \
+             the writers in flight to know it was rolled back (PostgreSQL)",
+            m.events_gaps_settled.clone(),
         );
         r.register(
             "event_subscribers",
@@ -339,6 +347,7 @@ impl Metrics {
         let events = state.domain.events();
         self.events_head.set(events.head());
         self.events_delivered.set(events.delivered_count() as i64);
+        self.events_gaps_settled.set(events.gaps_settled() as i64);
         self.event_subscribers.set(events.subscriber_count() as i64);
         self.cache_entries.set(state.domain.cache_size() as i64);
         self.sse_connections

@@ -2,7 +2,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use prism::{
     App, Config,
     auth::{Principal, Role},
@@ -117,7 +117,7 @@ async fn take_events(stream: impl Stream<Item = Item> + Unpin, n: usize) -> Vec<
 async fn all_event_ids(domain: &Domain, after: i64) -> Vec<i64> {
     domain
         .events()
-        .read_after(after, 100_000)
+        .read_stored(after, 100_000)
         .await
         .unwrap()
         .iter()
@@ -283,9 +283,9 @@ async fn postgres_processes_see_each_others_events() {
 }
 
 /// The outbox trap: transaction A draws the lower event id, B the higher, and
-/// B tries to commit first. prism's append takes the ordering lock before it
-/// draws an id, so B waits for A; a reader never sees B's id while A's is
-/// still to come, and loses nothing.
+/// B commits first. B does not wait for A (writers never take turns), yet no
+/// reader gets B before A's fate is known: not the live feed, not a replay,
+/// not the relay's reads. When A commits, both arrive, A first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_transactions_committing_out_of_id_order_lose_no_event() {
     let Some(url) = postgres_url().await else {
@@ -301,22 +301,26 @@ async fn postgres_transactions_committing_out_of_id_order_lose_no_event() {
     let id_a = events::append(&mut tx_a, "test.a", &serde_json::json!({"tx": "a"}))
         .await
         .unwrap();
+    // B neither draws its id nor commits behind A.
+    let mut tx_b = db.begin().await.unwrap();
+    let id_b = tokio::time::timeout(
+        WAIT,
+        events::append(&mut tx_b, "test.b", &serde_json::json!({"tx": "b"})),
+    )
+    .await
+    .expect("B waited for A to draw its id")
+    .unwrap();
+    assert!(id_a < id_b);
+    tokio::time::timeout(WAIT, tx_b.commit())
+        .await
+        .expect("B waited for A to commit")
+        .unwrap();
 
-    let b = tokio::spawn({
-        let db = db.clone();
-        async move {
-            let mut tx_b = db.begin().await.unwrap();
-            let id_b = events::append(&mut tx_b, "test.b", &serde_json::json!({"tx": "b"}))
-                .await
-                .unwrap();
-            tx_b.commit().await.unwrap();
-            id_b
-        }
-    });
-    // Wait until B is blocked behind A's ordering lock: B has tried to go first.
+    // Both pumps find A's id missing below B's and, after a while, try to
+    // settle the gap, which has to wait for A: from then on neither can have
+    // delivered B.
     let pool = db.postgres().unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
+    crate::helpers::eventually("both pumps to wait for A", || async {
         let waiting: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
              AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
@@ -324,22 +328,34 @@ async fn postgres_transactions_committing_out_of_id_order_lose_no_event() {
         .fetch_one(pool)
         .await
         .unwrap();
-        if waiting > 0 {
-            break;
-        }
-        assert!(
-            !b.is_finished(),
-            "B committed before A: ids would be visible out of order"
-        );
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "B never reached the lock"
-        );
-        tokio::task::yield_now().await;
-    }
+        (waiting == 2).then_some(())
+    })
+    .await;
+    assert!(
+        stream.next().now_or_never().is_none(),
+        "B delivered before A"
+    );
+    assert!(reader.events().head() < id_a);
+    assert!(
+        reader
+            .events()
+            .read_after(0, 100_000)
+            .await
+            .unwrap()
+            .iter()
+            .all(|e| e.id < id_a)
+    );
+    assert!(
+        reader
+            .events()
+            .read_stored(0, 100_000)
+            .await
+            .unwrap()
+            .iter()
+            .any(|e| e.id == id_b)
+    );
+
     tx_a.commit().await.unwrap();
-    let id_b = tokio::time::timeout(WAIT, b).await.unwrap().unwrap();
-    assert!(id_a < id_b);
     let got: Vec<(i64, String)> = take_events(&mut stream, 2)
         .await
         .iter()
@@ -348,6 +364,47 @@ async fn postgres_transactions_committing_out_of_id_order_lose_no_event() {
     assert_eq!(
         got,
         [(id_a, "test.a".to_owned()), (id_b, "test.b".to_owned())]
+    );
+}
+
+/// A transaction that draws an event id and then rolls back leaves a gap for
+/// good: the pumps settle it and deliver what came after, on every instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_rolled_back_event_does_not_hold_back_later_ones() {
+    let Some(url) = postgres_url().await else {
+        return;
+    };
+    let backend = Backend::Postgres(url.clone());
+    let (_app, domain) = backend.instance(|_| {}).await;
+    let (_reader_app, reader) = backend.instance(|_| {}).await;
+    let mut here = Box::pin(domain.events().subscribe(None, EventFilter::all()));
+    let mut there = Box::pin(reader.events().subscribe(None, EventFilter::all()));
+    let db = domain.db().clone();
+
+    let mut tx_a = db.begin().await.unwrap();
+    let id_a = events::append(&mut tx_a, "test.a", &serde_json::json!({"tx": "a"}))
+        .await
+        .unwrap();
+    let mut tx_b = db.begin().await.unwrap();
+    let id_b = events::append(&mut tx_b, "test.b", &serde_json::json!({"tx": "b"}))
+        .await
+        .unwrap();
+    tx_b.commit().await.unwrap();
+    drop(tx_a); // rolled back
+    for stream in [&mut here, &mut there] {
+        let got: Vec<(i64, String)> = take_events(stream, 1)
+            .await
+            .iter()
+            .map(|e| (e.id, e.kind.clone()))
+            .collect();
+        assert_eq!(got, [(id_b, "test.b".to_owned())]);
+    }
+    assert!(id_a < id_b);
+    let fresh = write(&domain, 1).await;
+    let next = take_events(&mut there, 1).await;
+    assert_eq!(
+        next[0].payload_as::<serde_json::Value>().unwrap()["id"],
+        fresh
     );
 }
 
@@ -362,7 +419,7 @@ async fn start_up_events_are_history_before_anyone_can_subscribe() {
         .unwrap();
     let events = app.state().domain.events();
     let head = events.head();
-    let stored = events.read_after(0, 10_000).await.unwrap();
+    let stored = events.read_stored(0, 10_000).await.unwrap();
     assert!(!stored.is_empty(), "the demo wrote events");
     assert_eq!(head, stored.last().unwrap().id);
 }
@@ -386,7 +443,7 @@ async fn a_filtered_replay_gets_its_types_in_order(backend: Backend) {
     let filter = "order.*, product.deleted";
     let wanted: Vec<i64> = domain
         .events()
-        .read_after(start, 100_000)
+        .read_stored(start, 100_000)
         .await
         .unwrap()
         .iter()

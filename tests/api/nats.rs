@@ -279,7 +279,7 @@ async fn unpublished_events_outlive_their_retention() {
     let app = crate::helpers::spawn_with(config).await;
     let user = create_user(&app, "Kept", "kept@example.com").await;
     let events = app.state.domain.events();
-    let logged = events.read_after(0, 10_000).await.unwrap();
+    let logged = events.read_stored(0, 10_000).await.unwrap();
     let head = logged.last().unwrap().id;
 
     let (status, ready) = app.get_json("/readyz").await;
@@ -380,7 +380,7 @@ async fn instances_sharing_postgres_take_turns_to_relay() {
     let all_published = |events: prism::events::EventLog| {
         let js = js.clone();
         async move {
-            let logged = events.read_after(0, 10_000).await.ok()?.len() as u64;
+            let logged = events.read_stored(0, 10_000).await.ok()?.len() as u64;
             let mut stream = js.get_stream(prism::relay::STREAM).await.ok()?;
             (stream.info().await.ok()?.state.messages == logged).then_some(())
         }
