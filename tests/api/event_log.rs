@@ -296,25 +296,7 @@ async fn postgres_transactions_committing_out_of_id_order_lose_no_event() {
     let (_reader_app, reader) = backend.instance(|_| {}).await;
     let mut stream = Box::pin(reader.events().subscribe(None, EventFilter::all()));
     let db = domain.db().clone();
-
-    let mut tx_a = db.begin().await.unwrap();
-    let id_a = events::append(&mut tx_a, "test.a", &serde_json::json!({"tx": "a"}))
-        .await
-        .unwrap();
-    // B neither draws its id nor commits behind A.
-    let mut tx_b = db.begin().await.unwrap();
-    let id_b = tokio::time::timeout(
-        WAIT,
-        events::append(&mut tx_b, "test.b", &serde_json::json!({"tx": "b"})),
-    )
-    .await
-    .expect("B waited for A to draw its id")
-    .unwrap();
-    assert!(id_a < id_b);
-    tokio::time::timeout(WAIT, tx_b.commit())
-        .await
-        .expect("B waited for A to commit")
-        .unwrap();
+    let (tx_a, id_a, id_b) = b_committed_while_a_is_open(&db).await;
 
     // Both pumps find A's id missing below B's and, after a while, try to
     // settle the gap, which has to wait for A: from then on neither can have
@@ -356,15 +338,37 @@ async fn postgres_transactions_committing_out_of_id_order_lose_no_event() {
     );
 
     tx_a.commit().await.unwrap();
-    let got: Vec<(i64, String)> = take_events(&mut stream, 2)
-        .await
-        .iter()
-        .map(|e| (e.id, e.kind.clone()))
-        .collect();
     assert_eq!(
-        got,
+        ids_and_kinds(&take_events(&mut stream, 2).await),
         [(id_a, "test.a".to_owned()), (id_b, "test.b".to_owned())]
     );
+}
+
+/// Transaction A draws an event id, then B draws the next and commits; A is
+/// left open. B neither draws its id nor commits behind A.
+async fn b_committed_while_a_is_open(db: &prism::db::Db) -> (prism::db::Tx, i64, i64) {
+    let mut tx_a = db.begin().await.unwrap();
+    let id_a = events::append(&mut tx_a, "test.a", &serde_json::json!({"tx": "a"}))
+        .await
+        .unwrap();
+    let mut tx_b = db.begin().await.unwrap();
+    let id_b = tokio::time::timeout(
+        WAIT,
+        events::append(&mut tx_b, "test.b", &serde_json::json!({"tx": "b"})),
+    )
+    .await
+    .expect("B waited for A to draw its id")
+    .unwrap();
+    assert!(id_a < id_b);
+    tokio::time::timeout(WAIT, tx_b.commit())
+        .await
+        .expect("B waited for A to commit")
+        .unwrap();
+    (tx_a, id_a, id_b)
+}
+
+fn ids_and_kinds(events: &[Arc<Event>]) -> Vec<(i64, String)> {
+    events.iter().map(|e| (e.id, e.kind.clone())).collect()
 }
 
 /// A transaction that draws an event id and then rolls back leaves a gap for
@@ -379,27 +383,14 @@ async fn postgres_rolled_back_event_does_not_hold_back_later_ones() {
     let (_reader_app, reader) = backend.instance(|_| {}).await;
     let mut here = Box::pin(domain.events().subscribe(None, EventFilter::all()));
     let mut there = Box::pin(reader.events().subscribe(None, EventFilter::all()));
-    let db = domain.db().clone();
-
-    let mut tx_a = db.begin().await.unwrap();
-    let id_a = events::append(&mut tx_a, "test.a", &serde_json::json!({"tx": "a"}))
-        .await
-        .unwrap();
-    let mut tx_b = db.begin().await.unwrap();
-    let id_b = events::append(&mut tx_b, "test.b", &serde_json::json!({"tx": "b"}))
-        .await
-        .unwrap();
-    tx_b.commit().await.unwrap();
+    let (tx_a, _, id_b) = b_committed_while_a_is_open(domain.db()).await;
     drop(tx_a); // rolled back
     for stream in [&mut here, &mut there] {
-        let got: Vec<(i64, String)> = take_events(stream, 1)
-            .await
-            .iter()
-            .map(|e| (e.id, e.kind.clone()))
-            .collect();
-        assert_eq!(got, [(id_b, "test.b".to_owned())]);
+        assert_eq!(
+            ids_and_kinds(&take_events(stream, 1).await),
+            [(id_b, "test.b".to_owned())]
+        );
     }
-    assert!(id_a < id_b);
     // Only settling could have told the pumps that A's id is not coming.
     assert!(domain.events().gaps_settled() >= 1);
     assert!(reader.events().gaps_settled() >= 1);
