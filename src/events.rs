@@ -30,9 +30,13 @@
 //!
 //! # Wake-ups
 //! A local commit wakes the pump directly ([`EventLog::committed`]). On
-//! PostgreSQL every append also sends `NOTIFY prism_events`, delivered at
-//! commit, so other processes sharing the database wake their pumps too. A poll
-//! timer is the safety net for a lost connection or notification.
+//! PostgreSQL every append also sends `NOTIFY prism_events` with its id,
+//! delivered at commit, so other processes sharing the database wake their
+//! pumps too. A pump takes every notification that has arrived at once and
+//! reads the log only if one names an id past what it has read: its own
+//! commits, already read on the local wake, and a burst of others' cost one
+//! read, not one each. A poll timer is the safety net for a lost connection or
+//! notification.
 //!
 //! # Slow subscribers
 //! The broadcast holds `event_buffer` events. A subscriber that falls further
@@ -50,7 +54,7 @@ use std::{
 };
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use futures::Stream;
+use futures::{FutureExt, Stream};
 use parking_lot::RwLock;
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -302,13 +306,14 @@ pub async fn append(tx: &mut Tx, kind: &str, payload: &impl Serialize) -> Result
             .await?
         }
         Tx::Postgres(t) => {
-            // See the module docs. The CTE runs before the insert draws its id
+            // See the module docs. `held` runs before the insert draws its id
             // (`nextval` is in the scan above it), so the lock is held first;
             // the notification is delivered at commit.
             sqlx::query_scalar(
-                "WITH held AS (SELECT pg_advisory_xact_lock_shared($4), pg_notify($5, '')) \
-                 INSERT INTO events (event_type, payload, created_at) \
-                 SELECT $1, $2, $3 FROM held RETURNING id",
+                "WITH held AS (SELECT pg_advisory_xact_lock_shared($4)), \
+                 new AS (INSERT INTO events (event_type, payload, created_at) \
+                         SELECT $1, $2, $3 FROM held RETURNING id) \
+                 SELECT id FROM new, pg_notify($5, id::text)",
             )
             .bind(kind)
             .bind(payload)
@@ -511,14 +516,26 @@ impl EventLog {
             }
             let settle_at = gap.map(|(_, since)| since + GAP_WAIT);
             let wait = async {
-                match listener.as_mut() {
-                    Some(l) => {
-                        if let Err(e) = l.recv().await {
+                let Some(l) = listener.as_mut() else {
+                    return futures::future::pending::<()>().await;
+                };
+                loop {
+                    match l.recv().await {
+                        Ok(first) => {
+                            let mut newest = notified_id(&first);
+                            // Those already here: polled once each, never waited for.
+                            while let Some(Ok(Some(n))) = l.try_recv().now_or_never() {
+                                newest = newest.max(notified_id(&n));
+                            }
+                            if newest > self.head() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
                             tracing::warn!(error = %e, "event notifications lost; polling until they return");
-                            futures::future::pending::<()>().await;
+                            return futures::future::pending::<()>().await;
                         }
                     }
-                    None => futures::future::pending::<()>().await,
                 }
             };
             tokio::select! {
@@ -696,6 +713,12 @@ async fn settle(db: &Db) -> Result<i64> {
         .await?;
     tx.commit().await?;
     Ok(max.unwrap_or(0))
+}
+
+/// The event id a notification names; a notification without one (a
+/// build that sent none) could name any.
+fn notified_id(n: &sqlx::postgres::PgNotification) -> i64 {
+    n.payload().parse().unwrap_or(i64::MAX)
 }
 
 /// What one pass of the pump found.

@@ -257,14 +257,17 @@ async fn retention_truncates_and_resume_gets_reset(backend: Backend) {
     );
 }
 
+/// Instances sharing a database wake each other's pumps with `NOTIFY` alone:
+/// their poll timers are set too long to help within the test's wait.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_processes_see_each_others_events() {
     let Some(url) = postgres_url().await else {
         return;
     };
     let backend = Backend::Postgres(url);
-    let (_a, a) = backend.instance(|_| {}).await;
-    let (_b, b) = backend.instance(|_| {}).await;
+    let no_polling = |c: &mut Config| c.event_poll = Duration::from_secs(3600);
+    let (_a, a) = backend.instance(no_polling).await;
+    let (_b, b) = backend.instance(no_polling).await;
     let mut on_b = Box::pin(b.events().subscribe(None, EventFilter::all()));
     let mut on_a = Box::pin(a.events().subscribe(None, EventFilter::all()));
     let written_on_a = write(&a, 1).await;
