@@ -289,7 +289,10 @@ impl std::fmt::Debug for EventLog {
 }
 
 /// Appends an event to the log inside the caller's write transaction. The
-/// event commits (or rolls back) with the change it describes.
+/// event commits (or rolls back) with the change it describes. Make it the
+/// transaction's last statement: on PostgreSQL, from here to the commit the
+/// writer holds the lock that settling a gap waits for (module docs), so
+/// nothing slow or lock-taking should come after it.
 pub async fn append(tx: &mut Tx, kind: &str, payload: &impl Serialize) -> Result<i64> {
     let payload = serde_json::to_string(payload).map_err(Error::internal)?;
     let now = Utc::now();
