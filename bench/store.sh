@@ -98,32 +98,30 @@ if [ -n "${BASELINE:-}" ]; then
 fi
 reads=(/users/1/posts "/users/?limit=10" /posts/1/comments /messages)
 declare -A rows=()
+
+# build database [database url] -> one round of every read and write, into rows.
+measure() {
+    local pg=
+    [ "$2" = pg ] && pg=pg
+    start "${bin[$1]}" "${3:-}"
+    wrk -t2 -c64 -d1s "http://127.0.0.1:$port/users/1/posts" >/dev/null
+    for path in "${reads[@]}"; do
+        rows[$1/$2/$path]+="$(read_load "$path")"$'\n'
+    done
+    for write in broadcast posts; do
+        for c in 2 32 256; do
+            rows[$1/$2/$write/$c]+="$(load "$write" "$c" $pg)"$'\n'
+        done
+    done
+    stop
+}
+
 for _ in $(seq "$rounds"); do
     for b in "${builds[@]}"; do
-        start "${bin[$b]}"
-        wrk -t2 -c64 -d1s "http://127.0.0.1:$port/users/1/posts" >/dev/null
-        for path in "${reads[@]}"; do
-            rows[$b/read/$path]+="$(read_load "$path")"$'\n'
-        done
-        for write in broadcast posts; do
-            for c in 2 32 256; do
-                rows[$b/$write/$c]+="$(load "$write" "$c")"$'\n'
-            done
-        done
-        stop
+        measure "$b" sqlite
         if [ -n "${PG_URL:-}" ]; then
             psql "$PG_URL" -qc "DROP DATABASE IF EXISTS prism_bench WITH (FORCE)" -c "CREATE DATABASE prism_bench"
-            start "${bin[$b]}" "${PG_URL%/*}/prism_bench"
-            wrk -t2 -c64 -d1s "http://127.0.0.1:$port/users/1/posts" >/dev/null
-            for path in "${reads[@]}"; do
-                rows[$b/pg/$path]+="$(read_load "$path")"$'\n'
-            done
-            for write in broadcast posts; do
-                for c in 2 32 256; do
-                    rows[$b/pg/$write/$c]+="$(load "$write" "$c" pg)"$'\n'
-                done
-            done
-            stop
+            measure "$b" pg "${PG_URL%/*}/prism_bench"
         fi
     done
 done
@@ -143,9 +141,7 @@ databases=(sqlite)
     for d in "${databases[@]}"; do
         for b in "${builds[@]}"; do
             for path in "${reads[@]}"; do
-                key=$b/read/$path
-                [ "$d" = pg ] && key=$b/pg/$path
-                read -r rps p50 p99 bad < <(median <<<"${rows[$key]}")
+                read -r rps p50 p99 bad < <(median <<<"${rows[$b/$d/$path]}")
                 name=SQLite
                 [ "$d" = pg ] && name=PostgreSQL
                 echo "| $b | $name | \`GET $path\` | $rps | $p50 | $p99 | $bad |"
@@ -169,10 +165,9 @@ databases=(sqlite)
         for b in "${builds[@]}"; do
             for write in broadcast posts; do
                 for c in 2 32 256; do
-                    key=$b/$write/$c
                     name=SQLite
-                    if [ "$d" = pg ]; then key=$b/pg/$write/$c; name=PostgreSQL; fi
-                    read -r rps p50 p99 bad per < <(median <<<"${rows[$key]}")
+                    [ "$d" = pg ] && name=PostgreSQL
+                    read -r rps p50 p99 bad per < <(median <<<"${rows[$b/$d/$write/$c]}")
                     echo "| $b | $name | \`POST /$write\` | $c | $rps | $p50 | $p99 | $bad | $per |"
                 done
             done
