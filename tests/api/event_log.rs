@@ -340,7 +340,10 @@ async fn postgres_transactions_committing_out_of_id_order_lose_no_event() {
             .any(|e| e.id == id_b)
     );
 
-    tx_a.commit().await.unwrap();
+    tokio::time::timeout(WAIT, tx_a.commit())
+        .await
+        .expect("A's commit")
+        .unwrap();
     assert_eq!(
         ids_and_kinds(&take_events(&mut stream, 2).await),
         [(id_a, "test.a".to_owned()), (id_b, "test.b".to_owned())]
@@ -350,11 +353,21 @@ async fn postgres_transactions_committing_out_of_id_order_lose_no_event() {
 /// Transaction A draws an event id, then B draws the next and commits; A is
 /// left open. B neither draws its id nor commits behind A.
 async fn b_committed_while_a_is_open(db: &prism::db::Db) -> (prism::db::Tx, i64, i64) {
-    let mut tx_a = db.begin().await.unwrap();
-    let id_a = events::append(&mut tx_a, "test.a", &serde_json::json!({"tx": "a"}))
+    let mut tx_a = tokio::time::timeout(WAIT, db.begin())
         .await
+        .unwrap()
         .unwrap();
-    let mut tx_b = db.begin().await.unwrap();
+    let id_a = tokio::time::timeout(
+        WAIT,
+        events::append(&mut tx_a, "test.a", &serde_json::json!({"tx": "a"})),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let mut tx_b = tokio::time::timeout(WAIT, db.begin())
+        .await
+        .unwrap()
+        .unwrap();
     let id_b = tokio::time::timeout(
         WAIT,
         events::append(&mut tx_b, "test.b", &serde_json::json!({"tx": "b"})),
