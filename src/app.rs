@@ -155,6 +155,7 @@ impl App {
         if role == Role::Users {
             workers.spawn(crate::relay::run_order_consumer(
                 domain.clone(),
+                keys.clone(),
                 config.nats_url.clone(),
                 config.orders_url.clone(),
                 stop_workers.clone(),

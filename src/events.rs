@@ -697,25 +697,50 @@ impl EventLog {
 /// The highest committed event id, with every id below it final: on
 /// PostgreSQL, after every transaction that drew an id so far has ended.
 async fn settle(db: &Db) -> Result<i64> {
-    let Some(pool) = db.postgres() else {
+    if db.postgres().is_none() {
         return max_id(db).await;
-    };
-    let mut tx = pool.begin().await?;
-    // Writers hold the lock from their event to their commit, which is quick;
-    // one that does not let go must not stall the log (and new writers,
-    // queued behind this request) for longer than this.
-    sqlx::query("SET LOCAL lock_timeout = '5s'")
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(ORDER_LOCK_KEY)
-        .execute(&mut *tx)
-        .await?;
-    let max: Option<i64> = sqlx::query_scalar("SELECT MAX(id) FROM events")
-        .fetch_one(&mut *tx)
-        .await?;
+    }
+    let mut tx = db.begin().await?;
+    hold_ids(&mut tx).await?;
+    let max: Option<i64> = on_tx!(&mut tx, c => {
+        sqlx::query_scalar("SELECT MAX(id) FROM events").fetch_one(c).await?
+    });
     tx.commit().await?;
     Ok(max.unwrap_or(0))
+}
+
+/// Waits for every transaction that has drawn an event id to end, and keeps
+/// others from drawing one until `tx` ends: from then on `tx` sees every
+/// event there will be up to the highest id, and each one's change with it.
+/// SQLite's single writer, which `tx` holds, gives this already.
+pub async fn hold_ids(tx: &mut Tx) -> Result<()> {
+    if let Tx::Postgres(t) = tx {
+        // Writers hold the lock from their event to their commit, which is
+        // quick; one that does not let go must not stall the log (and new
+        // writers, queued behind this request) for longer than this.
+        sqlx::query("SET LOCAL lock_timeout = '5s'")
+            .execute(&mut **t)
+            .await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(ORDER_LOCK_KEY)
+            .execute(&mut **t)
+            .await?;
+    }
+    Ok(())
+}
+
+/// The id of the last event the log holds or has held, as `tx` sees it:
+/// retention may have deleted the newest ones too.
+pub async fn last_issued(tx: &mut Tx) -> Result<i64> {
+    let id: Option<i64> = on_tx!(tx, c => {
+        sqlx::query_scalar(
+            "SELECT MAX(id) FROM (SELECT MAX(id) AS id FROM events UNION ALL \
+             SELECT value FROM prism_meta WHERE key = 'events_truncated_through') AS ids",
+        )
+        .fetch_one(c)
+        .await?
+    });
+    Ok(id.unwrap_or(0))
 }
 
 /// The event id a notification names; a notification without one (a

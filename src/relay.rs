@@ -13,7 +13,10 @@
 //! `order.created` to its per-user statistics, from JetStream (a durable pull
 //! consumer, acked after the change commits) or — without a broker — straight
 //! from the orders service's `/events/feed`, resuming with `Last-Event-ID`
-//! from the position it stores with each change.
+//! from the position it stores with each change. A feed that no longer holds
+//! every event after that position (retention removed them while the users
+//! service was away) says so with a `reset`, and the users service takes its
+//! statistics over from the orders service's totals instead.
 
 use std::{
     sync::{
@@ -29,7 +32,8 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    domain::Domain,
+    auth::{Role, TokenKeys},
+    domain::{Domain, consumers::OrderTotals},
     events::{Event, EventFilter, Item},
 };
 
@@ -349,6 +353,7 @@ struct OrderCreated {
 /// `stop`: from JetStream when `nats_url` is set, else from `orders_url`'s feed.
 pub async fn run_order_consumer(
     domain: Domain,
+    keys: TokenKeys,
     nats_url: Option<String>,
     orders_url: String,
     stop: CancellationToken,
@@ -357,7 +362,7 @@ pub async fn run_order_consumer(
     while !stop.is_cancelled() {
         let result = match &nats_url {
             Some(url) => consume_jetstream(&domain, url, &stop, &mut reconnect).await,
-            None => consume_feed(&domain, &orders_url, &stop, &mut reconnect).await,
+            None => consume_feed(&domain, &keys, &orders_url, &stop, &mut reconnect).await,
         };
         match result {
             Ok(()) => return,
@@ -426,67 +431,118 @@ async fn consume_jetstream(
 
 async fn consume_feed(
     domain: &Domain,
+    keys: &TokenKeys,
     orders_url: &str,
     stop: &CancellationToken,
     reconnect: &mut Reconnect,
 ) -> Result<(), async_nats::Error> {
+    let orders_url = orders_url.trim_end_matches('/');
     let position = format!("{CONSUMER}:feed");
-    let after = domain.offset(&position).await?;
-    let response = reqwest::Client::new()
-        .get(format!(
-            "{}/events/feed?types=order.created",
-            orders_url.trim_end_matches('/')
-        ))
-        .header("last-event-id", after.to_string())
-        .send()
-        .await?
-        .error_for_status()?;
-    tracing::info!(
-        orders_url,
-        after,
-        "users service consuming order.created from the orders feed"
-    );
-    reconnect.connected(Instant::now());
-    let mut body = response.bytes_stream();
-    // Bytes until a whole event has arrived: a chunk may end inside a
-    // character, which decoding each chunk on its own would mangle.
-    let mut buf: Vec<u8> = Vec::new();
+    let client = reqwest::Client::new();
+    // Each pass follows the feed from the stored position until it fails
+    // or, after a restore, must start again from the restored one.
     loop {
-        let chunk = tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
-            c = body.next() => c,
-        };
-        let Some(chunk) = chunk else {
-            return Err("the orders feed ended".into());
-        };
-        buf.extend_from_slice(&chunk?);
-        while let Some(block) = take_block(&mut buf) {
-            if block.starts_with(b"event: reset\n") {
-                // Away longer than the orders service keeps its events: those
-                // it no longer has cannot be applied, and someone should know.
-                tracing::error!(
-                    orders_url,
-                    after,
-                    "the orders feed no longer holds some order.created events this service had not applied; their orders are missing from the order statistics"
-                );
-                continue;
-            }
-            let Some(data) = sse_data(&block) else {
-                continue;
+        let after = domain.offset(&position).await?;
+        let response = client
+            .get(format!("{orders_url}/events/feed?types=order.created"))
+            .header("last-event-id", after.to_string())
+            .send()
+            .await?
+            .error_for_status()?;
+        tracing::info!(
+            orders_url,
+            after,
+            "users service consuming order.created from the orders feed"
+        );
+        reconnect.connected(Instant::now());
+        let mut body = response.bytes_stream();
+        // Bytes until a whole event has arrived: a chunk may end inside a
+        // character, which decoding each chunk on its own would mangle.
+        let mut buf: Vec<u8> = Vec::new();
+        'feed: loop {
+            let chunk = tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                c = body.next() => c,
             };
-            if let Ok(ev) = serde_json::from_str::<WireEvent>(&data) {
-                domain
-                    .apply_order_created(
-                        CONSUMER,
-                        &format!("feed:{}", ev.id),
-                        ev.payload.user_id,
-                        ev.payload.total,
-                        Some((&position, ev.id)),
-                    )
-                    .await?;
+            let Some(chunk) = chunk else {
+                return Err("the orders feed ended".into());
+            };
+            buf.extend_from_slice(&chunk?);
+            while let Some(block) = take_block(&mut buf) {
+                if block.starts_with(b"event: reset\n") {
+                    let restored =
+                        restore_order_stats(domain, keys, &client, orders_url, &position, after);
+                    if restored.await? {
+                        break 'feed;
+                    }
+                    continue;
+                }
+                let Some(data) = sse_data(&block) else {
+                    continue;
+                };
+                if let Ok(ev) = serde_json::from_str::<WireEvent>(&data) {
+                    domain
+                        .apply_order_created(
+                            CONSUMER,
+                            &format!("feed:{}", ev.id),
+                            ev.payload.user_id,
+                            ev.payload.total,
+                            Some((&position, ev.id)),
+                        )
+                        .await?;
+                }
             }
         }
     }
+}
+
+/// The user id of the tokens the users service signs for itself: no user's.
+const SERVICE_PRINCIPAL: i64 = 0;
+
+/// How long the orders service gets to sum every user's orders.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The orders feed has lost events after `after` that this service never
+/// applied (it was away for longer than the orders service keeps them):
+/// takes the order statistics over from the orders service's own totals
+/// (`/order-stats`), as of an event from which the feed goes on. Returns
+/// whether it did; an orders service too old to have the totals is only
+/// reported, and the feed goes on from what it still holds.
+async fn restore_order_stats(
+    domain: &Domain,
+    keys: &TokenKeys,
+    client: &reqwest::Client,
+    orders_url: &str,
+    position: &str,
+    after: i64,
+) -> Result<bool, async_nats::Error> {
+    // The services share the token secret (SPEC §8); the totals are an
+    // admin's to read.
+    let token = keys.issue(SERVICE_PRINCIPAL, Role::Admin)?;
+    let response = client
+        .get(format!("{orders_url}/order-stats"))
+        .bearer_auth(token)
+        .timeout(RESTORE_TIMEOUT)
+        .send()
+        .await?;
+    if response.status() == reqwest::StatusCode::NOT_FOUND {
+        tracing::error!(
+            orders_url,
+            after,
+            "the orders feed no longer holds some order.created events this service had not applied, and the orders service has no /order-stats to restore from; their orders are missing from the order statistics"
+        );
+        return Ok(false);
+    }
+    let totals: OrderTotals = response.error_for_status()?.json().await?;
+    domain.restore_order_stats(position, &totals).await?;
+    tracing::warn!(
+        orders_url,
+        after,
+        through = totals.through,
+        users = totals.users.len(),
+        "the orders feed no longer holds some order.created events this service had not applied; order statistics restored from the orders service's totals"
+    );
+    Ok(true)
 }
 
 /// The next whole Server-Sent Events block taken off the front of `buf`,

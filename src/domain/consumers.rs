@@ -2,18 +2,37 @@
 //! events (idempotence: a redelivered event changes nothing), and the users
 //! service's order statistics built from other services' `order.created`.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::Domain;
-use crate::{db::Tx, error::Result, on_db, on_tx};
+use crate::{
+    db::{Tx, placeholders},
+    error::Result,
+    events, on_db, on_tx,
+};
 
 /// What the users service learned of a user's orders from `order.created`.
-#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, sqlx::FromRow, utoipa::ToSchema)]
 pub struct OrderStats {
     pub user_id: i64,
     pub orders: i64,
     pub total: f64,
 }
+
+/// Every user's orders as the orders service holds them, up to and including
+/// event `through`: what the users service starts again from when the orders
+/// service no longer holds events it has not applied.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct OrderTotals {
+    /// The last event these totals include; later ones are not in them.
+    pub through: i64,
+    /// One entry per user with orders, in `user_id` order.
+    pub users: Vec<OrderStats>,
+}
+
+/// Rows per statement when the statistics are written again: three values
+/// each, well inside either database's limit on bound values.
+const STATS_ROWS_PER_INSERT: usize = 500;
 
 impl Domain {
     /// Where `consumer` is in its stream (0 before the first event).
@@ -75,6 +94,57 @@ impl Domain {
         }
         tx.commit().await?;
         Ok(fresh)
+    }
+
+    /// The orders service's [`OrderTotals`]. While they are summed no order
+    /// can commit (on PostgreSQL, writers queue behind [`events::hold_ids`]),
+    /// so the totals and `through` describe the same moment.
+    pub async fn order_totals(&self) -> Result<OrderTotals> {
+        let mut tx = self.db.begin().await?;
+        events::hold_ids(&mut tx).await?;
+        let users: Vec<OrderStats> = on_tx!(&mut tx, c => {
+            sqlx::query_as(
+                "SELECT user_id, COUNT(*) AS orders, SUM(total) AS total FROM orders \
+                 GROUP BY user_id ORDER BY user_id",
+            )
+            .fetch_all(c)
+            .await?
+        });
+        let through = events::last_issued(&mut tx).await?;
+        tx.commit().await?;
+        Ok(OrderTotals { through, users })
+    }
+
+    /// Replaces every user's order statistics with `totals` and moves
+    /// `position` to `totals.through`, in one transaction: the users
+    /// service's way back after missing events it can no longer get.
+    pub async fn restore_order_stats(&self, position: &str, totals: &OrderTotals) -> Result<()> {
+        let mut tx = self.db.begin().await?;
+        on_tx!(&mut tx, c => {
+            sqlx::query("DELETE FROM user_order_stats")
+                .execute(c)
+                .await?
+                .rows_affected()
+        });
+        for chunk in totals.users.chunks(STATS_ROWS_PER_INSERT) {
+            let rows = (0..chunk.len())
+                .map(|i| format!("({})", placeholders(3 * i + 1, 3)))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql =
+                format!("INSERT INTO user_order_stats (user_id, orders, total) VALUES {rows}");
+            on_tx!(&mut tx, c => {
+                // Only placeholders are spliced in; the values are bound.
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()));
+                for s in chunk {
+                    q = q.bind(s.user_id).bind(s.orders).bind(s.total);
+                }
+                q.execute(c).await?.rows_affected()
+            });
+        }
+        upsert_offset(&mut tx, position, totals.through).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     pub async fn order_stats(&self, user_id: i64) -> Result<OrderStats> {

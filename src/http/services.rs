@@ -21,12 +21,15 @@ use utoipa::{IntoParams, OpenApi};
 use super::{
     Detail,
     error::ApiError,
-    extract::{Auth, Json, Path, Query},
+    extract::{Admin, Auth, Json, Path, Query},
     openapi::ValidationDetail,
     users::ListParams,
 };
 use crate::{
-    domain::{NewOrder, Order, consumers::OrderStats},
+    domain::{
+        NewOrder, Order,
+        consumers::{OrderStats, OrderTotals},
+    },
     error::Error,
     pool::{self, ConnPool},
     state::AppState,
@@ -228,13 +231,27 @@ async fn create_order(
     Ok((StatusCode::CREATED, Json(order)).into_response())
 }
 
+/// Every user's order count and total, with the last event they include:
+/// the users service starts its statistics again from these when this
+/// service no longer holds `order.created` events it missed. Admin only:
+/// orders wait while the totals are summed.
+#[utoipa::path(get, path = "/order-stats", security(("bearer" = [])),
+    responses((status = 200, body = OrderTotals), (status = 401, body = Detail),
+               (status = 403, body = Detail)))]
+async fn order_totals(
+    State(ctx): State<OrdersCtx>,
+    _admin: Admin,
+) -> Result<Json<OrderTotals>, ApiError> {
+    Ok(Json(ctx.app.domain.order_totals().await?))
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "prism orders service",
         description = "Orders, which embed their user (SPEC §8)."
     ),
-    paths(list_orders, get_order, create_order)
+    paths(list_orders, get_order, create_order, order_totals)
 )]
 pub struct OrdersServiceApi;
 
@@ -273,6 +290,7 @@ pub fn orders_service(state: AppState) -> Router {
     Router::new()
         .route("/orders", get(list_orders).post(create_order))
         .route("/orders/{order_id}", get(get_order))
+        .route("/order-stats", get(order_totals))
         .with_state(ctx)
 }
 

@@ -6,7 +6,10 @@ use futures::{FutureExt, Stream, StreamExt};
 use prism::{
     App, Config,
     auth::{Principal, Role},
-    domain::{Domain, NewProduct, Price},
+    domain::{
+        Domain, NewProduct, Price,
+        consumers::{OrderStats, OrderTotals},
+    },
     events::{self, Event, EventFilter, Item},
 };
 
@@ -69,6 +72,7 @@ on_both_databases!(
     stalled_subscriber_is_cut_off_without_delaying_others,
     retention_truncates_and_resume_gets_reset,
     a_filtered_replay_gets_its_types_in_order,
+    restored_order_stats_replace_what_was_applied,
 );
 
 fn admin() -> Principal {
@@ -418,6 +422,73 @@ async fn postgres_rolled_back_event_does_not_hold_back_later_ones() {
     );
 }
 
+/// The orders service's totals, which a users service that missed events
+/// starts again from, wait for an order still being placed: an order is in
+/// them exactly when its event is at or below their `through`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_order_totals_wait_for_an_order_being_placed() {
+    let Some(url) = postgres_url().await else {
+        return;
+    };
+    let (_app, domain) = Backend::Postgres(url).instance(|_| {}).await;
+    let db = domain.db().clone();
+    let mut tx = tokio::time::timeout(WAIT, db.begin())
+        .await
+        .unwrap()
+        .unwrap();
+    let placing = async {
+        let prism::db::Tx::Postgres(t) = &mut tx else {
+            unreachable!()
+        };
+        sqlx::query(
+            "INSERT INTO orders (user_id, total, status, created_at) \
+             VALUES (7, 3.5, 'pending', now())",
+        )
+        .execute(&mut **t)
+        .await
+        .unwrap();
+        events::append(&mut tx, "order.created", &serde_json::json!({"user_id": 7}))
+            .await
+            .unwrap()
+    };
+    let id = tokio::time::timeout(WAIT, placing).await.unwrap();
+    let totals = tokio::spawn({
+        let domain = domain.clone();
+        async move { domain.order_totals().await }
+    });
+    let pool = db.postgres().unwrap();
+    crate::helpers::eventually("the totals to wait for the order", || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        (waiting == 1).then_some(())
+    })
+    .await;
+    assert!(!totals.is_finished());
+    tokio::time::timeout(WAIT, tx.commit())
+        .await
+        .unwrap()
+        .unwrap();
+    let totals = tokio::time::timeout(WAIT, totals)
+        .await
+        .expect("the totals")
+        .unwrap()
+        .unwrap();
+    assert_eq!(totals.through, id);
+    assert_eq!(
+        totals.users,
+        [OrderStats {
+            user_id: 7,
+            orders: 1,
+            total: 3.5
+        }]
+    );
+}
+
 /// Events written while the server starts (the demo data) are delivered
 /// before it serves, so a subscriber asking for "live from now" is never sent
 /// them: the live feed's head is the log's last event once `build` returns.
@@ -480,4 +551,39 @@ async fn a_filtered_replay_gets_its_types_in_order(backend: Backend) {
     let live = take_events(&mut stream, 1).await;
     assert_eq!(live[0].kind, "order.created");
     assert!(live[0].id > *wanted.last().unwrap());
+}
+
+/// Restoring the users service's order statistics from the orders service's
+/// totals replaces every user's, those the totals leave out included, and
+/// moves the feed position with them.
+async fn restored_order_stats_replace_what_was_applied(backend: Backend) {
+    let (_app, domain) = backend.instance(|_| {}).await;
+    for (key, user, total) in [("a", 1, 5.0), ("b", 2, 6.0)] {
+        assert!(
+            domain
+                .apply_order_created("users-service", key, user, total, Some(("feed", 3)))
+                .await
+                .unwrap()
+        );
+    }
+    // More users than one statement inserts.
+    let users: Vec<OrderStats> = (1..=1201)
+        .map(|user_id| OrderStats {
+            user_id: user_id * 3,
+            orders: user_id,
+            total: user_id as f64 * 1.5,
+        })
+        .collect();
+    let totals = OrderTotals { through: 42, users };
+    domain.restore_order_stats("feed", &totals).await.unwrap();
+    assert_eq!(domain.offset("feed").await.unwrap(), 42);
+    for expected in [&totals.users[0], &totals.users[600], &totals.users[1200]] {
+        assert_eq!(
+            &domain.order_stats(expected.user_id).await.unwrap(),
+            expected
+        );
+    }
+    // User 1 had an order applied; the totals say it has none.
+    assert_eq!(domain.order_stats(1).await.unwrap().orders, 0);
+    assert_eq!(domain.order_stats(2).await.unwrap().orders, 0);
 }

@@ -21,6 +21,7 @@ use parking_lot::Mutex;
 use prism::{
     App, Config,
     app::Role,
+    domain::OrderStatus,
     gateway::{
         GatewayApp,
         registry::{Registry, ServiceSpec},
@@ -1858,6 +1859,101 @@ async fn prism_up_runs_the_whole_topology() {
             .await
             .is_err()
     );
+}
+
+/// A users service away for longer than the orders service keeps its events
+/// gets a `reset` from the feed: it takes its order statistics over from the
+/// orders service's totals, then follows the feed again from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_service_away_past_retention_restores_its_order_stats() {
+    let dir = tempfile::tempdir().unwrap();
+    let unused_users = dead_url().await;
+    let orders = service_with(Role::Orders, &dir.path().join("orders"), |c| {
+        c.users_url = unused_users;
+        c.event_retention = Duration::ZERO;
+    })
+    .await;
+    let orders_url = format!("http://{}", orders.http_addr());
+    let orders_state = orders.state().clone();
+    let domain = &orders_state.domain;
+    let orders = run(orders);
+    let users_dir = dir.path().join("users");
+    let users_at = |orders_url: String| {
+        service_with(Role::Users, &users_dir, move |c| {
+            c.orders_url = orders_url;
+        })
+    };
+    let client = reqwest::Client::builder().timeout(WAIT).build().unwrap();
+    // What the orders service holds for `user`: its own list, not the totals.
+    let held = |user: i64| {
+        let (client, orders_url) = (client.clone(), orders_url.clone());
+        async move {
+            let list = json_at(&client, format!("{orders_url}/orders?user_id={user}")).await;
+            let list = list.as_array().unwrap();
+            let total: f64 = list.iter().map(|o| o["total"].as_f64().unwrap()).sum();
+            (list.len() as i64, (total * 100.0).round() / 100.0)
+        }
+    };
+    let stats_reach = |users: &App, user: i64, expected: (i64, f64)| {
+        let domain = users.state().domain.clone();
+        async move {
+            eventually(
+                "the users service's statistics to match the orders",
+                || async {
+                    let s = domain.order_stats(user).await.ok()?;
+                    ((s.orders, s.total) == expected).then_some(())
+                },
+            )
+            .await
+        }
+    };
+
+    // The totals hold up writes while they are summed: not for anyone to ask.
+    let anonymous = client
+        .get(format!("{orders_url}/order-stats"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
+    let as_user = client
+        .get(format!("{orders_url}/order-stats"))
+        .bearer_auth(token())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(as_user.status(), StatusCode::FORBIDDEN);
+
+    let first = users_at(orders_url.clone()).await;
+    domain
+        .insert_order(1, 10.25, OrderStatus::Pending)
+        .await
+        .unwrap();
+    stats_reach(&first, 1, held(1).await).await;
+    run(first).stop().await;
+
+    // Away: orders for two users, then retention takes every event.
+    for (user, total) in [(1, 2.5), (2, 7.0), (2, 1.75)] {
+        domain
+            .insert_order(user, total, OrderStatus::Pending)
+            .await
+            .unwrap();
+    }
+    assert!(domain.events().enforce_retention().await.unwrap() > 0);
+    let missed = domain.events().read_stored(0, 100).await.unwrap();
+    assert!(missed.is_empty(), "{missed:?}");
+
+    let back = users_at(orders_url.clone()).await;
+    for user in [1, 2] {
+        stats_reach(&back, user, held(user).await).await;
+    }
+    // And the feed goes on after the totals.
+    domain
+        .insert_order(2, 4.0, OrderStatus::Completed)
+        .await
+        .unwrap();
+    stats_reach(&back, 2, held(2).await).await;
+    run(back).stop().await;
+    orders.stop().await;
 }
 
 /// An object's field names, in the order the body wrote them.
