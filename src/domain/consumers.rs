@@ -102,7 +102,7 @@ impl Domain {
     pub async fn order_totals(&self) -> Result<OrderTotals> {
         let mut tx = self.db.begin().await?;
         events::hold_ids(&mut tx).await?;
-        let users: Vec<OrderStats> = on_tx!(&mut tx, c => {
+        let mut users: Vec<OrderStats> = on_tx!(&mut tx, c => {
             sqlx::query_as(
                 "SELECT user_id, COUNT(*) AS orders, SUM(total) AS total FROM orders \
                  GROUP BY user_id ORDER BY user_id",
@@ -112,6 +112,9 @@ impl Domain {
         });
         let through = events::last_issued(&mut tx).await?;
         tx.commit().await?;
+        for u in &mut users {
+            u.total = to_cents(u.total);
+        }
         Ok(OrderTotals { through, users })
     }
 
@@ -158,7 +161,7 @@ impl Domain {
         Ok(OrderStats {
             user_id,
             orders,
-            total: (total * 100.0).round() / 100.0,
+            total: to_cents(total),
         })
     }
 
@@ -193,6 +196,11 @@ impl Domain {
         });
         Ok(v)
     }
+}
+
+/// A sum of amounts as an amount: floating-point sums of cents drift.
+fn to_cents(total: f64) -> f64 {
+    (total * 100.0).round() / 100.0
 }
 
 async fn upsert_offset(tx: &mut Tx, consumer: &str, last_id: i64) -> Result<()> {
