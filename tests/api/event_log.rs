@@ -308,18 +308,7 @@ async fn postgres_transactions_committing_out_of_id_order_lose_no_event() {
     // Both pumps find A's id missing below B's and, after a while, try to
     // settle the gap, which has to wait for A: from then on neither can have
     // delivered B.
-    let pool = db.postgres().unwrap();
-    crate::helpers::eventually("both pumps to wait for A", || async {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
-             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-        )
-        .fetch_one(pool)
-        .await
-        .unwrap();
-        (waiting == 2).then_some(())
-    })
-    .await;
+    advisory_lock_waiters(&db, 2, "both pumps to wait for A").await;
     assert!(
         stream.next().now_or_never().is_none(),
         "B delivered before A"
@@ -385,6 +374,23 @@ async fn b_committed_while_a_is_open(db: &prism::db::Db) -> (prism::db::Tx, i64,
         .expect("B waited for A to commit")
         .unwrap();
     (tx_a, id_a, id_b)
+}
+
+/// Waits until `n` sessions wait for an advisory lock in this test's
+/// database: as PostgreSQL sees it, they are blocked.
+async fn advisory_lock_waiters(db: &prism::db::Db, n: i64, what: &str) {
+    let pool = db.postgres().unwrap();
+    crate::helpers::eventually(what, || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        (waiting == n).then_some(())
+    })
+    .await;
 }
 
 fn ids_and_kinds(events: &[Arc<Event>]) -> Vec<(i64, String)> {
@@ -456,18 +462,7 @@ async fn postgres_order_totals_wait_for_an_order_being_placed() {
         let domain = domain.clone();
         async move { domain.order_totals().await }
     });
-    let pool = db.postgres().unwrap();
-    crate::helpers::eventually("the totals to wait for the order", || async {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
-             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-        )
-        .fetch_one(pool)
-        .await
-        .unwrap();
-        (waiting == 1).then_some(())
-    })
-    .await;
+    advisory_lock_waiters(&db, 1, "the totals to wait for the order").await;
     assert!(!totals.is_finished());
     tokio::time::timeout(WAIT, tx.commit())
         .await
