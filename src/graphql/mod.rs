@@ -461,10 +461,8 @@ async fn websocket(gs: GraphqlState, parts: &mut Parts) -> Response {
         Ok(u) => u,
         Err(r) => return r.into_response(),
     };
-    upgrade
+    crate::realtime::ws::with_limits(upgrade, gs.app.config.max_ws_frame)
         .protocols(ALL_WEBSOCKET_PROTOCOLS)
-        .max_frame_size(gs.app.config.max_ws_frame)
-        .max_message_size(gs.app.config.max_ws_frame)
         .on_upgrade(move |socket| {
             let sessions = gs.app.sessions.clone();
             sessions.track_future(ws::serve(gs, socket, protocol))
