@@ -20,7 +20,9 @@
 //! prints its CLOCK_MONOTONIC time) so a profiler can attach to just that.
 //!
 //! `fanout SURFACE ADDR N SERVER_PID TOKEN` → one JSON line:
-//! `{"surface", "clients", "rss_before_kib" (after the first 10%), "rss_after_kib", "kib_per_connection", "p50_ms", "p99_ms", "max_ms", "received"}`
+//! `{"surface", "clients", "rss_before_kib" (after the first 10%), "rss_after_kib", "kib_per_connection", "p50_ms", "p99_ms", "max_ms", "received", "server_cpu_us_per_subscriber"}`
+//! (the server's CPU time from the measured write until every subscriber had
+//! it, per subscriber; Linux counts it in 10 ms ticks).
 
 use std::{
     sync::Arc,
@@ -79,6 +81,22 @@ fn rss_kib(pid: u32) -> u64 {
                 .and_then(|v| v.parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// The server's user + system CPU time so far, in milliseconds.
+fn cpu_ms(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    // Linux reports these in clock ticks, 100 a second.
+    ticks * 10.0
 }
 
 enum Subscriber {
@@ -275,6 +293,7 @@ async fn main() {
     let start = Arc::new(std::sync::OnceLock::new());
     let waiting = wait_all(subscribers, &marker, &ready, &start);
     ready.wait().await;
+    let cpu_before = cpu_ms(pid);
     let _ = start.set(Instant::now());
     if std::env::var("FANOUT_PAUSE_MS").is_ok() {
         eprintln!("write at {:?}", Instant::now());
@@ -288,6 +307,7 @@ async fn main() {
         times.extend(t);
         held.push(s);
     }
+    let server_cpu_ms = cpu_ms(pid) - cpu_before;
     if let Ok(s) = std::env::var("FANOUT_PAUSE_MS") {
         tokio::time::sleep(Duration::from_millis(s.parse().unwrap())).await;
     }
@@ -316,6 +336,7 @@ async fn main() {
             "p50_ms": (pct(0.50) * 10.0).round() / 10.0,
             "p99_ms": (pct(0.99) * 10.0).round() / 10.0,
             "max_ms": (pct(1.0) * 10.0).round() / 10.0,
+            "server_cpu_us_per_subscriber": (server_cpu_ms * 1000.0 / n as f64 * 10.0).round() / 10.0,
         })
     );
 }

@@ -101,6 +101,9 @@ pub struct Event {
     /// (an SSE frame per stream kind), so fan-out to thousands of clients
     /// formats each event once, not once per client.
     frames: [std::sync::OnceLock<bytes::Bytes>; FRAME_KINDS],
+    /// The payload decoded by the first subscriber that wanted it typed
+    /// (an `Option<T>`: `None` if it did not decode), shared with the rest.
+    decoded: OnceLock<Arc<dyn std::any::Any + Send + Sync>>,
 }
 
 /// How many distinct wire forms an event can be cached in.
@@ -149,6 +152,7 @@ impl Event {
             created_at: row.created_at,
             json,
             frames: Default::default(),
+            decoded: OnceLock::new(),
         })
     }
 
@@ -161,6 +165,22 @@ impl Event {
     /// The payload parsed into `T` (for adapters that need typed fields).
     pub fn payload_as<T: serde::de::DeserializeOwned>(&self) -> Option<T> {
         serde_json::from_str(self.payload.get()).ok()
+    }
+
+    /// The payload as a `T`, parsed once for every subscriber of a typed
+    /// surface (GraphQL subscriptions, gRPC streams) rather than once each.
+    pub fn payload_shared<T>(&self) -> Option<T>
+    where
+        T: serde::de::DeserializeOwned + Clone + Send + Sync + 'static,
+    {
+        let decoded = self
+            .decoded
+            .get_or_init(|| Arc::new(self.payload_as::<T>()));
+        match decoded.downcast_ref::<Option<T>>() {
+            Some(t) => t.clone(),
+            // Another surface decoded it as another type first.
+            None => self.payload_as(),
+        }
     }
 }
 
@@ -881,7 +901,39 @@ impl SubState {
 
 #[cfg(test)]
 mod tests {
-    use super::EventFilter;
+    use super::{Event, EventFilter};
+
+    #[test]
+    fn a_payload_is_decoded_once_and_shared_by_type() {
+        #[derive(serde::Deserialize, Clone, Debug, PartialEq)]
+        struct A {
+            x: i64,
+        }
+        #[derive(serde::Deserialize, Clone, Debug, PartialEq)]
+        struct B {
+            x: i64,
+            y: Option<i64>,
+        }
+        #[derive(serde::Deserialize, Clone, Debug)]
+        struct C {
+            #[allow(dead_code)]
+            z: i64,
+        }
+        let e = Event::new(1, "t", r#"{"x": 3}"#, chrono::Utc::now()).unwrap();
+        assert_eq!(e.payload_shared::<A>(), Some(A { x: 3 }));
+        let kept = e.decoded.get().unwrap();
+        assert_eq!(kept.downcast_ref::<Option<A>>(), Some(&Some(A { x: 3 })));
+        // Another type is decoded on its own, and the first one is kept.
+        assert_eq!(e.payload_shared::<B>(), Some(B { x: 3, y: None }));
+        assert!(e.payload_shared::<C>().is_none());
+        assert!(
+            e.decoded
+                .get()
+                .unwrap()
+                .downcast_ref::<Option<A>>()
+                .is_some()
+        );
+    }
 
     #[test]
     fn filter_matches_exact_and_prefix() {

@@ -416,7 +416,7 @@ impl Drop for Open {
 /// (from the database), then live. A subscriber that falls behind gets one
 /// error naming the last event id it was sent, and the subscription ends; it
 /// resumes by subscribing again after that id.
-fn events<T: serde::de::DeserializeOwned + Send + 'static>(
+fn events<T: serde::de::DeserializeOwned + Clone + Send + Sync + 'static>(
     ctx: &Context<'_>,
     kind: &str,
     after: Option<i64>,
@@ -439,7 +439,7 @@ fn events<T: serde::de::DeserializeOwned + Send + 'static>(
             } else {
                 match item {
                     Item::Event(e) => Some(
-                        e.payload_as::<T>()
+                        e.payload_shared::<T>()
                             .map(|t| (e.id, t))
                             .ok_or_else(|| coded("INTERNAL_SERVER_ERROR", "Unreadable event")),
                     ),

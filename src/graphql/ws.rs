@@ -50,6 +50,17 @@ fn kind_and_id(text: &str) -> (Option<String>, Option<String>) {
     }
 }
 
+/// The `type` and `id` of a message from the state machine. An operation's
+/// results, nearly every message a subscriber is sent, need no tracking: the
+/// state machine writes them as `{"type":"next",…` (`data` in the legacy
+/// protocol), and they are passed on without parsing.
+fn outgoing_kind_and_id(text: &str) -> (Option<String>, Option<String>) {
+    if text.starts_with(r#"{"type":"next","#) || text.starts_with(r#"{"type":"data","#) {
+        return (None, None);
+    }
+    kind_and_id(text)
+}
+
 /// A close frame. Its reason is cut to the 123 bytes a close frame has room
 /// for (RFC 6455: a control frame carries at most 125, two of them the code):
 /// the protocol state machine's reasons quote the client's bad message, and
@@ -168,7 +179,7 @@ async fn run(gs: GraphqlState, socket: WebSocket, protocol: Protocols) {
                     return;
                 };
                 if let WsMessage::Text(text) = &msg
-                    && let (Some(kind), Some(id)) = kind_and_id(text)
+                    && let (Some(kind), Some(id)) = outgoing_kind_and_id(text)
                     && kind == "complete"
                     && ended_by_client.remove(&id)
                 {
@@ -221,7 +232,7 @@ async fn forward(
 ) -> bool {
     match msg {
         WsMessage::Text(text) => {
-            let (kind, id) = kind_and_id(&text);
+            let (kind, id) = outgoing_kind_and_id(&text);
             match kind.as_deref() {
                 Some("connection_ack") => *acked = true,
                 Some("complete" | "error") => {
@@ -301,6 +312,24 @@ mod tests {
             unreachable!()
         };
         assert_eq!(frame.reason.as_str(), "Unauthorized");
+    }
+
+    #[test]
+    fn results_pass_unparsed_and_the_rest_is_read() {
+        for result in [
+            r#"{"type":"next","id":"1","payload":{"data":{"type":"complete"}}}"#,
+            r#"{"type":"data","id":"1","payload":{"data":null}}"#,
+        ] {
+            assert_eq!(outgoing_kind_and_id(result), (None, None));
+        }
+        assert_eq!(
+            outgoing_kind_and_id(r#"{"type":"complete","id":"7"}"#),
+            (Some("complete".into()), Some("7".into()))
+        );
+        assert_eq!(
+            outgoing_kind_and_id(r#"{"type":"connection_ack"}"#),
+            (Some("connection_ack".into()), None)
+        );
     }
 
     #[test]

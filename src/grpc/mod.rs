@@ -408,7 +408,7 @@ impl Chat for Services {
             .take_while(|item| futures::future::ready(!matches!(item, Item::CutOff { .. })))
             .filter_map(|item| {
                 futures::future::ready(match item {
-                    Item::Event(e) => e.payload_as::<domain::Message>().map(|m| {
+                    Item::Event(e) => e.payload_shared::<domain::Message>().map(|m| {
                         Ok(ChatMessage {
                             event_id: e.id,
                             id: id32(m.id),
