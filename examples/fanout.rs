@@ -8,10 +8,13 @@
 //! - `graphql`: a GraphQL subscription `messageAdded` over
 //!   `graphql-transport-ws` on `/graphql`, one WebSocket each; the write is
 //!   a `POST /messages`.
+//! - `grpc`: `prism.v1.Events/Subscribe` to `broadcast` events, one HTTP/2
+//!   connection each, on the gRPC address (ADDR's port + 51: 18000 → 18051);
+//!   the write is a `POST /broadcast`.
 //!
 //! Before the measured write, a first one goes to every subscriber and is
-//! waited for: a GraphQL subscription is not acknowledged, so only an event
-//! received shows that it is live, and the measured write then finds every
+//! waited for: neither a GraphQL subscription nor a gRPC stream is
+//! acknowledged, so only an event received shows that it is live, and the measured write then finds every
 //! surface warm alike.
 //!
 //! Subscribers stay connected until every one has the write: clients
@@ -30,6 +33,7 @@ use std::{
 };
 
 use futures::{SinkExt, StreamExt};
+use prism::grpc::pb::prism::{DomainEvent, SubscribeRequest, events_client::EventsClient};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -44,6 +48,7 @@ use tokio_tungstenite::{
 enum Surface {
     Sse,
     Graphql,
+    Grpc,
 }
 
 impl Surface {
@@ -51,7 +56,8 @@ impl Surface {
         match s {
             "sse" => Surface::Sse,
             "graphql" => Surface::Graphql,
-            other => panic!("unknown surface {other:?}: sse or graphql"),
+            "grpc" => Surface::Grpc,
+            other => panic!("unknown surface {other:?}: sse, graphql or grpc"),
         }
     }
 
@@ -59,13 +65,16 @@ impl Surface {
         match self {
             Surface::Sse => "sse",
             Surface::Graphql => "graphql",
+            Surface::Grpc => "grpc",
         }
     }
 
     /// The write every subscriber of this surface is sent: path and body.
     fn write(self, marker: &str) -> (&'static str, String) {
         match self {
-            Surface::Sse => ("/broadcast", format!("{{\"message\": \"{marker}\"}}")),
+            Surface::Sse | Surface::Grpc => {
+                ("/broadcast", format!("{{\"message\": \"{marker}\"}}"))
+            }
             Surface::Graphql => ("/messages", format!("{{\"content\": \"{marker}\"}}")),
         }
     }
@@ -102,6 +111,14 @@ fn cpu_ms(pid: u32) -> f64 {
 enum Subscriber {
     Sse(TcpStream),
     Graphql(Box<WebSocketStream<TcpStream>>),
+    Grpc(tonic::Streaming<DomainEvent>),
+}
+
+/// The gRPC port that goes with an HTTP address (`bench/fanout.sh` serves
+/// HTTP on 18000 and gRPC on 18051).
+fn grpc_addr(addr: &str) -> String {
+    let (host, port) = addr.rsplit_once(':').expect("ADDR is host:port");
+    format!("http://{host}:{}", port.parse::<u16>().expect("port") + 51)
 }
 
 const SUBSCRIPTION: &str = r#"{"id":"1","type":"subscribe","payload":{"query":"subscription { messageAdded { id content userId timestamp } }"}}"#;
@@ -112,6 +129,19 @@ impl Subscriber {
         surface: Surface,
         addr: &str,
     ) -> Result<Subscriber, Box<dyn std::error::Error + Send + Sync>> {
+        if surface == Surface::Grpc {
+            let channel = tonic::transport::Endpoint::from_shared(grpc_addr(addr))?
+                .connect()
+                .await?;
+            let stream = EventsClient::new(channel)
+                .subscribe(SubscribeRequest {
+                    after_id: None,
+                    types: vec!["broadcast".into()],
+                })
+                .await?
+                .into_inner();
+            return Ok(Subscriber::Grpc(stream));
+        }
         let mut s = TcpStream::connect(addr).await?;
         match surface {
             Surface::Sse => {
@@ -148,6 +178,7 @@ impl Subscriber {
                 ws.send(Message::text(SUBSCRIPTION)).await?;
                 Ok(Subscriber::Graphql(Box::new(ws)))
             }
+            Surface::Grpc => unreachable!("opened above"),
         }
     }
 
@@ -173,6 +204,13 @@ impl Subscriber {
                 match tokio::time::timeout_at(deadline, ws.next()).await {
                     Ok(Some(Ok(Message::Text(t)))) if t.contains(marker) => return true,
                     Ok(Some(Ok(_))) => {}
+                    _ => return false,
+                }
+            },
+            Subscriber::Grpc(stream) => loop {
+                match tokio::time::timeout_at(deadline, stream.message()).await {
+                    Ok(Ok(Some(e))) if e.payload_json.contains(marker) => return true,
+                    Ok(Ok(Some(_))) => {}
                     _ => return false,
                 }
             },
@@ -252,7 +290,7 @@ async fn settled_rss(pid: u32) -> u64 {
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let [_, surface, addr, n, pid, token] = &args[..] else {
-        eprintln!("usage: fanout sse|graphql ADDR N SERVER_PID TOKEN");
+        eprintln!("usage: fanout sse|graphql|grpc ADDR N SERVER_PID TOKEN");
         std::process::exit(2);
     };
     let surface = Surface::parse(surface);
