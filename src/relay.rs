@@ -470,9 +470,11 @@ async fn consume_feed(
             buf.extend_from_slice(&chunk?);
             while let Some(block) = take_block(&mut buf) {
                 if block.starts_with(b"event: reset\n") {
-                    let restored =
-                        restore_order_stats(domain, keys, &client, orders_url, &position, after);
-                    if restored.await? {
+                    let restored = tokio::select! {
+                        _ = stop.cancelled() => return Ok(()),
+                        r = restore_order_stats(domain, keys, &client, orders_url, &position, after) => r?,
+                    };
+                    if restored {
                         break 'feed;
                     }
                     continue;
