@@ -33,7 +33,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     auth::{Role, TokenKeys},
-    domain::{Domain, consumers::OrderTotals},
+    domain::{
+        Domain,
+        consumers::{Applied, OrderTotals},
+    },
     events::{Event, EventFilter, Item},
 };
 
@@ -420,7 +423,14 @@ async fn consume_jetstream(
         match serde_json::from_slice::<WireEvent>(&msg.payload) {
             Ok(ev) => {
                 domain
-                    .apply_order_created(CONSUMER, &key, ev.payload.user_id, ev.payload.total, None)
+                    .apply_order_created(
+                        Applied::Key {
+                            consumer: CONSUMER,
+                            key: &key,
+                        },
+                        ev.payload.user_id,
+                        ev.payload.total,
+                    )
                     .await?;
             }
             Err(e) => tracing::warn!(error = %e, key, "skipping an unreadable order.created"),
@@ -485,11 +495,12 @@ async fn consume_feed(
                 if let Ok(ev) = serde_json::from_str::<WireEvent>(&data) {
                     domain
                         .apply_order_created(
-                            CONSUMER,
-                            &format!("feed:{}", ev.id),
+                            Applied::Position {
+                                stream: &position,
+                                id: ev.id,
+                            },
                             ev.payload.user_id,
                             ev.payload.total,
-                            Some((&position, ev.id)),
                         )
                         .await?;
                 }

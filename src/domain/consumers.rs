@@ -30,6 +30,18 @@ pub struct OrderTotals {
     pub users: Vec<OrderStats>,
 }
 
+/// How [`Domain::apply_order_created`] knows an event it has applied before.
+#[derive(Debug, Clone, Copy)]
+pub enum Applied<'a> {
+    /// By its key, recorded for `consumer` (a broker's message id: a
+    /// redelivery can come in any order).
+    Key { consumer: &'a str, key: &'a str },
+    /// By its id in an ordered stream: applied if past the stream's stored
+    /// position, which moves to it in the same transaction. Nothing is kept
+    /// per event.
+    Position { stream: &'a str, id: i64 },
+}
+
 /// Rows per statement when the statistics are written again: three values
 /// each, well inside either database's limit on bound values.
 const STATS_ROWS_PER_INSERT: usize = 500;
@@ -53,47 +65,58 @@ impl Domain {
         Ok(())
     }
 
-    /// Applies one `order.created` from another service, at most once per
-    /// `event_key`; with `position` (a stream name and id), also moves that
-    /// position in the same transaction. Returns whether it was new.
+    /// Applies one `order.created` from another service, at most once:
+    /// returns whether it was new. See [`Applied`] for how a repeat is known.
     pub async fn apply_order_created(
         &self,
-        consumer: &str,
-        event_key: &str,
+        once: Applied<'_>,
         user_id: i64,
         total: f64,
-        position: Option<(&str, i64)>,
     ) -> Result<bool> {
         let mut tx = self.db.begin().await?;
         let fresh = on_tx!(&mut tx, c => {
+            match once {
+                Applied::Key { consumer, key } => sqlx::query(
+                    "INSERT INTO processed_events (consumer, event_key) VALUES ($1, $2) \
+                     ON CONFLICT DO NOTHING",
+                )
+                .bind(consumer)
+                .bind(key)
+                .execute(c)
+                .await?
+                .rows_affected(),
+                // Moves only forward: a row lock orders two appliers of one
+                // stream (instances sharing a database), and the later one
+                // finds the position already past its event.
+                Applied::Position { stream, id } => sqlx::query(
+                    "INSERT INTO event_offsets (consumer, last_id) VALUES ($1, $2) \
+                     ON CONFLICT (consumer) DO UPDATE SET last_id = excluded.last_id \
+                     WHERE event_offsets.last_id < excluded.last_id",
+                )
+                .bind(stream)
+                .bind(id)
+                .execute(c)
+                .await?
+                .rows_affected(),
+            }
+        }) == 1;
+        if !fresh {
+            return Ok(false);
+        }
+        on_tx!(&mut tx, c => {
             sqlx::query(
-                "INSERT INTO processed_events (consumer, event_key) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                "INSERT INTO user_order_stats (user_id, orders, total) VALUES ($1, 1, $2) \
+                 ON CONFLICT (user_id) DO UPDATE SET orders = user_order_stats.orders + 1, \
+                 total = user_order_stats.total + excluded.total",
             )
-            .bind(consumer)
-            .bind(event_key)
+            .bind(user_id)
+            .bind(total)
             .execute(c)
             .await?
             .rows_affected()
-        }) == 1;
-        if fresh {
-            on_tx!(&mut tx, c => {
-                sqlx::query(
-                    "INSERT INTO user_order_stats (user_id, orders, total) VALUES ($1, 1, $2) \
-                     ON CONFLICT (user_id) DO UPDATE SET orders = user_order_stats.orders + 1, \
-                     total = user_order_stats.total + excluded.total",
-                )
-                .bind(user_id)
-                .bind(total)
-                .execute(c)
-                .await?
-                .rows_affected()
-            });
-        }
-        if let Some((stream, last_id)) = position {
-            upsert_offset(&mut tx, stream, last_id).await?;
-        }
+        });
         tx.commit().await?;
-        Ok(fresh)
+        Ok(true)
     }
 
     /// The orders service's [`OrderTotals`]. While they are summed no order

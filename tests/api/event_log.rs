@@ -8,7 +8,7 @@ use prism::{
     auth::{Principal, Role},
     domain::{
         Domain, NewProduct, Price,
-        consumers::{OrderStats, OrderTotals},
+        consumers::{Applied, OrderStats, OrderTotals},
     },
     events::{self, Event, EventFilter, Item},
 };
@@ -73,6 +73,7 @@ on_both_databases!(
     retention_truncates_and_resume_gets_reset,
     a_filtered_replay_gets_its_types_in_order,
     restored_order_stats_replace_what_was_applied,
+    an_order_created_is_applied_once,
 );
 
 fn admin() -> Principal {
@@ -553,13 +554,9 @@ async fn a_filtered_replay_gets_its_types_in_order(backend: Backend) {
 /// moves the feed position with them.
 async fn restored_order_stats_replace_what_was_applied(backend: Backend) {
     let (_app, domain) = backend.instance(|_| {}).await;
-    for (key, user, total) in [("a", 1, 5.0), ("b", 2, 6.0)] {
-        assert!(
-            domain
-                .apply_order_created("users-service", key, user, total, Some(("feed", 3)))
-                .await
-                .unwrap()
-        );
+    for (id, user, total) in [(2, 1, 5.0), (3, 2, 6.0)] {
+        let once = Applied::Position { stream: "feed", id };
+        assert!(domain.apply_order_created(once, user, total).await.unwrap());
     }
     // More users than one statement inserts.
     let users: Vec<OrderStats> = (1..=1201)
@@ -581,4 +578,40 @@ async fn restored_order_stats_replace_what_was_applied(backend: Backend) {
     // User 1 had an order applied; the totals say it has none.
     assert_eq!(domain.order_stats(1).await.unwrap().orders, 0);
     assert_eq!(domain.order_stats(2).await.unwrap().orders, 0);
+}
+
+/// A redelivered `order.created` changes nothing, whether it is known by its
+/// broker message id or by its place in an ordered feed.
+async fn an_order_created_is_applied_once(backend: Backend) {
+    let (_app, domain) = backend.instance(|_| {}).await;
+    let by_key = |key| Applied::Key {
+        consumer: "users-service",
+        key,
+    };
+    let at = |id| Applied::Position { stream: "feed", id };
+    let applied = [
+        (by_key("o:1"), true),
+        (by_key("o:2"), true),
+        (by_key("o:1"), false),
+        (at(5), true),
+        (at(5), false),
+        (at(4), false),
+        (at(6), true),
+    ];
+    for (once, fresh) in applied {
+        assert_eq!(
+            domain.apply_order_created(once, 9, 1.5).await.unwrap(),
+            fresh,
+            "{once:?}"
+        );
+    }
+    assert_eq!(
+        domain.order_stats(9).await.unwrap(),
+        OrderStats {
+            user_id: 9,
+            orders: 4,
+            total: 6.0
+        }
+    );
+    assert_eq!(domain.offset("feed").await.unwrap(), 6);
 }
