@@ -368,6 +368,29 @@ async fn product_service_rpcs_paging_and_filters() {
     app.stop().await;
 }
 
+/// The codec's buffers start small (`prism::grpc::Codec`): a message many
+/// times their size still arrives whole, both ways.
+#[tokio::test]
+async fn messages_larger_than_the_codec_buffers_go_both_ways() {
+    let app = spawn_app().await;
+    let mut products = ProductServiceClient::new(app.grpc().await);
+    let admin = app.admin_token().await;
+    let mut big = gizmo();
+    big.description = "é".repeat(4_500);
+    let created = products
+        .create_product(authed(big.clone(), &admin))
+        .await
+        .unwrap()
+        .into_inner();
+    let fetched = products
+        .get_product(GetProductRequest { id: created.id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(fetched.description, big.description);
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn oversized_messages_are_resource_exhausted() {
     let app = spawn_app().await;
