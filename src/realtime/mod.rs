@@ -394,9 +394,13 @@ async fn progress(
         first.push(completed_event(&id, &task.status));
         return Ok(sse(&state, stream::iter(first)));
     }
+    // The pump may still be delivering events older than the state just
+    // read (committed, not yet broadcast when the live feed began): progress
+    // only grows, so one below what was already sent is one of those.
+    let shown = task.progress;
     let updates = stream::unfold(
-        (Box::pin(live), id, false),
-        |(mut live, id, done)| async move {
+        (Box::pin(live), id, shown, false),
+        |(mut live, id, mut shown, done)| async move {
             if done {
                 return None;
             }
@@ -413,10 +417,15 @@ async fn progress(
                             .filter(|s| matches!(*s, "completed" | "failed"))
                         {
                             let last = vec![progress_event(&id, 100), completed_event(&id, status)];
-                            return Some((stream::iter(last), (live, id, true)));
+                            return Some((stream::iter(last), (live, id, 100, true)));
                         }
-                        let next = vec![progress_event(&id, t.progress.unwrap_or(0))];
-                        return Some((stream::iter(next), (live, id, false)));
+                        let progress = t.progress.unwrap_or(0);
+                        if progress < shown {
+                            continue;
+                        }
+                        shown = progress;
+                        let next = vec![progress_event(&id, progress)];
+                        return Some((stream::iter(next), (live, id, shown, false)));
                     }
                     // Cut off: the client reconnects and starts from the
                     // persisted progress.
