@@ -10,10 +10,12 @@
 //! event at most once).
 //!
 //! **Consumer** ([`run_order_consumer`]): the users service applies
-//! `order.created` to its per-user statistics, from JetStream (a durable pull
-//! consumer, acked after the change commits) or — without a broker — straight
-//! from the orders service's `/events/feed`, resuming with `Last-Event-ID`
-//! from the position it stores with each change. A feed that no longer holds
+//! `order.created` to its per-user statistics, from JetStream (an ordered
+//! consumer started after the stream sequence it stores with each change) or
+//! — without a broker — straight from the orders service's `/events/feed`,
+//! resuming with `Last-Event-ID` from the position it stores with each
+//! change. Either way it applies whatever has arrived in one transaction, and
+//! keeps a position per publisher, so a republished event changes nothing. A feed that no longer holds
 //! every event after that position (retention removed them while the users
 //! service was away) says so with a `reset`, and the users service takes its
 //! statistics over from the orders service's totals instead.
@@ -21,7 +23,7 @@
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicI64, AtomicU8, Ordering},
+        atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -29,13 +31,14 @@ use std::{
 use async_nats::jetstream;
 use futures::StreamExt;
 use serde::Deserialize;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     auth::{Role, TokenKeys},
     domain::{
         Domain,
-        consumers::{Applied, OrderTotals},
+        consumers::{Applied, OrderCreated, OrderTotals},
     },
     events::{Event, EventFilter, Item},
 };
@@ -118,11 +121,29 @@ impl Reconnect {
     }
 }
 
-async fn jetstream_context(url: &str) -> Result<jetstream::Context, async_nats::Error> {
-    let client = async_nats::ConnectOptions::new()
-        .connection_timeout(Duration::from_secs(3))
-        .connect(url)
-        .await?;
+/// A JetStream context on a new connection to `url`. `reconnected`, if
+/// given, is notified whenever the connection is made again after a break.
+async fn jetstream_context(
+    url: &str,
+    reconnected: Option<Arc<Notify>>,
+) -> Result<jetstream::Context, async_nats::Error> {
+    let mut options = async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(3));
+    if let Some(reconnected) = reconnected {
+        // The first connection is announced too.
+        let connects = Arc::new(AtomicU64::new(0));
+        options = options.event_callback(move |event| {
+            let reconnected = reconnected.clone();
+            let connects = connects.clone();
+            async move {
+                if matches!(event, async_nats::Event::Connected)
+                    && connects.fetch_add(1, Ordering::Relaxed) > 0
+                {
+                    reconnected.notify_one();
+                }
+            }
+        });
+    }
+    let client = options.connect(url).await?;
     let js = jetstream::new(client);
     js.get_or_create_stream(jetstream::stream::Config {
         name: STREAM.into(),
@@ -264,7 +285,7 @@ async fn relay_session(
         },
         None => None,
     };
-    let js = jetstream_context(url).await?;
+    let js = jetstream_context(url, None).await?;
     let origin = domain.origin().await?;
     tracing::info!(url, "event relay connected to NATS JetStream");
     reconnect.connected(Instant::now());
@@ -343,14 +364,17 @@ async fn publish(
 #[derive(Deserialize)]
 struct WireEvent {
     id: i64,
-    payload: OrderCreated,
+    payload: WireOrder,
 }
 
 #[derive(Deserialize)]
-struct OrderCreated {
+struct WireOrder {
     user_id: i64,
     total: f64,
 }
+
+/// The most `order.created` applied in one transaction.
+const APPLY_BATCH: usize = 512;
 
 /// Applies `order.created` events to the users service's statistics until
 /// `stop`: from JetStream when `nats_url` is set, else from `orders_url`'s feed.
@@ -380,62 +404,193 @@ pub async fn run_order_consumer(
 
 const CONSUMER: &str = "users-service";
 
+/// The stream position, in the users service's `event_offsets`, of one
+/// publisher's events from JetStream.
+fn jetstream_position(source: &str) -> String {
+    format!("{CONSUMER}:jetstream:{source}")
+}
+
+/// Where a message stands among the users service's JetStream positions: a
+/// prism relay's message id `<origin>:<event id>` is that event in its
+/// origin's log, which the relay publishes in order; any other message is
+/// known by its place in the stream.
+fn message_position(msg_id: Option<&str>, stream_sequence: u64) -> (String, i64) {
+    msg_id.and_then(relayed_event).unwrap_or_else(|| {
+        let seq = i64::try_from(stream_sequence).unwrap_or(i64::MAX);
+        (jetstream_position("stream"), seq)
+    })
+}
+
+fn relayed_event(msg_id: &str) -> Option<(String, i64)> {
+    let (origin, id) = msg_id.split_once(':')?;
+    let origin: i64 = origin.parse().ok()?;
+    let id: i64 = id.parse().ok()?;
+    (origin > 0 && id > 0).then(|| (jetstream_position(&origin.to_string()), id))
+}
+
+/// The stream position a key recorded by a build before ordered delivery
+/// stands for: a message id, or `seq:<stream sequence>` for a message
+/// without one.
+fn legacy_key_position(key: &str) -> Option<(String, i64)> {
+    match key.strip_prefix("seq:") {
+        Some(seq) => Some((jetstream_position("stream"), seq.parse().ok()?)),
+        None => relayed_event(key),
+    }
+}
+
+/// Where the users service starts again in the stream: the sequence of the
+/// last message it was handed.
+fn jetstream_resume() -> String {
+    format!("{CONSUMER}:jetstream")
+}
+
 async fn consume_jetstream(
     domain: &Domain,
     url: &str,
     stop: &CancellationToken,
     reconnect: &mut Reconnect,
 ) -> Result<(), async_nats::Error> {
-    let js = jetstream_context(url).await?;
-    let stream = js.get_stream(STREAM).await?;
-    let consumer: jetstream::consumer::PullConsumer = stream
-        .get_or_create_consumer(
-            CONSUMER,
-            jetstream::consumer::pull::Config {
-                durable_name: Some(CONSUMER.into()),
-                filter_subject: "prism.events.order.created".into(),
-                ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(10),
-                ..Default::default()
-            },
-        )
+    // The ordered consumer lives on the broker only as long as the broker
+    // runs, and would notice one restarted only at its next heartbeat (15 s):
+    // a new connection starts a new session at once.
+    let reconnected = Arc::new(Notify::new());
+    let js = jetstream_context(url, Some(reconnected.clone())).await?;
+    let mut stream = js.get_stream(STREAM).await?;
+    let last_in_stream = stream.info().await?.state.last_sequence;
+    let resume = jetstream_resume();
+    let mut after = u64::try_from(domain.offset(&resume).await?).unwrap_or(0);
+    if after > last_in_stream {
+        // A new stream: its sequences started again. What it holds is read
+        // from the start; the publishers' positions skip what was applied.
+        tracing::warn!(
+            after,
+            last_in_stream,
+            "the JetStream stream is behind the stored position; reading it from the start"
+        );
+        after = 0;
+        for position in [resume.clone(), jetstream_position("stream")] {
+            domain.set_offset(&position, 0).await?;
+        }
+    }
+    // A build before ordered delivery used a durable consumer and kept the
+    // id of every message it applied, and may have applied some out of
+    // order. It had acknowledged everything up to its ack floor and was sent
+    // nothing past its last delivery; in between, messages are checked
+    // against its ids, which then become positions. (Without its consumer,
+    // the whole stream is in between.)
+    let mut old_delivered = None;
+    if let Ok(old) = stream.consumer_info(CONSUMER).await {
+        after = after.max(old.ack_floor.stream_sequence);
+        old_delivered = Some(old.delivered.stream_sequence);
+        stream.delete_consumer(CONSUMER).await?;
+    }
+    let mut keyed_through = if domain.has_applied_keys(CONSUMER).await? {
+        Some(old_delivered.unwrap_or(last_in_stream))
+    } else {
+        None
+    };
+    let deliver_policy = if after == 0 {
+        jetstream::consumer::DeliverPolicy::All
+    } else {
+        jetstream::consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: after + 1,
+        }
+    };
+    // In stream order and each once per session (it recreates itself past
+    // the last message it delivered), with no acknowledgements: where to
+    // start again is stored with the changes.
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            filter_subject: "prism.events.order.created".into(),
+            deliver_policy,
+            ..Default::default()
+        })
         .await?;
-    let mut messages = consumer.messages().await?;
-    tracing::info!("users service consuming order.created from JetStream");
+    let mut messages = consumer.messages().await?.ready_chunks(APPLY_BATCH);
+    tracing::info!(
+        after,
+        "users service consuming order.created from JetStream"
+    );
     reconnect.connected(Instant::now());
     loop {
-        let msg = tokio::select! {
+        let batch = tokio::select! {
             _ = stop.cancelled() => return Ok(()),
-            m = messages.next() => m,
+            _ = reconnected.notified() => return Err("the connection to NATS was made again".into()),
+            b = messages.next() => b,
         };
-        let Some(msg) = msg else {
+        let Some(batch) = batch else {
             return Err("JetStream message stream ended".into());
         };
-        let msg = msg?;
-        let key = msg
-            .headers
-            .as_ref()
-            .and_then(|h| h.get("Nats-Msg-Id"))
-            .map(|v| v.to_string())
-            .unwrap_or_else(|| {
-                format!("seq:{}", msg.info().map(|i| i.stream_sequence).unwrap_or(0))
-            });
-        match serde_json::from_slice::<WireEvent>(&msg.payload) {
-            Ok(ev) => {
+        let mut handed = Vec::with_capacity(batch.len());
+        for msg in batch {
+            let msg = msg?;
+            let msg_id = msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("Nats-Msg-Id"))
+                .map(|v| v.as_str().to_owned());
+            let seq = msg.info()?.stream_sequence;
+            match serde_json::from_slice::<WireEvent>(&msg.payload) {
+                Ok(ev) => handed.push((msg_id, seq, ev.payload)),
+                Err(e) => {
+                    tracing::warn!(error = %e, ?msg_id, seq, "skipping an unreadable order.created");
+                }
+            }
+            after = seq;
+        }
+        // Up to `keyed_through`, by the earlier build's ids; past it, every
+        // message before has been handled, in order, and positions do.
+        let keyed = keyed_through.map_or(0, |k| {
+            handed.iter().take_while(|(_, seq, _)| *seq <= k).count()
+        });
+        let positions: Vec<_> = handed[keyed..]
+            .iter()
+            .map(|(msg_id, seq, _)| message_position(msg_id.as_deref(), *seq))
+            .collect();
+        let keys: Vec<_> = handed[..keyed]
+            .iter()
+            .map(|(msg_id, seq, _)| msg_id.clone().unwrap_or_else(|| format!("seq:{seq}")))
+            .collect();
+        let once = keys
+            .iter()
+            .map(|key| Applied::Key {
+                consumer: CONSUMER,
+                key,
+            })
+            .chain(
+                positions
+                    .iter()
+                    .map(|(stream, id)| Applied::Position { stream, id: *id }),
+            );
+        let events: Vec<_> = once
+            .zip(&handed)
+            .map(|(once, (_, _, order))| OrderCreated {
+                once,
+                user_id: order.user_id,
+                total: order.total,
+            })
+            .collect();
+        let through = i64::try_from(after).unwrap_or(i64::MAX);
+        if keyed < handed.len() && keyed_through.take().is_some() {
+            // Three steps, each one transaction, each leaving a state a
+            // restart goes on from correctly.
+            if let Some((_, last_keyed, _)) = keyed.checked_sub(1).map(|i| &handed[i]) {
+                let last_keyed = i64::try_from(*last_keyed).unwrap_or(i64::MAX);
                 domain
-                    .apply_order_created(
-                        Applied::Key {
-                            consumer: CONSUMER,
-                            key: &key,
-                        },
-                        ev.payload.user_id,
-                        ev.payload.total,
-                    )
+                    .apply_orders_created(&events[..keyed], Some((&resume, last_keyed)))
                     .await?;
             }
-            Err(e) => tracing::warn!(error = %e, key, "skipping an unreadable order.created"),
+            domain
+                .keys_to_positions(CONSUMER, legacy_key_position)
+                .await?;
+            domain
+                .apply_orders_created(&events[keyed..], Some((&resume, through)))
+                .await?;
+        } else {
+            domain
+                .apply_orders_created(&events, Some((&resume, through)))
+                .await?;
         }
-        msg.ack().await?;
     }
 }
 
@@ -478,8 +633,13 @@ async fn consume_feed(
                 return Err("the orders feed ended".into());
             };
             buf.extend_from_slice(&chunk?);
+            // Whatever has arrived is applied together: one commit for a
+            // burst of orders rather than one each.
+            let mut arrived = Vec::new();
             while let Some(block) = take_block(&mut buf) {
                 if block.starts_with(b"event: reset\n") {
+                    apply_feed_events(domain, &position, &arrived).await?;
+                    arrived.clear();
                     let restored = tokio::select! {
                         _ = stop.cancelled() => return Ok(()),
                         r = restore_order_stats(domain, keys, &client, orders_url, &position, after) => r?,
@@ -489,24 +649,39 @@ async fn consume_feed(
                     }
                     continue;
                 }
-                let Some(data) = sse_data(&block) else {
-                    continue;
-                };
-                if let Ok(ev) = serde_json::from_str::<WireEvent>(&data) {
-                    domain
-                        .apply_order_created(
-                            Applied::Position {
-                                stream: &position,
-                                id: ev.id,
-                            },
-                            ev.payload.user_id,
-                            ev.payload.total,
-                        )
-                        .await?;
+                if let Some(ev) =
+                    sse_data(&block).and_then(|data| serde_json::from_str::<WireEvent>(&data).ok())
+                {
+                    arrived.push(ev);
                 }
             }
+            apply_feed_events(domain, &position, &arrived).await?;
         }
     }
+}
+
+/// Applies events from the orders feed, in transactions of at most
+/// [`APPLY_BATCH`]; `position` moves with each.
+async fn apply_feed_events(
+    domain: &Domain,
+    position: &str,
+    events: &[WireEvent],
+) -> Result<(), async_nats::Error> {
+    for batch in events.chunks(APPLY_BATCH) {
+        let batch: Vec<_> = batch
+            .iter()
+            .map(|ev| OrderCreated {
+                once: Applied::Position {
+                    stream: position,
+                    id: ev.id,
+                },
+                user_id: ev.payload.user_id,
+                total: ev.payload.total,
+            })
+            .collect();
+        domain.apply_orders_created(&batch, None).await?;
+    }
+    Ok(())
 }
 
 /// The user id of the tokens the users service signs for itself: no user's.
@@ -619,5 +794,25 @@ mod tests {
         let event = take_block(&mut buf).unwrap();
         assert_eq!(sse_data(&event).as_deref(), Some(r#"{"name":"Zoë"}"#));
         assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn a_message_is_placed_by_its_relayed_event_or_else_by_its_stream_sequence() {
+        let at = |origin: &str, id| (jetstream_position(origin), id);
+        assert_eq!(message_position(Some("42:7"), 99), at("42", 7));
+        // Not a prism relay's id, or none: the stream's order.
+        for other in [
+            None,
+            Some("order-7"),
+            Some("42:"),
+            Some(":7"),
+            Some("42:0"),
+            Some("a:7"),
+        ] {
+            assert_eq!(message_position(other, 99), at("stream", 99), "{other:?}");
+        }
+        assert_eq!(legacy_key_position("42:7"), Some(at("42", 7)));
+        assert_eq!(legacy_key_position("seq:99"), Some(at("stream", 99)));
+        assert_eq!(legacy_key_position("order-7"), None);
     }
 }

@@ -2,6 +2,9 @@
 //! events (idempotence: a redelivered event changes nothing), and the users
 //! service's order statistics built from other services' `order.created`.
 
+use std::collections::HashMap;
+
+use futures::TryStreamExt;
 use serde::{Deserialize, Serialize};
 
 use super::Domain;
@@ -33,13 +36,23 @@ pub struct OrderTotals {
 /// How [`Domain::apply_order_created`] knows an event it has applied before.
 #[derive(Debug, Clone, Copy)]
 pub enum Applied<'a> {
-    /// By its key, recorded for `consumer` (a broker's message id: a
-    /// redelivery can come in any order).
+    /// By its key, recorded for `consumer`: for messages that may come in any
+    /// order. The keys are kept until [`Domain::keys_to_positions`]; prism's
+    /// own consumers record them only while taking over what a build before
+    /// ordered delivery left.
     Key { consumer: &'a str, key: &'a str },
     /// By its id in an ordered stream: applied if past the stream's stored
     /// position, which moves to it in the same transaction. Nothing is kept
     /// per event.
     Position { stream: &'a str, id: i64 },
+}
+
+/// An `order.created` from another service, for [`Domain::apply_orders_created`].
+#[derive(Debug, Clone, Copy)]
+pub struct OrderCreated<'a> {
+    pub once: Applied<'a>,
+    pub user_id: i64,
+    pub total: f64,
 }
 
 /// Rows per statement when the statistics are written again: three values
@@ -73,50 +86,64 @@ impl Domain {
         user_id: i64,
         total: f64,
     ) -> Result<bool> {
+        let event = OrderCreated {
+            once,
+            user_id,
+            total,
+        };
+        Ok(self.apply_orders_created(&[event], None).await? == 1)
+    }
+
+    /// Applies `events` in order, each at most once, in one transaction, and
+    /// moves `through`'s stream position to its id with them (where a
+    /// consumer starts again: past every message it was handed, applied or
+    /// not). Returns how many were new.
+    pub async fn apply_orders_created(
+        &self,
+        events: &[OrderCreated<'_>],
+        through: Option<(&str, i64)>,
+    ) -> Result<usize> {
         let mut tx = self.db.begin().await?;
-        let fresh = on_tx!(&mut tx, c => {
-            match once {
-                Applied::Key { consumer, key } => sqlx::query(
-                    "INSERT INTO processed_events (consumer, event_key) VALUES ($1, $2) \
-                     ON CONFLICT DO NOTHING",
-                )
-                .bind(consumer)
-                .bind(key)
-                .execute(c)
-                .await?
-                .rows_affected(),
-                // Moves only forward: a row lock orders two appliers of one
-                // stream (instances sharing a database), and the later one
-                // finds the position already past its event.
-                Applied::Position { stream, id } => sqlx::query(
-                    "INSERT INTO event_offsets (consumer, last_id) VALUES ($1, $2) \
-                     ON CONFLICT (consumer) DO UPDATE SET last_id = excluded.last_id \
-                     WHERE event_offsets.last_id < excluded.last_id",
-                )
-                .bind(stream)
-                .bind(id)
-                .execute(c)
-                .await?
-                .rows_affected(),
+        let mut applied = 0;
+        for event in events {
+            let fresh = match event.once {
+                Applied::Key { consumer, key } => {
+                    on_tx!(&mut tx, c => {
+                        sqlx::query(
+                            "INSERT INTO processed_events (consumer, event_key) VALUES ($1, $2) \
+                             ON CONFLICT DO NOTHING",
+                        )
+                        .bind(consumer)
+                        .bind(key)
+                        .execute(c)
+                        .await?
+                        .rows_affected()
+                    }) == 1
+                }
+                Applied::Position { stream, id } => advance_offset(&mut tx, stream, id).await?,
+            };
+            if !fresh {
+                continue;
             }
-        }) == 1;
-        if !fresh {
-            return Ok(false);
+            on_tx!(&mut tx, c => {
+                sqlx::query(
+                    "INSERT INTO user_order_stats (user_id, orders, total) VALUES ($1, 1, $2) \
+                     ON CONFLICT (user_id) DO UPDATE SET orders = user_order_stats.orders + 1, \
+                     total = user_order_stats.total + excluded.total",
+                )
+                .bind(event.user_id)
+                .bind(event.total)
+                .execute(c)
+                .await?
+                .rows_affected()
+            });
+            applied += 1;
         }
-        on_tx!(&mut tx, c => {
-            sqlx::query(
-                "INSERT INTO user_order_stats (user_id, orders, total) VALUES ($1, 1, $2) \
-                 ON CONFLICT (user_id) DO UPDATE SET orders = user_order_stats.orders + 1, \
-                 total = user_order_stats.total + excluded.total",
-            )
-            .bind(user_id)
-            .bind(total)
-            .execute(c)
-            .await?
-            .rows_affected()
-        });
+        if let Some((stream, id)) = through {
+            advance_offset(&mut tx, stream, id).await?;
+        }
         tx.commit().await?;
-        Ok(true)
+        Ok(applied)
     }
 
     /// The orders service's [`OrderTotals`]. While they are summed no order
@@ -173,6 +200,57 @@ impl Domain {
         Ok(())
     }
 
+    /// Whether `consumer` has keys recorded by [`Applied::Key`].
+    pub async fn has_applied_keys(&self, consumer: &str) -> Result<bool> {
+        let any: Option<i32> = on_db!(&self.db, pool => {
+            sqlx::query_scalar("SELECT 1 FROM processed_events WHERE consumer = $1 LIMIT 1")
+                .bind(consumer)
+                .fetch_optional(pool)
+                .await?
+        });
+        Ok(any.is_some())
+    }
+
+    /// Turns `consumer`'s recorded keys into stream positions, in one
+    /// transaction: each stream `position_of` names for a key moves to the
+    /// highest id among its keys (never back), and the keys are deleted. Keys
+    /// it names no stream for are dropped. For a consumer whose stream now
+    /// arrives in order, so that a position says all an id set said.
+    pub async fn keys_to_positions(
+        &self,
+        consumer: &str,
+        position_of: impl Fn(&str) -> Option<(String, i64)>,
+    ) -> Result<()> {
+        let mut tx = self.db.begin().await?;
+        let mut highest: HashMap<String, i64> = HashMap::new();
+        on_tx!(&mut tx, c => {
+            // Row by row: a long-running consumer has one key per event.
+            let mut keys = sqlx::query_scalar::<_, String>(
+                "SELECT event_key FROM processed_events WHERE consumer = $1",
+            )
+            .bind(consumer)
+            .fetch(c);
+            while let Some(key) = keys.try_next().await? {
+                if let Some((stream, id)) = position_of(&key) {
+                    let top = highest.entry(stream).or_insert(id);
+                    *top = (*top).max(id);
+                }
+            }
+        });
+        for (stream, id) in &highest {
+            advance_offset(&mut tx, stream, *id).await?;
+        }
+        on_tx!(&mut tx, c => {
+            sqlx::query("DELETE FROM processed_events WHERE consumer = $1")
+                .bind(consumer)
+                .execute(c)
+                .await?
+                .rows_affected()
+        });
+        tx.commit().await?;
+        Ok(())
+    }
+
     pub async fn order_stats(&self, user_id: i64) -> Result<OrderStats> {
         let row: Option<(i64, f64)> = on_db!(&self.db, pool => {
             sqlx::query_as("SELECT orders, total FROM user_order_stats WHERE user_id = $1")
@@ -224,6 +302,26 @@ impl Domain {
 /// A sum of amounts as an amount: floating-point sums of cents drift.
 fn to_cents(total: f64) -> f64 {
     (total * 100.0).round() / 100.0
+}
+
+/// Moves `stream`'s position to `id` if it is not there or past it yet, and
+/// says whether it moved. A row lock orders two appliers of one stream
+/// (instances sharing a database): the later one finds the position already
+/// at its event.
+async fn advance_offset(tx: &mut Tx, stream: &str, id: i64) -> Result<bool> {
+    let moved = on_tx!(tx, c => {
+        sqlx::query(
+            "INSERT INTO event_offsets (consumer, last_id) VALUES ($1, $2) \
+             ON CONFLICT (consumer) DO UPDATE SET last_id = excluded.last_id \
+             WHERE event_offsets.last_id < excluded.last_id",
+        )
+        .bind(stream)
+        .bind(id)
+        .execute(c)
+        .await?
+        .rows_affected()
+    });
+    Ok(moved == 1)
 }
 
 async fn upsert_offset(tx: &mut Tx, consumer: &str, last_id: i64) -> Result<()> {

@@ -614,4 +614,22 @@ async fn an_order_created_is_applied_once(backend: Backend) {
         }
     );
     assert_eq!(domain.offset("feed").await.unwrap(), 6);
+
+    // Keys become positions: each stream at its highest key, the keys gone.
+    assert!(domain.has_applied_keys("users-service").await.unwrap());
+    domain
+        .keys_to_positions("users-service", |key| {
+            let (stream, id) = key.split_once(':')?;
+            Some((format!("keyed:{stream}"), id.parse().ok()?))
+        })
+        .await
+        .unwrap();
+    assert!(!domain.has_applied_keys("users-service").await.unwrap());
+    assert_eq!(domain.offset("keyed:o").await.unwrap(), 2);
+    let keyed = |id| Applied::Position {
+        stream: "keyed:o",
+        id,
+    };
+    assert!(!domain.apply_order_created(keyed(2), 9, 1.5).await.unwrap());
+    assert!(domain.apply_order_created(keyed(3), 9, 1.5).await.unwrap());
 }

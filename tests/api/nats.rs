@@ -172,6 +172,13 @@ async fn no_order_created_is_lost_when_the_broker_or_the_service_goes_down() {
     })
     .await;
     assert_eq!(stats.orders, 10, "an order was applied twice: {stats:?}");
+    assert!(
+        !users_domain
+            .has_applied_keys("users-service")
+            .await
+            .unwrap(),
+        "a message id was kept: delivery is in order, a position is enough"
+    );
 
     // And the stream holds every order id, with no gap.
     let js = async_nats::jetstream::new(async_nats::connect(&nats).await.unwrap());
@@ -419,4 +426,167 @@ async fn create_user(app: &crate::helpers::TestApp, name: &str, email: &str) -> 
         .await;
     assert_eq!(status, reqwest::StatusCode::CREATED, "{user}");
     user
+}
+
+/// Publishes an `order.created` for user 1 as a relay of database `777`
+/// would, and returns JetStream's acknowledgement.
+async fn publish_order_created(
+    js: &async_nats::jetstream::Context,
+    id: i64,
+) -> async_nats::jetstream::publish::PublishAck {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", format!("777:{id}").as_str());
+    let event = json!({
+        "id": id,
+        "type": "order.created",
+        "payload": {"order_id": id, "user_id": 1, "total": id as f64},
+    });
+    js.publish_with_headers(
+        "prism.events.order.created",
+        headers,
+        event.to_string().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap()
+}
+
+/// The users service reads JetStream in order (an ordered consumer started
+/// past the stream sequence it stores with its changes) and keeps a position
+/// per publisher instead of every message id it applied. A build before that
+/// used a durable consumer and kept the ids: they still count for the
+/// messages that build was sent, and then become positions. Redelivered
+/// messages, and one a relay published again after the broker forgot its id,
+/// are applied once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordered_delivery_takes_over_from_kept_message_ids() {
+    use async_nats::jetstream::{self, AckKind, consumer::pull};
+    let Some(bin) = nats_server("NATS consumer test") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let nats = format!("nats://127.0.0.1:{port}");
+    let broker = Broker::start(&bin, port, &dir.path().join("nats")).await;
+    let client = async_nats::connect(&nats).await.unwrap();
+    let js = jetstream::new(client.clone());
+    // The broker forgets a message id after a second, so that a republished
+    // event can be seen past it without waiting two minutes.
+    let stream = js
+        .get_or_create_stream(jetstream::stream::Config {
+            name: prism::relay::STREAM.into(),
+            subjects: vec!["prism.events.>".into()],
+            duplicate_window: std::time::Duration::from_secs(1),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    for id in 1..=4 {
+        publish_order_created(&js, id).await;
+    }
+
+    // The earlier build: sent all four at once, it applied 1 to 3 and
+    // recorded their ids, but only 1 and 2 were acknowledged before it
+    // stopped.
+    let old: jetstream::consumer::PullConsumer = stream
+        .create_consumer(pull::Config {
+            durable_name: Some("users-service".into()),
+            filter_subject: "prism.events.order.created".into(),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: std::time::Duration::from_secs(10),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut batch = old.fetch().max_messages(4).messages().await.unwrap();
+    for id in 1..=4 {
+        let msg = tokio::time::timeout(WAIT, batch.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let event: Value = serde_json::from_slice(&msg.payload).unwrap();
+        assert_eq!(event["id"], id);
+        if id <= 2 {
+            msg.double_ack().await.unwrap();
+        } else {
+            msg.ack_with(AckKind::Nak(None)).await.unwrap();
+        }
+    }
+    client.flush().await.unwrap();
+    let users_dir = dir.path().join("users");
+    let earlier = App::build(Config::for_tests(users_dir.clone()))
+        .await
+        .unwrap();
+    let earlier_domain = earlier.state().domain.clone();
+    for id in 1..=3 {
+        let key = format!("777:{id}");
+        let once = prism::domain::consumers::Applied::Key {
+            consumer: "users-service",
+            key: &key,
+        };
+        assert!(
+            earlier_domain
+                .apply_order_created(once, 1, id as f64)
+                .await
+                .unwrap()
+        );
+    }
+    drop(earlier_domain);
+    earlier.run_until_stopped(async {}).await.unwrap();
+
+    // Published after the upgrade: order 2 again once the broker has
+    // forgotten its id, as a relay restarted late would (only the kept ids
+    // know it was applied), then new orders.
+    eventually("the broker to forget order 2's message id", || async {
+        (!publish_order_created(&js, 2).await.duplicate).then_some(())
+    })
+    .await;
+    for id in 5..=6 {
+        publish_order_created(&js, id).await;
+    }
+
+    let users = App::build_as(
+        Role::Users,
+        Config {
+            nats_url: Some(nats.clone()),
+            ..Config::for_tests(users_dir)
+        },
+    )
+    .await
+    .unwrap();
+    let domain = users.state().domain.clone();
+    let (stop_users, users_stopped) = tokio::sync::oneshot::channel::<()>();
+    let users_task = tokio::spawn(users.run_until_stopped(async move {
+        let _ = users_stopped.await;
+    }));
+    // 6 is the last in the stream: once it is applied, every message before
+    // it has been taken.
+    let stats = eventually("order 6 to be applied", || async {
+        let s = domain.order_stats(1).await.ok()?;
+        (s.orders >= 6).then_some(s)
+    })
+    .await;
+    assert_eq!((stats.orders, stats.total), (6, 21.0), "{stats:?}");
+    assert!(
+        !domain.has_applied_keys("users-service").await.unwrap(),
+        "message ids are still kept"
+    );
+    assert_eq!(
+        domain.offset("users-service:jetstream:777").await.unwrap(),
+        6
+    );
+    // Seven messages: order 2 is in the stream twice.
+    assert_eq!(domain.offset("users-service:jetstream").await.unwrap(), 7);
+    // The earlier build's durable consumer is gone.
+    assert!(stream.consumer_info("users-service").await.is_err());
+
+    let _ = stop_users.send(());
+    tokio::time::timeout(WAIT, users_task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    broker.stop().await;
 }
