@@ -11,14 +11,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
 ensure_wrk
-command -v nats-server >/dev/null || { apt-get update -qq && apt-get install -y -qq nats-server; }
+ensure_nats
 release_prism
-for port in 18601 18602 18622 18623; do
-    if (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-        echo "port $port is taken; stop what listens there first" >&2
-        exit 1
-    fi
-done
+ports_free 18601 18602 18622 18623
 duration=${DURATION:-10}
 rounds=${ROUNDS:-3}
 before=${BEFORE:-}
@@ -53,13 +48,7 @@ round() {
     local token user
     token=$(login_token 18601 alice alice-password)
     user=$(python3 -c 'import base64,json,sys; p = sys.argv[1].split(".")[1]; print(json.loads(base64.urlsafe_b64decode(p + "==="))["sub"])' "$token")
-    cat >"$work/order.lua" <<LUA
-wrk.method = "POST"
-wrk.path = "/orders"
-wrk.body = '{"total": 1.5}'
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer $token"
-LUA
+    post_lua "$token" "$work/order.lua" /orders '{"total": 1.5}'
     wrk -t2 -c32 -d"${duration}s" -s "$work/order.lua" http://127.0.0.1:18602 >"$work/wrk.out"
     # The orders service's log holds nothing but its orders' events.
     local placed

@@ -12,14 +12,7 @@ ensure_wrk
 [ "$(nproc)" -ge 2 ] || { echo "bench/gateway.sh needs at least two cores" >&2; exit 1; }
 command -v nginx >/dev/null || { apt-get update -qq && apt-get install -y -qq nginx-light || apt-get install -y -qq nginx; }
 cargo build --release --quiet --bin prism --example bare_proxy
-# Something already listening on one of the ports would be measured in place
-# of the server meant to be there.
-for port in 18000 18001 18080 18090 18100 18180; do
-    if (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-        echo "port $port is taken; stop what listens there first" >&2
-        exit 1
-    fi
-done
+ports_free 18000 18001 18080 18090 18100 18180
 target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys;print(json.load(sys.stdin)["target_directory"])')
 duration=${DURATION:-5s}
 rounds=${ROUNDS:-5}

@@ -46,6 +46,22 @@ ensure_wrk() {
     command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 }
 
+ensure_nats() {
+    command -v nats-server >/dev/null || { apt-get update -qq && apt-get install -y -qq nats-server; }
+}
+
+# Ends the script if something already listens on one of the ports given: it
+# would be measured in place of the server meant to be there.
+ports_free() {
+    local port
+    for port in "$@"; do
+        if (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            echo "port $port is taken; stop what listens there first" >&2
+            exit 1
+        fi
+    done
+}
+
 # Sets PRISM_BIN to a release build of prism, built now, unless it is set.
 release_prism() {
     if [ -z "${PRISM_BIN:-}" ]; then
@@ -74,9 +90,19 @@ login_token() {
 # token file -> a wrk script at file that sends `POST /broadcast` (one event
 # each) with the token.
 broadcast_lua() {
-    cat >"$2" <<LUA
-wrk.method = "POST"
-wrk.path = "/broadcast?message=hello"
-wrk.headers["Authorization"] = "Bearer $1"
-LUA
+    post_lua "$1" "$2" "/broadcast?message=hello"
+}
+
+# token file path [json-body] -> a wrk script at file that sends `POST path`
+# with the token (and the body, as JSON).
+post_lua() {
+    {
+        echo 'wrk.method = "POST"'
+        echo "wrk.path = \"$3\""
+        if [ -n "${4:-}" ]; then
+            echo "wrk.body = '$4'"
+            echo 'wrk.headers["Content-Type"] = "application/json"'
+        fi
+        echo "wrk.headers[\"Authorization\"] = \"Bearer $1\""
+    } >"$2"
 }

@@ -10,14 +10,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
 ensure_wrk
-command -v nats-server >/dev/null || { apt-get update -qq && apt-get install -y -qq nats-server; }
+ensure_nats
 release_prism
-for port in 18500 18551 18522; do
-    if (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-        echo "port $port is taken; stop what listens there first" >&2
-        exit 1
-    fi
-done
+ports_free 18500 18551 18522
 duration=${DURATION:-10s}
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT

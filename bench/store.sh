@@ -21,10 +21,7 @@ rounds=${ROUNDS:-3}
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
 port=18600
-if (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-    echo "port $port is taken; stop what listens there first" >&2
-    exit 1
-fi
+ports_free "$port"
 
 metric() { # name -> value from prism's /metrics, or "-"
     curl -s "localhost:$port/metrics" | awk -v m="prism_$1" '$1 == m {v=$2} END {print (v == "" ? "-" : v)}'
@@ -42,13 +39,7 @@ start() {
     local token
     token=$(login_token "$port" admin bench-admin-password)
     broadcast_lua "$token" "$work/broadcast.lua"
-    cat >"$work/posts.lua" <<LUA
-wrk.method = "POST"
-wrk.path = "/posts"
-wrk.body = '{"title":"t","content":"c","author_id":1}'
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer $token"
-LUA
+    post_lua "$token" "$work/posts.lua" /posts '{"title":"t","content":"c","author_id":1}'
 }
 
 stop() { kill "$prism_pid"; wait "$prism_pid" 2>/dev/null || true; }
