@@ -70,10 +70,15 @@ impl Broker {
     }
 }
 
-/// The broker is stopped and restarted on the same port, so the port must
-/// not be one the kernel hands out in between.
-fn free_port() -> u16 {
-    crate::helpers::ports_outside_the_ephemeral_range(1)[0]
+/// For a test's private broker: the nats-server binary, a directory, a port
+/// and its URL; `None` when the test is to skip (see [`nats_server`]). The
+/// broker may be stopped and restarted on the same port, so the port is not
+/// one the kernel hands out in between.
+fn private_nats(test: &str) -> Option<(String, tempfile::TempDir, u16, String)> {
+    let bin = nats_server(test)?;
+    let port = crate::helpers::ports_outside_the_ephemeral_range(1)[0];
+    let dir = tempfile::tempdir().unwrap();
+    Some((bin, dir, port, format!("nats://127.0.0.1:{port}")))
 }
 
 async fn place_order(client: &reqwest::Client, orders: &Process, token: &str, total: f64) -> i64 {
@@ -108,13 +113,10 @@ async fn start_orders(dir: &Path, users_url: &str, nats: &str) -> Process {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn no_order_created_is_lost_when_the_broker_or_the_service_goes_down() {
-    let Some(bin) = nats_server("NATS fault test") else {
+    let Some((bin, dir, port, nats)) = private_nats("NATS fault test") else {
         return;
     };
     prism::telemetry::init_tap_only("warn");
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let nats = format!("nats://127.0.0.1:{port}");
     let broker = Broker::start(&bin, port, &dir.path().join("nats")).await;
 
     // The users service consumes from JetStream; the orders service relays to it.
@@ -219,12 +221,9 @@ async fn no_order_created_is_lost_when_the_broker_or_the_service_goes_down() {
 /// named `<origin>:<event id>` so the broker drops a relay's duplicates.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_publishes_every_domain_event_to_jetstream() {
-    let Some(bin) = nats_server("NATS relay test") else {
+    let Some((bin, dir, port, nats)) = private_nats("NATS relay test") else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let nats = format!("nats://127.0.0.1:{port}");
     let broker = Broker::start(&bin, port, &dir.path().join("nats")).await;
     let mut config = crate::helpers::test_config(&dir.path().join("serve"));
     config.nats_url = Some(nats.clone());
@@ -274,12 +273,9 @@ async fn serve_publishes_every_domain_event_to_jetstream() {
 /// reconnecting, and once the broker is back every event reaches it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unpublished_events_outlive_their_retention() {
-    let Some(bin) = nats_server("NATS retention test") else {
+    let Some((bin, dir, port, nats)) = private_nats("NATS retention test") else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let nats = format!("nats://127.0.0.1:{port}");
     let mut config = crate::helpers::test_config(&dir.path().join("serve"));
     config.nats_url = Some(nats.clone());
     config.event_retention = std::time::Duration::ZERO;
@@ -345,15 +341,12 @@ async fn unpublished_events_outlive_their_retention() {
 /// from where it left off.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn instances_sharing_postgres_take_turns_to_relay() {
-    let Some(bin) = nats_server("NATS relay test") else {
+    let Some((bin, dir, port, nats)) = private_nats("NATS relay test") else {
         return;
     };
     let Some(db) = crate::helpers::postgres_url().await else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let nats = format!("nats://127.0.0.1:{port}");
     let broker = Broker::start(&bin, port, &dir.path().join("nats")).await;
     let instance = |name: &str| {
         let mut config = crate::helpers::test_config(&dir.path().join(name));
@@ -462,12 +455,9 @@ async fn publish_order_created(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ordered_delivery_takes_over_from_kept_message_ids() {
     use async_nats::jetstream::{self, AckKind, consumer::pull};
-    let Some(bin) = nats_server("NATS consumer test") else {
+    let Some((bin, dir, port, nats)) = private_nats("NATS consumer test") else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let nats = format!("nats://127.0.0.1:{port}");
     let broker = Broker::start(&bin, port, &dir.path().join("nats")).await;
     let client = async_nats::connect(&nats).await.unwrap();
     let js = jetstream::new(client.clone());
