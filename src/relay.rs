@@ -32,7 +32,7 @@ use async_nats::jetstream;
 use futures::StreamExt;
 use serde::Deserialize;
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
 
 use crate::{
     auth::{Role, TokenKeys},
@@ -620,21 +620,34 @@ async fn consume_feed(
             "users service consuming order.created from the orders feed"
         );
         reconnect.connected(Instant::now());
-        let mut body = response.bytes_stream();
+        // The body is read on while what arrived before is applied: hyper
+        // reads a response's next chunk only once the last was taken, so
+        // read in turn with the commits it would hand over one event per
+        // commit. Whatever is waiting is then applied together.
+        let (chunks_tx, mut chunks_rx) = tokio::sync::mpsc::channel(APPLY_BATCH);
+        let _reader = AbortOnDropHandle::new(tokio::spawn(async move {
+            let mut body = response.bytes_stream();
+            while let Some(chunk) = body.next().await {
+                if chunks_tx.send(chunk).await.is_err() {
+                    break;
+                }
+            }
+        }));
         // Bytes until a whole event has arrived: a chunk may end inside a
         // character, which decoding each chunk on its own would mangle.
         let mut buf: Vec<u8> = Vec::new();
+        let mut chunks = Vec::with_capacity(APPLY_BATCH);
         'feed: loop {
-            let chunk = tokio::select! {
+            let received = tokio::select! {
                 _ = stop.cancelled() => return Ok(()),
-                c = body.next() => c,
+                n = chunks_rx.recv_many(&mut chunks, APPLY_BATCH) => n,
             };
-            let Some(chunk) = chunk else {
+            if received == 0 {
                 return Err("the orders feed ended".into());
-            };
-            buf.extend_from_slice(&chunk?);
-            // Whatever has arrived is applied together: one commit for a
-            // burst of orders rather than one each.
+            }
+            for chunk in chunks.drain(..) {
+                buf.extend_from_slice(&chunk?);
+            }
             let mut arrived = Vec::new();
             while let Some(block) = take_block(&mut buf) {
                 if block.starts_with(b"event: reset\n") {
