@@ -620,10 +620,10 @@ async fn consume_feed(
             "users service consuming order.created from the orders feed"
         );
         reconnect.connected(Instant::now());
-        // The body is read on while what arrived before is applied: hyper
-        // reads a response's next chunk only once the last was taken, so
-        // read in turn with the commits it would hand over one event per
-        // commit. Whatever is waiting is then applied together.
+        // A task reads the body while the events before are being applied:
+        // hyper reads a response's next chunk only once the last was taken,
+        // so reading only between commits would get one event per commit.
+        // Whatever has piled up is then applied together.
         let (chunks_tx, mut chunks_rx) = tokio::sync::mpsc::channel(APPLY_BATCH);
         let _reader = AbortOnDropHandle::new(tokio::spawn(async move {
             let mut body = response.bytes_stream();
