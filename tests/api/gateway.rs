@@ -35,8 +35,8 @@ use tokio::{
 };
 
 use crate::helpers::{
-    ADMIN_PASSWORD, STALLED_LOGIN, WAIT, alice_token_at, documents_hold, eventually,
-    idle_connections_are_closed, json_at, ports_outside_the_ephemeral_range, schemathesis,
+    ADMIN_PASSWORD, Running, STALLED_LOGIN, WAIT, alice_token_at, documents_hold, eventually,
+    idle_connections_are_closed, json_at, ports_outside_the_ephemeral_range, run, schemathesis,
     stalled_body_answer,
 };
 
@@ -378,31 +378,6 @@ async fn service_with(role: Role, dir: &std::path::Path, tune: impl FnOnce(&mut 
     };
     tune(&mut config);
     App::build_as(role, config).await.unwrap()
-}
-
-/// A service running in the background until stopped.
-struct Running {
-    stop: oneshot::Sender<()>,
-    handle: JoinHandle<anyhow::Result<()>>,
-}
-
-fn run(app: App) -> Running {
-    let (stop, stopped) = oneshot::channel::<()>();
-    let handle = tokio::spawn(app.run_until_stopped(async move {
-        let _ = stopped.await;
-    }));
-    Running { stop, handle }
-}
-
-impl Running {
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        tokio::time::timeout(WAIT, self.handle)
-            .await
-            .expect("service shutdown hung")
-            .unwrap()
-            .unwrap();
-    }
 }
 
 async fn topology(dir: &std::path::Path) -> Topology {

@@ -742,3 +742,28 @@ pub async fn succeeds(mut cmd: tokio::process::Command, limit: Duration, what: &
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A service running in the background until stopped.
+pub struct Running {
+    stop: oneshot::Sender<()>,
+    handle: JoinHandle<anyhow::Result<()>>,
+}
+
+pub fn run(app: App) -> Running {
+    let (stop, stopped) = oneshot::channel::<()>();
+    let handle = tokio::spawn(app.run_until_stopped(async move {
+        let _ = stopped.await;
+    }));
+    Running { stop, handle }
+}
+
+impl Running {
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        tokio::time::timeout(WAIT, self.handle)
+            .await
+            .expect("service shutdown hung")
+            .unwrap()
+            .unwrap();
+    }
+}

@@ -134,10 +134,7 @@ async fn no_order_created_is_lost_when_the_broker_or_the_service_goes_down() {
     .unwrap();
     let users_url = format!("http://{}", users.http_addr());
     let users_domain = users.state().domain.clone();
-    let (stop_users, users_stopped) = tokio::sync::oneshot::channel::<()>();
-    let users_task = tokio::spawn(users.run_until_stopped(async move {
-        let _ = users_stopped.await;
-    }));
+    let users = crate::helpers::run(users);
     let client = reqwest::Client::builder().timeout(WAIT).build().unwrap();
     let token = crate::helpers::alice_token_at(&client, &users_url).await;
 
@@ -208,12 +205,7 @@ async fn no_order_created_is_lost_when_the_broker_or_the_service_goes_down() {
 
     orders.signal("-TERM");
     assert!(orders.wait_exit().await.success());
-    let _ = stop_users.send(());
-    tokio::time::timeout(WAIT, users_task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    users.stop().await;
     broker.stop().await;
 }
 
@@ -547,10 +539,7 @@ async fn ordered_delivery_takes_over_from_kept_message_ids() {
     .await
     .unwrap();
     let domain = users.state().domain.clone();
-    let (stop_users, users_stopped) = tokio::sync::oneshot::channel::<()>();
-    let users_task = tokio::spawn(users.run_until_stopped(async move {
-        let _ = users_stopped.await;
-    }));
+    let users = crate::helpers::run(users);
     // 6 is the last in the stream: once it is applied, every message before
     // it has been taken.
     let stats = eventually("order 6 to be applied", || async {
@@ -572,11 +561,6 @@ async fn ordered_delivery_takes_over_from_kept_message_ids() {
     // The earlier build's durable consumer is gone.
     assert!(stream.consumer_info("users-service").await.is_err());
 
-    let _ = stop_users.send(());
-    tokio::time::timeout(WAIT, users_task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    users.stop().await;
     broker.stop().await;
 }
