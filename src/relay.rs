@@ -293,6 +293,9 @@ async fn relay_session(
     // A live subscription only as a wake-up; the log itself is read below.
     let mut wake = Box::pin(domain.events().subscribe(None, EventFilter::all()));
     let mut after = 0;
+    // The message id of the last event acknowledged, while it is known to be
+    // the stream's last message (see `publish_batch`).
+    let mut chain = None;
     while !stop.is_cancelled() {
         // The lock went with its connection if that broke; another relay may
         // have it now.
@@ -315,20 +318,7 @@ async fn relay_session(
             }
             continue;
         }
-        // One at a time, each acknowledged before the next is sent: an event
-        // lost in a reconnect is sent again before any later one, so the
-        // stream keeps the log's order.
-        let mut done = after;
-        let mut sent = Ok(());
-        for event in &batch {
-            if filter.matches(&event.kind)
-                && let Err(e) = publish(&js, origin, event).await
-            {
-                sent = Err(e);
-                break;
-            }
-            done = event.id;
-        }
+        let (done, sent) = publish_batch(&js, origin, &batch, filter, after, &mut chain).await;
         // What was acknowledged is stored even when the broker failed part
         // way, so that as little as possible is sent twice.
         if done > after {
@@ -340,25 +330,81 @@ async fn relay_session(
     Ok(Ended::Stopped)
 }
 
-/// Publishes one event and waits for JetStream's acknowledgement.
-async fn publish(
+/// How long JetStream has to acknowledge a message before the relay takes
+/// the connection for broken.
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Publishes the events of `batch` that match `filter`, all sent before any
+/// acknowledgement is awaited, and returns the id of the last event done with
+/// (`after` if none): every matching event up to it is in the stream, in the
+/// log's order.
+///
+/// Order holds because each message names the one sent before it as the
+/// stream's last message (`Nats-Expected-Last-Msg-Id`; `chain` carries the
+/// last one across batches). A message lost on the way (the connection cut
+/// mid-batch, and the messages after it sent on the next connection) makes
+/// JetStream refuse the next, and with it everything after, so the stream only ever
+/// holds a prefix of what was sent: a consumer keeping a position per
+/// publisher never skips an event. Another publisher writing to the stream in
+/// between also breaks the chain; that is not a failure, the refused events
+/// are simply sent again starting a new chain (so a stream shared by busy
+/// publishers costs a round trip per refusal, never an event).
+async fn publish_batch(
     js: &jetstream::Context,
     origin: i64,
-    event: &Event,
-) -> Result<(), async_nats::Error> {
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert("Nats-Msg-Id", format!("{origin}:{}", event.id).as_str());
-    let ack = js
-        .publish_with_headers(
-            format!("prism.events.{}", event.kind),
-            headers,
-            event.json.clone().into(),
-        )
-        .await?;
-    tokio::time::timeout(Duration::from_secs(5), ack)
-        .await
-        .map_err(|_| "JetStream did not acknowledge in time")??;
-    Ok(())
+    batch: &[Arc<Event>],
+    filter: &EventFilter,
+    after: i64,
+    chain: &mut Option<String>,
+) -> (i64, Result<(), async_nats::Error>) {
+    let mut last = chain.take();
+    let mut acks = Vec::with_capacity(batch.len());
+    let mut failed = None;
+    for (i, event) in batch.iter().enumerate() {
+        if !filter.matches(&event.kind) {
+            continue;
+        }
+        let id = format!("{origin}:{}", event.id);
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+        if let Some(last) = &last {
+            headers.insert(
+                async_nats::header::NATS_EXPECTED_LAST_MESSAGE_ID,
+                last.as_str(),
+            );
+        }
+        let subject = format!("prism.events.{}", event.kind);
+        match js
+            .publish_with_headers(subject, headers, event.json.clone().into())
+            .await
+        {
+            Ok(ack) => acks.push((i, ack)),
+            Err(e) => {
+                failed = Some((i, e.into()));
+                break;
+            }
+        }
+        last = Some(id);
+    }
+    // Everything before the first event not acknowledged is done, the
+    // events `filter` passed over included.
+    let done_before = |i: usize| i.checked_sub(1).map_or(after, |i| batch[i].id);
+    for (i, ack) in acks {
+        let error: async_nats::Error = match tokio::time::timeout(ACK_TIMEOUT, ack).await {
+            Ok(Ok(_)) => continue,
+            Ok(Err(e)) if e.kind() == jetstream::context::PublishErrorKind::WrongLastMessageId => {
+                return (done_before(i), Ok(()));
+            }
+            Ok(Err(e)) => e.into(),
+            Err(_) => "JetStream did not acknowledge in time".into(),
+        };
+        return (done_before(i), Err(error));
+    }
+    if let Some((i, e)) = failed {
+        return (done_before(i), Err(e));
+    }
+    *chain = last;
+    (batch.last().map_or(after, |e| e.id), Ok(()))
 }
 
 #[derive(Deserialize)]

@@ -398,6 +398,125 @@ async fn instances_sharing_postgres_take_turns_to_relay() {
     broker.stop().await;
 }
 
+/// The relay sends a batch without waiting for each acknowledgement, chaining
+/// every message to the one before it. Another publisher writing to the same
+/// stream meanwhile breaks the chain again and again: the refused events are
+/// sent again, and the stream holds every event of prism's log, in the log's
+/// order, so a consumer keeping a position per publisher misses none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_keeps_the_logs_order_while_another_publisher_writes() {
+    use async_nats::jetstream::{self, consumer::pull};
+    let Some((bin, dir, port, nats)) = private_nats("NATS relay order test") else {
+        return;
+    };
+    let broker = Broker::start(&bin, port, &dir.path().join("nats")).await;
+    let mut config = crate::helpers::test_config(&dir.path().join("serve"));
+    config.nats_url = Some(nats.clone());
+    let app = crate::helpers::spawn_with(config).await;
+    let js = jetstream::new(async_nats::connect(&nats).await.unwrap());
+    eventually("the relay to create its stream", || async {
+        js.get_stream(prism::relay::STREAM).await.ok()
+    })
+    .await;
+
+    // Another system publishes to the stream, one message after another,
+    // until the test has what it wants.
+    let foreign = tokio_util::sync::CancellationToken::new();
+    let publisher = tokio::spawn({
+        let (js, foreign) = (js.clone(), foreign.clone());
+        async move {
+            let mut n = 0;
+            while !foreign.is_cancelled() {
+                n += 1;
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Nats-Msg-Id", format!("foreign:{n}").as_str());
+                let ack = js
+                    .publish_with_headers("prism.events.foreign", headers, "{}".into())
+                    .await
+                    .unwrap();
+                tokio::time::timeout(WAIT, ack).await.unwrap().unwrap();
+            }
+        }
+    });
+    let token = app.alice_token().await;
+    let sends = futures::stream::iter(0..600)
+        .map(|i| {
+            let request = app
+                .client
+                .post(app.url("/broadcast"))
+                .query(&[("message", format!("burst {i}"))])
+                .bearer_auth(&token);
+            async move { request.send().await.unwrap().status() }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+    assert!(sends.iter().all(|s| s.is_success()), "{sends:?}");
+
+    let domain = &app.state.domain;
+    let logged: Vec<i64> = domain
+        .events()
+        .read_stored(0, 10_000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    let head = *logged.last().unwrap();
+    let relay = app.state.relay.clone().unwrap();
+    eventually("the relay to publish the whole log", || async {
+        (relay.position() >= head).then_some(())
+    })
+    .await;
+    foreign.cancel();
+    tokio::time::timeout(WAIT, publisher)
+        .await
+        .unwrap()
+        .unwrap();
+
+    let prefix = format!("{}:", domain.origin().await.unwrap());
+    let mut stream = js.get_stream(prism::relay::STREAM).await.unwrap();
+    let end = stream.info().await.unwrap().state.last_sequence;
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig::default())
+        .await
+        .unwrap();
+    let mut messages = consumer.messages().await.unwrap();
+    let (mut ours, mut interleaved, mut foreign_since_ours) = (Vec::new(), 0, false);
+    let mut at = 0;
+    while at < end {
+        let msg = tokio::time::timeout(WAIT, messages.next())
+            .await
+            .unwrap_or_else(|_| panic!("the stream ended at {at} of {end}"))
+            .unwrap()
+            .unwrap();
+        at = msg.info().unwrap().stream_sequence;
+        let id = msg.headers.as_ref().unwrap().get("Nats-Msg-Id").unwrap();
+        match id.as_str().strip_prefix(&prefix) {
+            Some(event) => {
+                interleaved += usize::from(foreign_since_ours && !ours.is_empty());
+                foreign_since_ours = false;
+                ours.push(event.parse::<i64>().unwrap());
+            }
+            None => foreign_since_ours = true,
+        }
+    }
+    // The first difference, rather than two lists of 600 ids.
+    let first = ours.iter().zip(&logged).position(|(a, b)| a != b);
+    assert_eq!(
+        (first, ours.len()),
+        (None, logged.len()),
+        "the stream lost or reordered prism's events"
+    );
+    // The other publisher's messages did land between prism's.
+    assert!(
+        interleaved > 0,
+        "no message of the other publisher came between prism's"
+    );
+    app.stop().await;
+    broker.stop().await;
+}
+
 /// Creates a user as Alice; returns it.
 async fn create_user(app: &crate::helpers::TestApp, name: &str, email: &str) -> Value {
     let token = app.alice_token().await;
@@ -496,7 +615,10 @@ async fn ordered_delivery_takes_over_from_kept_message_ids() {
             msg.ack_with(AckKind::Nak(None)).await.unwrap();
         }
     }
-    client.flush().await.unwrap();
+    tokio::time::timeout(WAIT, client.flush())
+        .await
+        .unwrap()
+        .unwrap();
     let users_dir = dir.path().join("users");
     let earlier = App::build(Config::for_tests(users_dir.clone()))
         .await
@@ -516,7 +638,10 @@ async fn ordered_delivery_takes_over_from_kept_message_ids() {
         );
     }
     drop(earlier_domain);
-    earlier.run_until_stopped(async {}).await.unwrap();
+    tokio::time::timeout(WAIT, earlier.run_until_stopped(async {}))
+        .await
+        .unwrap()
+        .unwrap();
 
     // Published after the upgrade: order 2 again once the broker has
     // forgotten its id, as a relay restarted late would (only the kept ids
