@@ -29,7 +29,7 @@ use std::{
 };
 
 use async_nats::jetstream;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use serde::Deserialize;
 use tokio::sync::Notify;
 use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
@@ -285,7 +285,8 @@ async fn relay_session(
         },
         None => None,
     };
-    let js = jetstream_context(url, None).await?;
+    let reconnected = Arc::new(Notify::new());
+    let js = jetstream_context(url, Some(reconnected.clone())).await?;
     let origin = domain.origin().await?;
     tracing::info!(url, "event relay connected to NATS JetStream");
     reconnect.connected(Instant::now());
@@ -294,7 +295,7 @@ async fn relay_session(
     let mut wake = Box::pin(domain.events().subscribe(None, EventFilter::all()));
     let mut after = 0;
     // The message id of the last event acknowledged, while it is known to be
-    // the stream's last message (see `publish_batch`).
+    // the stream's last message (see `Publish::batch`).
     let mut chain = None;
     while !stop.is_cancelled() {
         // The lock went with its connection if that broke; another relay may
@@ -318,7 +319,13 @@ async fn relay_session(
             }
             continue;
         }
-        let (done, sent) = publish_batch(&js, origin, &batch, filter, after, &mut chain).await;
+        let to = Publish {
+            js: &js,
+            origin,
+            filter,
+            reconnected: &reconnected,
+        };
+        let (done, sent) = to.batch(&batch, after, &mut chain).await;
         // What was acknowledged is stored even when the broker failed part
         // way, so that as little as possible is sent twice.
         if done > after {
@@ -334,77 +341,100 @@ async fn relay_session(
 /// the connection for broken.
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Publishes the events of `batch` that match `filter`, all sent before any
-/// acknowledgement is awaited, and returns the id of the last event done with
-/// (`after` if none): every matching event up to it is in the stream, in the
-/// log's order.
-///
-/// Order holds because each message names the one sent before it as the
-/// stream's last message (`Nats-Expected-Last-Msg-Id`; `chain` carries the
-/// last one across batches). A message lost on the way (the connection cut
-/// mid-batch, and the messages after it sent on the next connection) makes
-/// JetStream refuse the next, and with it everything after, so the stream only ever
-/// holds a prefix of what was sent: a consumer keeping a position per
-/// publisher never skips an event. Another publisher writing to the stream in
-/// between also breaks the chain; that is not a failure, the refused events
-/// are simply sent again starting a new chain (so a stream shared by busy
-/// publishers costs a round trip per refusal, never an event).
-async fn publish_batch(
-    js: &jetstream::Context,
+/// Where and what a relay session publishes.
+struct Publish<'a> {
+    js: &'a jetstream::Context,
     origin: i64,
-    batch: &[Arc<Event>],
-    filter: &EventFilter,
-    after: i64,
-    chain: &mut Option<String>,
-) -> (i64, Result<(), async_nats::Error>) {
-    let mut last = chain.take();
-    let mut acks = Vec::with_capacity(batch.len());
-    let mut failed = None;
-    for (i, event) in batch.iter().enumerate() {
-        if !filter.matches(&event.kind) {
-            continue;
-        }
-        let id = format!("{origin}:{}", event.id);
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
-        if let Some(last) = &last {
-            headers.insert(
-                async_nats::header::NATS_EXPECTED_LAST_MESSAGE_ID,
-                last.as_str(),
-            );
-        }
-        let subject = format!("prism.events.{}", event.kind);
-        match js
-            .publish_with_headers(subject, headers, event.json.clone().into())
-            .await
-        {
-            Ok(ack) => acks.push((i, ack)),
-            Err(e) => {
-                failed = Some((i, e.into()));
-                break;
+    filter: &'a EventFilter,
+    /// Notified when the client has connected again after a break.
+    reconnected: &'a Notify,
+}
+
+impl Publish<'_> {
+    /// Publishes the events of `batch` that match the filter, all sent before
+    /// any acknowledgement is awaited, and returns the id of the last event
+    /// done with (`after` if none): every matching event up to it is in the
+    /// stream, in the log's order.
+    ///
+    /// Order holds because each message names the one sent before it as the
+    /// stream's last message (`Nats-Expected-Last-Msg-Id`; `chain` carries
+    /// the last one across batches). A message lost on the way (the
+    /// connection cut mid-batch, and the messages after it sent on the next
+    /// connection) makes JetStream refuse the next, and with it everything
+    /// after, so the stream only ever holds a prefix of what was sent: a
+    /// consumer keeping a position per publisher never skips an event.
+    /// Another publisher writing to the stream in between also breaks the
+    /// chain; that is not a failure, the refused events are simply sent again
+    /// starting a new chain (so a stream shared by busy publishers costs a
+    /// round trip per refusal, never an event).
+    async fn batch(
+        &self,
+        batch: &[Arc<Event>],
+        after: i64,
+        chain: &mut Option<String>,
+    ) -> (i64, Result<(), async_nats::Error>) {
+        // A break before this batch took nothing of it.
+        let _ = self.reconnected.notified().now_or_never();
+        let mut last = chain.take();
+        let mut acks = Vec::with_capacity(batch.len());
+        let mut failed = None;
+        for (i, event) in batch.iter().enumerate() {
+            if !self.filter.matches(&event.kind) {
+                continue;
             }
-        }
-        last = Some(id);
-    }
-    // Everything before the first event not acknowledged is done, the
-    // events `filter` passed over included.
-    let done_before = |i: usize| i.checked_sub(1).map_or(after, |i| batch[i].id);
-    for (i, ack) in acks {
-        let error: async_nats::Error = match tokio::time::timeout(ACK_TIMEOUT, ack).await {
-            Ok(Ok(_)) => continue,
-            Ok(Err(e)) if e.kind() == jetstream::context::PublishErrorKind::WrongLastMessageId => {
-                return (done_before(i), Ok(()));
+            let id = format!("{}:{}", self.origin, event.id);
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+            if let Some(last) = &last {
+                headers.insert(
+                    async_nats::header::NATS_EXPECTED_LAST_MESSAGE_ID,
+                    last.as_str(),
+                );
             }
-            Ok(Err(e)) => e.into(),
-            Err(_) => "JetStream did not acknowledge in time".into(),
-        };
-        return (done_before(i), Err(error));
+            let subject = format!("prism.events.{}", event.kind);
+            match self
+                .js
+                .publish_with_headers(subject, headers, event.json.clone().into())
+                .await
+            {
+                Ok(ack) => acks.push((i, ack)),
+                Err(e) => {
+                    failed = Some((i, e.into()));
+                    break;
+                }
+            }
+            last = Some(id);
+        }
+        // Everything before the first event not acknowledged is done, the
+        // events the filter passed over included.
+        let done_before = |i: usize| i.checked_sub(1).map_or(after, |i| batch[i].id);
+        for (i, ack) in acks {
+            let acked = tokio::select! {
+                acked = tokio::time::timeout(ACK_TIMEOUT, ack) => acked,
+                // The acknowledgements of what went out on the broken
+                // connection will never come: the rest of the batch is sent
+                // again on the new one (what did arrive is dropped there as
+                // a duplicate) rather than waited for until the timeout.
+                () = self.reconnected.notified() => return (done_before(i), Ok(())),
+            };
+            let error: async_nats::Error = match acked {
+                Ok(Ok(_)) => continue,
+                Ok(Err(e))
+                    if e.kind() == jetstream::context::PublishErrorKind::WrongLastMessageId =>
+                {
+                    return (done_before(i), Ok(()));
+                }
+                Ok(Err(e)) => e.into(),
+                Err(_) => "JetStream did not acknowledge in time".into(),
+            };
+            return (done_before(i), Err(error));
+        }
+        if let Some((i, e)) = failed {
+            return (done_before(i), Err(e));
+        }
+        *chain = last;
+        (batch.last().map_or(after, |e| e.id), Ok(()))
     }
-    if let Some((i, e)) = failed {
-        return (done_before(i), Err(e));
-    }
-    *chain = last;
-    (batch.last().map_or(after, |e| e.id), Ok(()))
 }
 
 #[derive(Deserialize)]

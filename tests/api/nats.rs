@@ -3,7 +3,7 @@
 //! service is killed and restarted; every `order.created` reaches the users
 //! service and the stream, none lost, duplicates handled.
 
-use std::{collections::BTreeSet, path::Path};
+use std::{collections::BTreeSet, path::Path, sync::Arc};
 
 use futures::StreamExt;
 use prism::{App, Config, app::Role};
@@ -398,6 +398,80 @@ async fn instances_sharing_postgres_take_turns_to_relay() {
     broker.stop().await;
 }
 
+/// `n` broadcasts through `app`, 16 at a time.
+async fn broadcasts(app: &crate::helpers::TestApp, token: &str, n: usize) {
+    let sends = futures::stream::iter(0..n)
+        .map(|i| {
+            let request = app
+                .client
+                .post(app.url("/broadcast"))
+                .query(&[("message", format!("burst {i}"))])
+                .bearer_auth(token);
+            async move { request.send().await.unwrap().status() }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+    assert!(sends.iter().all(|s| s.is_success()), "{sends:?}");
+}
+
+/// Every event in `app`'s log, once its relay has published them all.
+async fn relayed_log(app: &crate::helpers::TestApp) -> Vec<i64> {
+    let logged: Vec<i64> = app
+        .state
+        .domain
+        .events()
+        .read_stored(0, 10_000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    let head = *logged.last().unwrap();
+    let relay = app.state.relay.clone().unwrap();
+    eventually("the relay to publish the whole log", || async {
+        (relay.position() >= head).then_some(())
+    })
+    .await;
+    logged
+}
+
+/// The message ids in the stream, in its order.
+async fn stream_message_ids(js: &async_nats::jetstream::Context) -> Vec<String> {
+    use async_nats::jetstream::consumer::pull;
+    let mut stream = js.get_stream(prism::relay::STREAM).await.unwrap();
+    let end = stream.info().await.unwrap().state.last_sequence;
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig::default())
+        .await
+        .unwrap();
+    let mut messages = consumer.messages().await.unwrap();
+    let (mut ids, mut at) = (Vec::new(), 0);
+    while at < end {
+        let msg = tokio::time::timeout(WAIT, messages.next())
+            .await
+            .unwrap_or_else(|_| panic!("the stream ended at {at} of {end}"))
+            .unwrap()
+            .unwrap();
+        at = msg.info().unwrap().stream_sequence;
+        let id = msg.headers.as_ref().unwrap().get("Nats-Msg-Id").unwrap();
+        ids.push(id.to_string());
+    }
+    ids
+}
+
+/// The event ids `ours` (in the stream's order) are `logged`, the whole log
+/// in its order.
+fn assert_in_log_order(ours: &[i64], logged: &[i64]) {
+    // The first difference, rather than two lists of hundreds of ids.
+    let first = ours.iter().zip(logged).position(|(a, b)| a != b);
+    assert_eq!(
+        (first, ours.len()),
+        (None, logged.len()),
+        "the stream lost or reordered prism's events"
+    );
+}
+
 /// The relay sends a batch without waiting for each acknowledgement, chaining
 /// every message to the one before it. Another publisher writing to the same
 /// stream meanwhile breaks the chain again and again: the refused events are
@@ -405,7 +479,6 @@ async fn instances_sharing_postgres_take_turns_to_relay() {
 /// order, so a consumer keeping a position per publisher misses none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_keeps_the_logs_order_while_another_publisher_writes() {
-    use async_nats::jetstream::{self, consumer::pull};
     let Some((bin, dir, port, nats)) = private_nats("NATS relay order test") else {
         return;
     };
@@ -413,7 +486,7 @@ async fn the_relay_keeps_the_logs_order_while_another_publisher_writes() {
     let mut config = crate::helpers::test_config(&dir.path().join("serve"));
     config.nats_url = Some(nats.clone());
     let app = crate::helpers::spawn_with(config).await;
-    let js = jetstream::new(async_nats::connect(&nats).await.unwrap());
+    let js = async_nats::jetstream::new(async_nats::connect(&nats).await.unwrap());
     eventually("the relay to create its stream", || async {
         js.get_stream(prism::relay::STREAM).await.ok()
     })
@@ -438,61 +511,18 @@ async fn the_relay_keeps_the_logs_order_while_another_publisher_writes() {
             }
         }
     });
-    let token = app.alice_token().await;
-    let sends = futures::stream::iter(0..600)
-        .map(|i| {
-            let request = app
-                .client
-                .post(app.url("/broadcast"))
-                .query(&[("message", format!("burst {i}"))])
-                .bearer_auth(&token);
-            async move { request.send().await.unwrap().status() }
-        })
-        .buffer_unordered(16)
-        .collect::<Vec<_>>()
-        .await;
-    assert!(sends.iter().all(|s| s.is_success()), "{sends:?}");
-
-    let domain = &app.state.domain;
-    let logged: Vec<i64> = domain
-        .events()
-        .read_stored(0, 10_000)
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| e.id)
-        .collect();
-    let head = *logged.last().unwrap();
-    let relay = app.state.relay.clone().unwrap();
-    eventually("the relay to publish the whole log", || async {
-        (relay.position() >= head).then_some(())
-    })
-    .await;
+    broadcasts(&app, &app.alice_token().await, 600).await;
+    let logged = relayed_log(&app).await;
     foreign.cancel();
     tokio::time::timeout(WAIT, publisher)
         .await
         .unwrap()
         .unwrap();
 
-    let prefix = format!("{}:", domain.origin().await.unwrap());
-    let mut stream = js.get_stream(prism::relay::STREAM).await.unwrap();
-    let end = stream.info().await.unwrap().state.last_sequence;
-    let consumer = stream
-        .create_consumer(pull::OrderedConfig::default())
-        .await
-        .unwrap();
-    let mut messages = consumer.messages().await.unwrap();
+    let prefix = format!("{}:", app.state.domain.origin().await.unwrap());
     let (mut ours, mut interleaved, mut foreign_since_ours) = (Vec::new(), 0, false);
-    let mut at = 0;
-    while at < end {
-        let msg = tokio::time::timeout(WAIT, messages.next())
-            .await
-            .unwrap_or_else(|_| panic!("the stream ended at {at} of {end}"))
-            .unwrap()
-            .unwrap();
-        at = msg.info().unwrap().stream_sequence;
-        let id = msg.headers.as_ref().unwrap().get("Nats-Msg-Id").unwrap();
-        match id.as_str().strip_prefix(&prefix) {
+    for id in stream_message_ids(&js).await {
+        match id.strip_prefix(&prefix) {
             Some(event) => {
                 interleaved += usize::from(foreign_since_ours && !ours.is_empty());
                 foreign_since_ours = false;
@@ -501,18 +531,99 @@ async fn the_relay_keeps_the_logs_order_while_another_publisher_writes() {
             None => foreign_since_ours = true,
         }
     }
-    // The first difference, rather than two lists of 600 ids.
-    let first = ours.iter().zip(&logged).position(|(a, b)| a != b);
-    assert_eq!(
-        (first, ours.len()),
-        (None, logged.len()),
-        "the stream lost or reordered prism's events"
-    );
+    assert_in_log_order(&ours, &logged);
     // The other publisher's messages did land between prism's.
     assert!(
         interleaved > 0,
         "no message of the other publisher came between prism's"
     );
+    app.stop().await;
+    broker.stop().await;
+}
+
+/// A TCP relay to the broker whose connections the test can cut at once, as
+/// a network fault would, while the broker itself runs on.
+struct Cutter {
+    port: u16,
+    links: Arc<std::sync::Mutex<Vec<tokio_util::task::AbortOnDropHandle<()>>>>,
+    _accept: tokio_util::task::AbortOnDropHandle<()>,
+}
+
+impl Cutter {
+    async fn start(broker_port: u16) -> Cutter {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let links = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let accept = tokio::spawn({
+            let links = links.clone();
+            async move {
+                while let Ok((mut client, _)) = listener.accept().await {
+                    let link = tokio::spawn(async move {
+                        if let Ok(mut broker) =
+                            tokio::net::TcpStream::connect(("127.0.0.1", broker_port)).await
+                        {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut broker).await;
+                        }
+                    });
+                    links
+                        .lock()
+                        .unwrap()
+                        .push(tokio_util::task::AbortOnDropHandle::new(link));
+                }
+            }
+        });
+        Cutter {
+            port,
+            links,
+            _accept: tokio_util::task::AbortOnDropHandle::new(accept),
+        }
+    }
+
+    /// Drops every connection made so far, both ends, mid-stream.
+    fn cut(&self) {
+        self.links.lock().unwrap().clear();
+    }
+}
+
+/// The relay's connection to the broker is cut again and again while it
+/// publishes batches: messages sent on the broken connection are lost, later
+/// ones go out on the next, and JetStream refuses any whose predecessor did
+/// not arrive. The stream ends up with every event of the log, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_loses_nothing_when_its_connection_is_cut_mid_batch() {
+    let Some((bin, dir, port, nats)) = private_nats("NATS connection cut test") else {
+        return;
+    };
+    let broker = Broker::start(&bin, port, &dir.path().join("nats")).await;
+    let cutter = Cutter::start(port).await;
+    let mut config = crate::helpers::test_config(&dir.path().join("serve"));
+    config.nats_url = Some(format!("nats://127.0.0.1:{}", cutter.port));
+    let app = crate::helpers::spawn_with(config).await;
+    let token = app.alice_token().await;
+    let start = *relayed_log(&app).await.last().unwrap();
+    // Each cut comes as the relay stores a position, while clients write: on
+    // its way through the next batch.
+    let relay = app.state.relay.clone().unwrap();
+    let cuts = async {
+        for k in 1..=10 {
+            eventually("the relay to get further", || async {
+                (relay.position() >= start + k * 100).then_some(())
+            })
+            .await;
+            cutter.cut();
+        }
+    };
+    tokio::join!(broadcasts(&app, &token, 1200), cuts);
+    let logged = relayed_log(&app).await;
+
+    let js = async_nats::jetstream::new(async_nats::connect(&nats).await.unwrap());
+    let prefix = format!("{}:", app.state.domain.origin().await.unwrap());
+    let ours: Vec<i64> = stream_message_ids(&js)
+        .await
+        .iter()
+        .map(|id| id.strip_prefix(&prefix).unwrap().parse().unwrap())
+        .collect();
+    assert_in_log_order(&ours, &logged);
     app.stop().await;
     broker.stop().await;
 }
