@@ -217,9 +217,7 @@ async fn serve_publishes_every_domain_event_to_jetstream() {
         return;
     };
     let broker = Broker::start(&bin, port, &dir.path().join("nats")).await;
-    let mut config = crate::helpers::test_config(&dir.path().join("serve"));
-    config.nats_url = Some(nats.clone());
-    let app = crate::helpers::spawn_with(config).await;
+    let app = serve_relaying_to(dir.path(), nats.clone()).await;
     let user = create_user(&app, "Relayed", "relayed@example.com").await;
 
     let js = async_nats::jetstream::new(async_nats::connect(&nats).await.unwrap());
@@ -398,6 +396,14 @@ async fn instances_sharing_postgres_take_turns_to_relay() {
     broker.stop().await;
 }
 
+/// `prism serve`, in this process, with its data under `dir` and its
+/// events relayed to `nats`.
+async fn serve_relaying_to(dir: &Path, nats: String) -> crate::helpers::TestApp {
+    let mut config = crate::helpers::test_config(&dir.join("serve"));
+    config.nats_url = Some(nats);
+    crate::helpers::spawn_with(config).await
+}
+
 /// `n` broadcasts through `app`, 16 at a time.
 async fn broadcasts(app: &crate::helpers::TestApp, token: &str, n: usize) {
     let sends = futures::stream::iter(0..n)
@@ -483,9 +489,7 @@ async fn the_relay_keeps_the_logs_order_while_another_publisher_writes() {
         return;
     };
     let broker = Broker::start(&bin, port, &dir.path().join("nats")).await;
-    let mut config = crate::helpers::test_config(&dir.path().join("serve"));
-    config.nats_url = Some(nats.clone());
-    let app = crate::helpers::spawn_with(config).await;
+    let app = serve_relaying_to(dir.path(), nats.clone()).await;
     let js = async_nats::jetstream::new(async_nats::connect(&nats).await.unwrap());
     eventually("the relay to create its stream", || async {
         js.get_stream(prism::relay::STREAM).await.ok()
@@ -596,9 +600,7 @@ async fn the_relay_loses_nothing_when_its_connection_is_cut_mid_batch() {
     };
     let broker = Broker::start(&bin, port, &dir.path().join("nats")).await;
     let cutter = Cutter::start(port).await;
-    let mut config = crate::helpers::test_config(&dir.path().join("serve"));
-    config.nats_url = Some(format!("nats://127.0.0.1:{}", cutter.port));
-    let app = crate::helpers::spawn_with(config).await;
+    let app = serve_relaying_to(dir.path(), format!("nats://127.0.0.1:{}", cutter.port)).await;
     let token = app.alice_token().await;
     let start = *relayed_log(&app).await.last().unwrap();
     // Each cut comes as the relay stores a position, while clients write: on
