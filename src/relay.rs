@@ -297,6 +297,12 @@ async fn relay_session(
     // The message id of the last event acknowledged, while it is known to be
     // the stream's last message (see `Publish::batch`).
     let mut chain = None;
+    let to = Publish {
+        js: &js,
+        origin,
+        filter,
+        reconnected: &reconnected,
+    };
     while !stop.is_cancelled() {
         // The lock went with its connection if that broke; another relay may
         // have it now.
@@ -319,12 +325,6 @@ async fn relay_session(
             }
             continue;
         }
-        let to = Publish {
-            js: &js,
-            origin,
-            filter,
-            reconnected: &reconnected,
-        };
         let (done, sent) = to.batch(&batch, after, &mut chain).await;
         // What was acknowledged is stored even when the broker failed part
         // way, so that as little as possible is sent twice.
@@ -373,7 +373,8 @@ impl Publish<'_> {
         after: i64,
         chain: &mut Option<String>,
     ) -> (i64, Result<(), async_nats::Error>) {
-        // A break before this batch took nothing of it.
+        // A reconnect that came before this batch was sent lost none of it:
+        // its notice is taken here, so that only a later one stops the wait.
         let _ = self.reconnected.notified().now_or_never();
         let mut last = chain.take();
         let mut acks = Vec::with_capacity(batch.len());
