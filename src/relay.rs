@@ -466,10 +466,16 @@ pub async fn run_order_consumer(
     while !stop.is_cancelled() {
         let result = match &nats_url {
             Some(url) => consume_jetstream(&domain, url, &stop, &mut reconnect).await,
-            None => consume_feed(&domain, &keys, &orders_url, &stop, &mut reconnect).await,
+            None => consume_feed(&domain, &keys, &orders_url, &stop, &mut reconnect)
+                .await
+                .map(|()| Consumed::Stopped),
         };
         match result {
-            Ok(()) => return,
+            Ok(Consumed::Stopped) => return,
+            // The broker answers again; nothing to wait for.
+            Ok(Consumed::Reconnected) => {
+                tracing::debug!("NATS connection made again; the order consumer starts over");
+            }
             Err(e) => {
                 if !pause(&stop, reconnect.failed(&e, Instant::now())).await {
                     return;
@@ -521,12 +527,20 @@ fn jetstream_resume() -> String {
     format!("{CONSUMER}:jetstream")
 }
 
+/// How a consumer session ended, other than by an error.
+enum Consumed {
+    Stopped,
+    /// The client connected again after a break, which the broker's side of
+    /// the session may not have outlived.
+    Reconnected,
+}
+
 async fn consume_jetstream(
     domain: &Domain,
     url: &str,
     stop: &CancellationToken,
     reconnect: &mut Reconnect,
-) -> Result<(), async_nats::Error> {
+) -> Result<Consumed, async_nats::Error> {
     // The ordered consumer lives on the broker only as long as the broker
     // runs, and would notice one restarted only at its next heartbeat (15 s):
     // a new connection starts a new session at once.
@@ -591,8 +605,8 @@ async fn consume_jetstream(
     reconnect.connected(Instant::now());
     loop {
         let batch = tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
-            _ = reconnected.notified() => return Err("the connection to NATS was made again".into()),
+            _ = stop.cancelled() => return Ok(Consumed::Stopped),
+            _ = reconnected.notified() => return Ok(Consumed::Reconnected),
             b = messages.next() => b,
         };
         let Some(batch) = batch else {
