@@ -33,7 +33,11 @@ use hyper::{
     Request, Response,
     body::{Body, Frame, Incoming, SizeHint},
 };
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto::{HttpServerConnExec, UpgradeableConnection},
+};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -164,37 +168,11 @@ pub async fn serve<M, S, B>(
         let serve = http
             .serve_connection_with_upgrades(TokioIo::new(tcp), service)
             .into_owned();
-        connections.spawn(async move {
-            let conn = &registered.conn;
-            tokio::pin!(serve);
-            // The connection's signal is read on every poll rather than
-            // awaited beside it: an atomic load, where a cancellation future
-            // in a `select!` registered with its `Notify` on every poll
-            // (about 300 instructions per request on the gateway's hot path).
-            let mut watched: Option<Waker> = None;
-            let mut closing = false;
-            let ended = std::future::poll_fn(|cx| {
-                if !watched.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                    let waker = cx.waker().clone();
-                    *conn.waker.lock() = Some(waker.clone());
-                    watched = Some(waker);
-                }
-                // Read after the waker is in place: a signal raised since
-                // is either seen here or wakes the task (see `Conn::raise`).
-                match conn.signal.load(Ordering::SeqCst) {
-                    KILL => return Poll::Ready(Ok(())),
-                    CLOSE if !closing => {
-                        closing = true;
-                        serve.as_mut().graceful_shutdown();
-                    }
-                    _ => {}
-                }
-                serve.as_mut().poll(cx)
-            })
-            .await;
-            if let Err(e) = ended {
-                tracing::debug!(error = %e, "client connection ended");
-            }
+        connections.spawn(Watched {
+            serve,
+            registered,
+            watched: None,
+            closing: false,
         });
     }
     drop(listener);
@@ -207,6 +185,77 @@ pub async fn serve<M, S, B>(
         tracing::warn!("drain timed out; closing the remaining connections");
         clients.kill_all();
         connections.wait().await;
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// One client connection being served, watching its [`Conn`]'s signal.
+    /// A named future rather than an async block: the block kept the
+    /// connection twice, as its captured value and as the pinned local it
+    /// was moved into (3.2 KiB of task per connection instead of 1.7).
+    struct Watched<F> {
+        #[pin]
+        serve: F,
+        registered: Registered,
+        // The waker last handed to the connection's signal.
+        watched: Option<Waker>,
+        closing: bool,
+    }
+}
+
+/// What [`Watched`] needs of hyper-util's connection besides polling it.
+trait Connection: Future<Output = Result<(), BoxError>> {
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl<S, B> Connection for UpgradeableConnection<'static, TokioIo<TcpStream>, S, TokioExecutor>
+where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>>,
+    S::Future: 'static,
+    S::Error: Into<BoxError>,
+    B: Body + 'static,
+    B::Error: Into<BoxError>,
+    TokioExecutor: HttpServerConnExec<S::Future, B>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        UpgradeableConnection::graceful_shutdown(self)
+    }
+}
+
+impl<F: Connection> Future for Watched<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut this = self.project();
+        let conn = &this.registered.conn;
+        // The connection's signal is read on every poll rather than awaited
+        // beside it: an atomic load, where a cancellation future in a
+        // `select!` registered with its `Notify` on every poll (about 300
+        // instructions per request on the gateway's hot path).
+        if !this
+            .watched
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            let waker = cx.waker().clone();
+            *conn.waker.lock() = Some(waker.clone());
+            *this.watched = Some(waker);
+        }
+        // Read after the waker is in place: a signal raised since is either
+        // seen here or wakes the task (see `Conn::raise`).
+        match conn.signal.load(Ordering::SeqCst) {
+            KILL => return Poll::Ready(()),
+            CLOSE if !*this.closing => {
+                *this.closing = true;
+                this.serve.as_mut().graceful_shutdown();
+            }
+            _ => {}
+        }
+        this.serve.poll(cx).map(|ended| {
+            if let Err(e) = ended {
+                tracing::debug!(error = %e, "client connection ended");
+            }
+        })
     }
 }
 

@@ -78,12 +78,30 @@ async fn a_signal_right_after_start_up_is_a_graceful_stop() {
 
 /// The process's caught-signal mask (`SigCgt` in `/proc/PID/status`).
 fn caught_signals(pid: u32) -> u64 {
+    u64::from_str_radix(&proc_status(pid, "SigCgt"), 16).unwrap()
+}
+
+/// One field of `/proc/PID/status`.
+fn proc_status(pid: u32, field: &str) -> String {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let mask = status
+    status
         .lines()
-        .find_map(|l| l.strip_prefix("SigCgt:"))
-        .expect("no SigCgt line");
-    u64::from_str_radix(mask.trim(), 16).unwrap()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("no {field} line in /proc/{pid}/status"))
+        .trim()
+        .to_owned()
+}
+
+/// Without the opt-out, mimalloc's heap is backed by transparent huge pages
+/// and memory that idle connections hold a few KiB of is resident 2 MiB at
+/// a time.
+#[tokio::test]
+async fn the_server_opts_out_of_transparent_huge_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path()).await;
+    assert_eq!(proc_status(server.child.id().unwrap(), "THP_enabled"), "0");
+    server.signal("-TERM");
+    assert!(server.wait_exit().await.success());
 }
 
 #[tokio::test]
