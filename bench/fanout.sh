@@ -38,7 +38,7 @@ names = {"sse": "SSE `/stream`", "graphql": "GraphQL `messageAdded` (WebSocket)"
 with open("docs/fanout.table", "w") as out:
     for r in rows:
         kib = r['kib_per_connection']
-        kib = "no growth¹" if kib is None else kib
+        kib = "no growth¹" if kib is None or kib <= 0 else kib
         # Linux counts CPU time in 10 ms ticks: too coarse below 10,000 subscribers.
         cpu = r['server_cpu_us_per_subscriber'] if r['clients'] >= 10000 else "–"
         out.write(f"| {names[r['surface']]} | {r['clients']:,} | {r['received']:,} | {r['p50_ms']} | {r['p99_ms']} | {r['max_ms']} | {cpu} | {kib} |\n")
