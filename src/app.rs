@@ -152,15 +152,18 @@ impl App {
             }
             _ => None,
         };
-        if role == Role::Users {
+        let order_consumer = (role == Role::Users).then(|| {
+            let status = Arc::new(crate::relay::SessionState::default());
             workers.spawn(crate::relay::run_order_consumer(
                 domain.clone(),
                 keys.clone(),
                 config.nats_url.clone(),
                 config.orders_url.clone(),
+                status.clone(),
                 stop_workers.clone(),
             ));
-        }
+            status
+        });
 
         let (listener, http_addr) = if role.serves_http() {
             let addr = format!("{}:{}", config.host, config.port);
@@ -189,6 +192,9 @@ impl App {
         if let Some(relay) = &relay {
             metrics.watch_relay(relay.clone());
         }
+        if let Some(consumer) = &order_consumer {
+            metrics.watch_order_consumer(consumer.clone());
+        }
         if let crate::db::Pools::Sqlite { write, .. } = &domain.db().pools {
             metrics.watch_sqlite(write.clone());
         }
@@ -204,6 +210,7 @@ impl App {
             jobs,
             ticker,
             relay,
+            order_consumer,
         });
         Ok(App {
             role,

@@ -158,24 +158,29 @@ async fn jetstream_context(
 /// What `/metrics` and `/readyz` show of a running relay.
 #[derive(Debug, Default)]
 pub struct RelayStatus {
-    state: AtomicU8,
+    state: SessionState,
     position: AtomicI64,
 }
 
-/// What a relay is doing.
+/// What a relay or a consumer is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RelayState {
-    /// Not connected to JetStream; trying again.
+    /// Not connected (to JetStream, or to the orders service's feed); trying
+    /// again.
     Reconnecting = 0,
-    /// Connected and publishing.
+    /// Connected and at work: publishing, or applying orders.
     Connected = 1,
-    /// Another instance sharing the database (PostgreSQL) relays its events.
+    /// Another instance sharing the database (PostgreSQL) does the work.
     Standby = 2,
 }
 
-impl RelayStatus {
-    pub fn state(&self) -> RelayState {
-        match self.state.load(Ordering::Relaxed) {
+/// A [`RelayState`] that one task sets and others read.
+#[derive(Debug, Default)]
+pub struct SessionState(AtomicU8);
+
+impl SessionState {
+    pub fn get(&self) -> RelayState {
+        match self.0.load(Ordering::Relaxed) {
             1 => RelayState::Connected,
             2 => RelayState::Standby,
             _ => RelayState::Reconnecting,
@@ -183,7 +188,17 @@ impl RelayStatus {
     }
 
     fn set(&self, state: RelayState) {
-        self.state.store(state as u8, Ordering::Relaxed);
+        self.0.store(state as u8, Ordering::Relaxed);
+    }
+}
+
+impl RelayStatus {
+    pub fn state(&self) -> RelayState {
+        self.state.get()
+    }
+
+    fn set(&self, state: RelayState) {
+        self.state.set(state);
     }
 
     /// The id of the last event the relay is done with (published and
@@ -207,7 +222,12 @@ impl RelayState {
 /// publish a PostgreSQL database's events ("relay" in ASCII).
 const RELAY_LOCK_KEY: i64 = 0x72_65_6c_61_79;
 
-/// How often a relay on standby asks for the lock again.
+/// The key of the advisory lock that makes one users service at a time apply
+/// `order.created` to a PostgreSQL database's statistics ("orders").
+const CONSUMER_LOCK_KEY: i64 = 0x6f_72_64_65_72_73;
+
+/// How often a relay or consumer on standby asks for the lock again, and how
+/// often a consumer makes sure it still holds it.
 const STANDBY_RETRY: Duration = Duration::from_secs(2);
 
 /// Events read from the log at a time; the position is stored once per batch,
@@ -251,13 +271,13 @@ enum Ended {
     Standby,
 }
 
-/// On PostgreSQL, a connection holding the relay lock, or `None` when another
-/// instance holds it. The lock lasts as long as the connection: one that got
-/// it leaves the pool, and dropping it hands the lock on.
-async fn relay_lock(pool: &sqlx::PgPool) -> sqlx::Result<Option<sqlx::PgConnection>> {
+/// On PostgreSQL, a connection holding the advisory lock `key`, or `None`
+/// when another instance holds it. The lock lasts as long as the connection:
+/// one that got it leaves the pool, and dropping it hands the lock on.
+async fn advisory_lock(pool: &sqlx::PgPool, key: i64) -> sqlx::Result<Option<sqlx::PgConnection>> {
     let mut conn = pool.acquire().await?;
     let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-        .bind(RELAY_LOCK_KEY)
+        .bind(key)
         .fetch_one(&mut *conn)
         .await?;
     Ok(got.then(|| conn.detach()))
@@ -274,7 +294,7 @@ async fn relay_session(
     // Instances sharing a PostgreSQL database share its event log: one of
     // them publishes it, the others stand by to take over.
     let mut lock = match domain.db().postgres() {
-        Some(pool) => match relay_lock(pool).await? {
+        Some(pool) => match advisory_lock(pool, RELAY_LOCK_KEY).await? {
             Some(conn) => Some(conn),
             None => {
                 status
@@ -460,15 +480,51 @@ pub async fn run_order_consumer(
     keys: TokenKeys,
     nats_url: Option<String>,
     orders_url: String,
+    status: Arc<SessionState>,
     stop: CancellationToken,
 ) {
     let mut reconnect = Reconnect::new("order consumer");
     while !stop.is_cancelled() {
-        let result = match &nats_url {
-            Some(url) => consume_jetstream(&domain, url, &stop, &mut reconnect).await,
-            None => consume_feed(&domain, &keys, &orders_url, &stop, &mut reconnect)
-                .await
-                .map(|()| Consumed::Stopped),
+        // Instances sharing a PostgreSQL database share its statistics. Each
+        // could apply every order (positions make the second one change
+        // nothing), but all would then do every write; one does, the others
+        // stand by to take over.
+        let lock = match domain.db().postgres() {
+            None => None,
+            Some(pool) => match advisory_lock(pool, CONSUMER_LOCK_KEY).await {
+                Ok(Some(conn)) => Some(conn),
+                Ok(None) => {
+                    status.set(RelayState::Standby);
+                    if !pause(&stop, STANDBY_RETRY).await {
+                        return;
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    status.set(RelayState::Reconnecting);
+                    if !pause(&stop, reconnect.failed(&e, Instant::now())).await {
+                        return;
+                    }
+                    continue;
+                }
+            },
+        };
+        let session = async {
+            match &nats_url {
+                Some(url) => consume_jetstream(&domain, url, &status, &stop, &mut reconnect).await,
+                None => consume_feed(&domain, &keys, &orders_url, &status, &stop, &mut reconnect)
+                    .await
+                    .map(|()| Consumed::Stopped),
+            }
+        };
+        // A session ended between two transactions, or in one (rolled back),
+        // leaves the statistics and their positions consistent.
+        let result = match lock {
+            Some(mut conn) => tokio::select! {
+                r = session => r,
+                e = lock_lost(&mut conn) => Err(e),
+            },
+            None => session.await,
         };
         match result {
             Ok(Consumed::Stopped) => return,
@@ -477,10 +533,22 @@ pub async fn run_order_consumer(
                 tracing::debug!("NATS connection made again; the order consumer starts over");
             }
             Err(e) => {
+                status.set(RelayState::Reconnecting);
                 if !pause(&stop, reconnect.failed(&e, Instant::now())).await {
                     return;
                 }
             }
+        }
+    }
+}
+
+/// Returns once the lock `conn` holds may be gone: its connection failed,
+/// and another instance may have taken the lock over.
+async fn lock_lost(conn: &mut sqlx::PgConnection) -> async_nats::Error {
+    loop {
+        tokio::time::sleep(STANDBY_RETRY).await;
+        if let Err(e) = sqlx::query("SELECT 1").execute(&mut *conn).await {
+            return format!("lost the order consumer's lock: {e}").into();
         }
     }
 }
@@ -538,6 +606,7 @@ enum Consumed {
 async fn consume_jetstream(
     domain: &Domain,
     url: &str,
+    status: &SessionState,
     stop: &CancellationToken,
     reconnect: &mut Reconnect,
 ) -> Result<Consumed, async_nats::Error> {
@@ -603,6 +672,7 @@ async fn consume_jetstream(
         "users service consuming order.created from JetStream"
     );
     reconnect.connected(Instant::now());
+    status.set(RelayState::Connected);
     loop {
         let batch = tokio::select! {
             _ = stop.cancelled() => return Ok(Consumed::Stopped),
@@ -689,6 +759,7 @@ async fn consume_feed(
     domain: &Domain,
     keys: &TokenKeys,
     orders_url: &str,
+    status: &SessionState,
     stop: &CancellationToken,
     reconnect: &mut Reconnect,
 ) -> Result<(), async_nats::Error> {
@@ -711,6 +782,7 @@ async fn consume_feed(
             "users service consuming order.created from the orders feed"
         );
         reconnect.connected(Instant::now());
+        status.set(RelayState::Connected);
         // A task reads the body while the events before are being applied:
         // hyper reads a response's next chunk only once the last was taken,
         // so reading only between commits would get one event per commit.

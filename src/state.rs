@@ -28,7 +28,7 @@ use crate::{
     config::Config,
     domain::Domain,
     pool::ConnPool,
-    relay::{RelayState, RelayStatus},
+    relay::{RelayState, RelayStatus, SessionState},
 };
 
 /// Everything a handler may need, behind one `Arc`: axum clones the state for
@@ -69,6 +69,8 @@ pub struct Shared {
     pub ticker: crate::realtime::ticker::Ticker,
     /// The NATS relay, when this process publishes its events.
     pub relay: Option<Arc<crate::relay::RelayStatus>>,
+    /// The users service's consumer of `order.created`.
+    pub order_consumer: Option<Arc<crate::relay::SessionState>>,
 }
 
 /// How long a user counts as active after an authenticated request.
@@ -174,12 +176,14 @@ pub struct Metrics {
 }
 
 /// Gauges read at scrape time from parts only some roles have: the orders
-/// service's connections to the users service, and the NATS relay. A role
+/// service's connections to the users service, the NATS relay and the users
+/// service's order consumer. A role
 /// without the part shows none of its gauges.
 #[derive(Debug, Clone, Default)]
 struct PartGauges {
     users_service: Arc<OnceLock<Arc<ConnPool>>>,
     relay: Arc<OnceLock<Arc<RelayStatus>>>,
+    order_consumer: Arc<OnceLock<Arc<SessionState>>>,
     sqlite: Arc<OnceLock<Arc<crate::db::writer::Writer>>>,
 }
 
@@ -221,6 +225,19 @@ impl prometheus_client::collector::Collector for PartGauges {
                 "nats_relay_position",
                 "The last event id the relay has published (event_log_head minus this is its backlog).",
                 relay.position(),
+            ));
+        }
+        if let Some(consumer) = self.order_consumer.get() {
+            let state = consumer.get();
+            gauges.push((
+                "order_consumer_connected",
+                "1 while the users service is applying order.created events, else 0.",
+                i64::from(state == RelayState::Connected),
+            ));
+            gauges.push((
+                "order_consumer_standby",
+                "1 while another users service sharing the database applies them, else 0.",
+                i64::from(state == RelayState::Standby),
             ));
         }
         for (name, help, value) in gauges {
@@ -335,6 +352,11 @@ impl Metrics {
     /// Reports the NATS relay's connection and position.
     pub fn watch_relay(&self, relay: Arc<RelayStatus>) {
         let _ = self.parts.relay.set(relay);
+    }
+
+    /// Reports whether the users service's order consumer is at work.
+    pub fn watch_order_consumer(&self, consumer: Arc<SessionState>) {
+        let _ = self.parts.order_consumer.set(consumer);
     }
 
     /// Reports SQLite's commits and the writes they held.

@@ -90,7 +90,7 @@ async fn healthz() -> Json<serde_json::Value> {
 /// too but does not make the server unready: every request is still served,
 /// and the relay's outbox keeps each event until the broker has it.
 #[utoipa::path(get, path = "/readyz", tag = "meta",
-    responses((status = 200, description = "`{status: ready, database: ok}`, and `nats: connected`, `reconnecting` or `standby` (another instance relays) when events are relayed to NATS"), (status = 503, body = Detail)))]
+    responses((status = 200, description = "`{status: ready, database: ok}`, and `nats: connected`, `reconnecting` or `standby` (another instance relays) when events are relayed to NATS; on a users service, `order_consumer` likewise"), (status = 503, body = Detail)))]
 async fn readyz(State(state): State<AppState>) -> Response {
     if state.shutdown.is_cancelled() {
         return detail(StatusCode::SERVICE_UNAVAILABLE, "Shutting down");
@@ -100,6 +100,9 @@ async fn readyz(State(state): State<AppState>) -> Response {
             let mut body = json!({"status": "ready", "database": "ok"});
             if let Some(relay) = &state.relay {
                 body["nats"] = json!(relay.state().as_str());
+            }
+            if let Some(consumer) = &state.order_consumer {
+                body["order_consumer"] = json!(consumer.get().as_str());
             }
             Json(body).into_response()
         }

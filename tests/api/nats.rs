@@ -396,6 +396,104 @@ async fn instances_sharing_postgres_take_turns_to_relay() {
     broker.stop().await;
 }
 
+/// Users services sharing a PostgreSQL database share its order statistics:
+/// one applies `order.created`, the other stands by, and takes over when the
+/// first stops, from where it left off; every order counts once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn users_services_sharing_postgres_take_turns_to_apply_orders() {
+    let Some((bin, dir, port, nats)) = private_nats("NATS consumer test") else {
+        return;
+    };
+    let Some(db) = crate::helpers::postgres_url().await else {
+        return;
+    };
+    let broker = Broker::start(&bin, port, &dir.path().join("nats")).await;
+    let js = async_nats::jetstream::new(async_nats::connect(&nats).await.unwrap());
+    js.get_or_create_stream(async_nats::jetstream::stream::Config {
+        name: prism::relay::STREAM.into(),
+        subjects: vec!["prism.events.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let users = |name: &str| {
+        let config = Config {
+            demo: true,
+            admin_password: Some(ADMIN_PASSWORD.into()),
+            jwt_secret: Some(SECRET.into()),
+            nats_url: Some(nats.clone()),
+            database_url: Some(db.clone()),
+            ..Config::for_tests(dir.path().join(name))
+        };
+        async move {
+            let app = App::build_as(Role::Users, config).await.unwrap();
+            let url = format!("http://{}", app.http_addr());
+            let domain = app.state().domain.clone();
+            (url, domain, crate::helpers::run(app))
+        }
+    };
+    let client = reqwest::Client::builder().timeout(WAIT).build().unwrap();
+    let consumer_state = |url: &str| {
+        let (client, url) = (client.clone(), format!("{url}/readyz"));
+        async move {
+            let body: Value = client.get(url).send().await.ok()?.json().await.ok()?;
+            body["order_consumer"].as_str().map(str::to_owned)
+        }
+    };
+    let orders_of_alice =
+        |domain: prism::domain::Domain| async move { domain.order_stats(1).await.unwrap().orders };
+
+    let (a_url, a_domain, a) = users("a").await;
+    eventually("the first users service to consume", || async {
+        (consumer_state(&a_url).await.as_deref() == Some("connected")).then_some(())
+    })
+    .await;
+    let (b_url, b_domain, b) = users("b").await;
+    eventually("the second users service to stand by", || async {
+        (consumer_state(&b_url).await.as_deref() == Some("standby")).then_some(())
+    })
+    .await;
+    let metrics = client
+        .get(format!("{b_url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("prism_order_consumer_standby 1"),
+        "{metrics}"
+    );
+
+    let before = orders_of_alice(a_domain.clone()).await;
+    for id in 1..=3 {
+        publish_order_created(&js, id).await;
+    }
+    eventually(
+        "the consuming users service to apply the orders",
+        || async { (orders_of_alice(a_domain.clone()).await >= before + 3).then_some(()) },
+    )
+    .await;
+
+    a.stop().await;
+    eventually("the standby to take over", || async {
+        (consumer_state(&b_url).await.as_deref() == Some("connected")).then_some(())
+    })
+    .await;
+    for id in 4..=6 {
+        publish_order_created(&js, id).await;
+    }
+    let after = eventually("the new consumer to apply the later orders", || async {
+        let n = orders_of_alice(b_domain.clone()).await;
+        (n >= before + 6).then_some(n)
+    })
+    .await;
+    assert_eq!(after, before + 6, "an order was applied twice");
+    b.stop().await;
+    broker.stop().await;
+}
+
 /// `prism serve`, in this process, with its data under `dir` and its
 /// events relayed to `nats`.
 async fn serve_relaying_to(dir: &Path, nats: String) -> crate::helpers::TestApp {
