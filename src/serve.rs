@@ -192,7 +192,7 @@ pin_project_lite::pin_project! {
     /// One client connection being served, watching its [`Conn`]'s signal.
     /// A named future rather than an async block: the block kept the
     /// connection twice, as its captured value and as the pinned local it
-    /// was moved into (3.2 KiB of task per connection instead of 1.7).
+    /// was moved into (3.2 KiB of task per connection instead of 1.6).
     struct Watched<F> {
         #[pin]
         serve: F,
