@@ -8,6 +8,7 @@ mod documents;
 pub mod error;
 pub mod loaders;
 pub mod schema;
+mod shared;
 pub mod ws;
 
 use std::sync::Arc;
@@ -114,11 +115,18 @@ pub struct GraphqlState {
     validated: PrismSchema,
     limits: Limits,
     documents: Arc<Documents>,
+    /// Subscriptions over WebSocket: identical live ones run once.
+    subscriptions: shared::Sharing<PrismSchema>,
 }
 
 pub fn router(state: AppState, limits: Limits) -> Router {
     let schema = build_schema(&state, limits);
     let validated = schema_validating(&state, limits, ValidationMode::Fast);
+    let subscriptions = shared::Sharing::new(
+        schema.clone(),
+        state.config.event_buffer,
+        state.stats.clone(),
+    );
     Router::new()
         .route("/graphql", get(get_graphql).post(post_graphql))
         .route("/graphql/assets/{file}", get(asset))
@@ -128,6 +136,7 @@ pub fn router(state: AppState, limits: Limits) -> Router {
             validated,
             limits,
             documents: Arc::default(),
+            subscriptions,
         })
 }
 

@@ -396,10 +396,11 @@ impl Mutation {
 pub struct Subscription;
 
 /// Counts an open subscription for `/admin/stats` while it lives.
-struct Open(Arc<Stats>);
+/// Counts one client's GraphQL subscription while it lasts.
+pub(super) struct Open(Arc<Stats>);
 
 impl Open {
-    fn new(stats: Arc<Stats>) -> Self {
+    pub(super) fn new(stats: Arc<Stats>) -> Self {
         stats.subscriptions.fetch_add(1, Ordering::Relaxed);
         Open(stats)
     }
@@ -410,6 +411,11 @@ impl Drop for Open {
         self.0.subscriptions.fetch_sub(1, Ordering::Relaxed);
     }
 }
+
+/// Request data: whether an execution is a client's subscription to count;
+/// `false` for one shared by several ([`super::shared`]), whose subscribers
+/// count instead.
+pub struct Counted(pub bool);
 
 /// Events of one type from the event log, decoded with their ids, until
 /// shutdown (which completes the subscription): those after `after` first
@@ -423,7 +429,11 @@ fn events<T: serde::de::DeserializeOwned + Clone + Send + Sync + 'static>(
 ) -> Result<impl Stream<Item = Result<(i64, T)>> + Send + 'static> {
     let domain = ctx.data::<Domain>()?;
     let shutdown = ctx.data::<CancellationToken>()?.clone();
-    let open = Open::new(ctx.data::<Arc<Stats>>()?.clone());
+    let open = ctx
+        .data_opt::<Counted>()
+        .is_none_or(|c| c.0)
+        .then(|| ctx.data::<Arc<Stats>>().map(|s| Open::new(s.clone())))
+        .transpose()?;
     if after.is_some_and(|a| a < 0) {
         return Err(coded(
             "BAD_USER_INPUT",

@@ -90,7 +90,7 @@ async fn run(gs: GraphqlState, socket: WebSocket, protocol: Protocols) {
     let (to_protocol, from_client) = tokio::sync::mpsc::channel::<String>(32);
     let app = gs.app.clone();
     let mut machine = Protocol::new(
-        gs.schema.clone(),
+        gs.subscriptions.clone(),
         tokio_stream::wrappers::ReceiverStream::new(from_client),
         protocol,
     )

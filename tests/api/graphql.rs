@@ -895,6 +895,85 @@ async fn a_bad_token_in_connection_init_closes_the_socket() {
     app.stop().await;
 }
 
+/// Identical live subscriptions run once: sockets subscribing to the same
+/// document as the same caller hold one event-log subscription between them,
+/// and each is sent every message. One that replays history (`afterEventId`)
+/// runs on its own; one leaving does not end the others' execution.
+#[tokio::test]
+async fn identical_subscriptions_share_one_execution() {
+    use std::sync::atomic::Ordering;
+    let app = spawn_app().await;
+    let alice = app.alice_token().await;
+    let events = app.state.domain.events().clone();
+    let subscriptions = || app.state.stats.subscriptions.load(Ordering::Relaxed);
+    let before = events.subscriber_count();
+    let subscribe = |query: &'static str| {
+        let app = &app;
+        async move {
+            let mut ws = acked_socket(app).await;
+            ws.send_json(json!({"id": "s", "type": "subscribe", "payload": {"query": query}}))
+                .await;
+            ws
+        }
+    };
+    let shared = "subscription { messageAdded { id content } }";
+    let mut sockets = Vec::new();
+    for _ in 0..3 {
+        sockets.push(subscribe(shared).await);
+    }
+    // Every socket has joined and the execution reads the log: all are live.
+    crate::helpers::eventually("the three subscriptions to be live", || async {
+        (subscriptions() == 3 && events.subscriber_count() > before).then_some(())
+    })
+    .await;
+    send_message_over_rest(&app, &alice, "to all three").await;
+    for ws in &mut sockets {
+        let m = ws.next_json().await;
+        assert_eq!(m["id"], "s");
+        assert_eq!(
+            m["payload"]["data"]["messageAdded"]["content"],
+            "to all three"
+        );
+    }
+    assert_eq!(
+        events.subscriber_count(),
+        before + 1,
+        "one execution for all three"
+    );
+
+    let mut replaying =
+        subscribe("subscription { messageAdded(afterEventId: 0) { content } }").await;
+    crate::helpers::eventually("the replaying subscription to run on its own", || async {
+        (events.subscriber_count() == before + 2).then_some(())
+    })
+    .await;
+    assert_eq!(replaying.next_json().await["type"], "next");
+
+    // The first leaves; the other two are still sent what follows.
+    sockets[0]
+        .send_json(json!({"id": "s", "type": "complete"}))
+        .await;
+    crate::helpers::eventually("the first to leave", || async {
+        (subscriptions() == 3).then_some(())
+    })
+    .await;
+    send_message_over_rest(&app, &alice, "to the two left").await;
+    for ws in &mut sockets[1..] {
+        assert_eq!(
+            ws.next_json().await["payload"]["data"]["messageAdded"]["content"],
+            "to the two left"
+        );
+    }
+    assert_eq!(events.subscriber_count(), before + 2);
+    // With all three gone, so is their execution.
+    drop(sockets);
+    crate::helpers::eventually("the shared execution to end", || async {
+        (events.subscriber_count() == before + 1).then_some(())
+    })
+    .await;
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn shutdown_completes_subscriptions_and_closes_with_1001() {
     let app = spawn_app().await;
