@@ -13,7 +13,7 @@ ulimit -n "$(ulimit -Hn)"
 cargo build --release --quiet --bin prism --example fanout
 target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys;print(json.load(sys.stdin)["target_directory"])')
 work=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$work"' EXIT
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 
 results=()
 for surface in ${SURFACES:-sse graphql grpc}; do

@@ -13,7 +13,7 @@ target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,s
 duration=${DURATION:-5s}
 rounds=${ROUNDS:-5}
 work=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$work"' EXIT
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 
 "$target/release/prism" serve --demo --data-dir "$work/data" --port 18000 --grpc-port 18051 --log-level warn &
 wait_port 18000

@@ -11,7 +11,7 @@ cargo build --release --quiet --bin prism --example bare_tonic
 target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys;print(json.load(sys.stdin)["target_directory"])')
 duration=${DURATION:-10}
 work=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$work"' EXIT
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 
 # A gRPC frame: not compressed, 2-byte message, field 1 (id) = 1.
 printf '\x00\x00\x00\x00\x02\x08\x01' > "$work/get_user_1.bin"

@@ -11,7 +11,7 @@ cargo build --release --quiet --bin prism --example bare_axum
 target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys;print(json.load(sys.stdin)["target_directory"])')
 duration=${DURATION:-10s}
 data=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$data"' EXIT
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$data"' EXIT
 
 "$target/release/prism" serve --demo --data-dir "$data" --port 18000 --grpc-port 18051 --log-level warn &
 "$target/release/examples/bare_axum" 18001 &

@@ -412,6 +412,21 @@ impl Drop for Open {
     }
 }
 
+/// The error that ends a subscription which fell behind, naming the last
+/// event id it was sent when that is known.
+pub(super) fn too_slow(last_id: Option<i64>) -> async_graphql::Error {
+    coded(
+        "SUBSCRIBER_TOO_SLOW",
+        "Subscription fell behind and was ended; subscribe again with afterEventId set \
+         to the last eventId received",
+    )
+    .extend_with(|_, ext| {
+        if let Some(id) = last_id {
+            ext.set("lastEventId", id);
+        }
+    })
+}
+
 /// Request data: whether an execution is a client's subscription to count;
 /// `false` for one shared by several ([`super::shared`]), whose subscribers
 /// count instead.
@@ -460,16 +475,7 @@ fn events<T: serde::de::DeserializeOwned + Clone + Send + Sync + 'static>(
                     ))),
                     Item::CutOff { last_id } => {
                         *ended = true;
-                        Some(Err(coded(
-                            "SUBSCRIBER_TOO_SLOW",
-                            "Subscription fell behind and was ended; subscribe again \
-                             with afterEventId set to the last eventId received",
-                        )
-                        .extend_with(|_, ext| {
-                            if let Some(id) = last_id {
-                                ext.set("lastEventId", id);
-                            }
-                        })))
+                        Some(Err(too_slow(last_id)))
                     }
                 }
             };

@@ -25,10 +25,7 @@ use futures::{StreamExt, stream::BoxStream};
 use tokio::sync::broadcast;
 use tokio_util::task::AbortOnDropHandle;
 
-use super::{
-    error::coded,
-    schema::{Caller, Counted, Open},
-};
+use super::schema::{Caller, Counted, Open, too_slow};
 use crate::state::Stats;
 
 /// The argument that makes a subscription start in the past.
@@ -156,26 +153,52 @@ fn follow(
     rx: broadcast::Receiver<Arc<Response>>,
     stats: &Arc<Stats>,
 ) -> BoxStream<'static, Response> {
-    let open = Open::new(stats.clone());
-    futures::stream::unfold(Some((group, rx, open)), |state| async move {
-        let (group, mut rx, open) = state?;
-        match rx.recv().await {
-            Ok(r) => Some((copy(&r), Some((group, rx, open)))),
+    struct Following {
+        // Held, not read: the execution lasts while someone follows it.
+        _group: Arc<Group>,
+        rx: broadcast::Receiver<Arc<Response>>,
+        last: Option<Arc<Response>>,
+        _open: Open,
+    }
+    let state = Following {
+        _group: group,
+        rx,
+        last: None,
+        _open: Open::new(stats.clone()),
+    };
+    futures::stream::unfold(Some(state), |state| async move {
+        let mut s = state?;
+        match s.rx.recv().await {
+            Ok(r) => {
+                let out = copy(&r);
+                s.last = Some(r);
+                Some((out, Some(s)))
+            }
             Err(broadcast::error::RecvError::Closed) => None,
-            Err(broadcast::error::RecvError::Lagged(_)) => Some((
-                Response::from_errors(vec![
-                    coded(
-                        "SUBSCRIBER_TOO_SLOW",
-                        "Subscription fell behind and was ended; subscribe again with \
-                         afterEventId set to the last eventId received",
-                    )
-                    .into_server_error(Default::default()),
-                ]),
-                None,
-            )),
+            Err(broadcast::error::RecvError::Lagged(_)) => {
+                let error = too_slow(s.last.as_deref().and_then(event_id));
+                Some((
+                    Response::from_errors(vec![error.into_server_error(Default::default())]),
+                    None,
+                ))
+            }
         }
     })
     .boxed()
+}
+
+/// The `eventId` a subscription result carries, when its selection has one.
+fn event_id(r: &Response) -> Option<i64> {
+    let async_graphql::Value::Object(root) = &r.data else {
+        return None;
+    };
+    let (_, async_graphql::Value::Object(item)) = root.iter().next()? else {
+        return None;
+    };
+    match item.get("eventId")? {
+        async_graphql::Value::Number(n) => n.as_i64(),
+        _ => None,
+    }
 }
 
 /// A subscriber's own copy of a shared result.
@@ -246,5 +269,100 @@ impl<E: Executor> Executor for Sharing<E> {
             Some(key) => self.join(key, request, session),
             None => self.inner.execute_stream(request, session),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{sync::atomic::Ordering, time::Duration};
+
+    use async_graphql::value;
+    use tokio::sync::mpsc;
+
+    use super::*;
+
+    /// An executor whose one subscription yields what the test sends; a
+    /// second execution panics.
+    #[derive(Clone)]
+    struct Fed(Arc<parking_lot::Mutex<Option<mpsc::UnboundedReceiver<Response>>>>);
+
+    impl Executor for Fed {
+        async fn execute(&self, _: Request) -> Response {
+            Response::default()
+        }
+
+        fn execute_stream(&self, _: Request, _: Option<Arc<Data>>) -> BoxStream<'static, Response> {
+            let rx = self.0.lock().take().expect("executed twice");
+            tokio_stream::wrappers::UnboundedReceiverStream::new(rx).boxed()
+        }
+    }
+
+    fn result(id: i64) -> Response {
+        Response::new(value!({"messageAdded": {"eventId": id}}))
+    }
+
+    async fn next(s: &mut BoxStream<'static, Response>) -> Option<Response> {
+        tokio::time::timeout(Duration::from_secs(10), s.next())
+            .await
+            .expect("no result")
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_behind_the_others_is_cut_off_with_its_last_event_id() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let stats = Arc::new(Stats::default());
+        let sharing = Sharing::new(
+            Fed(Arc::new(parking_lot::Mutex::new(Some(rx)))),
+            2,
+            stats.clone(),
+        );
+        let mut session = Data::default();
+        session.insert(Caller::Anonymous);
+        let session = Some(Arc::new(session));
+        let request = || Request::new("subscription { messageAdded { eventId } }");
+        let mut slow = sharing.execute_stream(request(), session.clone());
+        let mut keeping_up = sharing.execute_stream(request(), session.clone());
+        assert_eq!(stats.subscriptions.load(Ordering::Relaxed), 2);
+
+        tx.send(result(1)).unwrap();
+        assert_eq!(event_id(&next(&mut slow).await.unwrap()), Some(1));
+        assert_eq!(event_id(&next(&mut keeping_up).await.unwrap()), Some(1));
+        // Four more, two more than a subscriber may be behind by.
+        for id in 2..=5 {
+            tx.send(result(id)).unwrap();
+            assert_eq!(event_id(&next(&mut keeping_up).await.unwrap()), Some(id));
+        }
+        let cut_off = next(&mut slow).await.unwrap();
+        let error = &cut_off.errors[0];
+        let extensions = error.extensions.as_ref().unwrap();
+        assert_eq!(extensions.get("code"), Some(&value!("SUBSCRIBER_TOO_SLOW")));
+        assert_eq!(extensions.get("lastEventId"), Some(&value!(1)));
+        assert!(next(&mut slow).await.is_none(), "the subscription ended");
+        assert_eq!(stats.subscriptions.load(Ordering::Relaxed), 1);
+
+        // The execution ending ends the subscriptions it serves.
+        drop(tx);
+        assert!(next(&mut keeping_up).await.is_none());
+        assert_eq!(stats.subscriptions.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn only_live_subscriptions_of_one_caller_share() {
+        let mut anonymous = Data::default();
+        anonymous.insert(Caller::Anonymous);
+        let key_of = |query: &str| key(&Request::new(query), Some(&anonymous));
+        let live = key_of("subscription { messageAdded { id } }");
+        assert!(live.is_some());
+        assert_eq!(live, key_of("subscription { messageAdded { id } }"));
+        assert_ne!(live, key_of("subscription { messageAdded { id content } }"));
+        assert_eq!(
+            key_of("subscription { messageAdded(afterEventId: 3) { id } }"),
+            None
+        );
+        assert_eq!(key_of("{ user(id: 1) { id } }"), None);
+        assert_eq!(
+            key(&Request::new("subscription { messageAdded { id } }"), None),
+            None
+        );
     }
 }
