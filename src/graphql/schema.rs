@@ -395,8 +395,7 @@ impl Mutation {
 
 pub struct Subscription;
 
-/// Counts an open subscription for `/admin/stats` while it lives.
-/// Counts one client's GraphQL subscription while it lasts.
+/// Counts one client's open subscription for `/admin/stats` while it lives.
 pub(super) struct Open(Arc<Stats>);
 
 impl Open {

@@ -326,18 +326,23 @@ async fn unpublished_events_outlive_their_retention() {
     broker.stop().await;
 }
 
+/// A private broker and a fresh PostgreSQL database, for instances that
+/// share both; `None` (the test skips) when either is missing.
+async fn broker_and_postgres(test: &str) -> Option<(Broker, tempfile::TempDir, String, String)> {
+    let (bin, dir, port, nats) = private_nats(test)?;
+    let db = crate::helpers::postgres_url().await?;
+    let broker = Broker::start(&bin, port, &dir.path().join("nats")).await;
+    Some((broker, dir, nats, db))
+}
+
 /// Instances sharing a PostgreSQL database share one event log, and one of
 /// them relays it: the other stands by, and takes over when the first stops,
 /// from where it left off.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn instances_sharing_postgres_take_turns_to_relay() {
-    let Some((bin, dir, port, nats)) = private_nats("NATS relay test") else {
+    let Some((broker, dir, nats, db)) = broker_and_postgres("NATS relay test").await else {
         return;
     };
-    let Some(db) = crate::helpers::postgres_url().await else {
-        return;
-    };
-    let broker = Broker::start(&bin, port, &dir.path().join("nats")).await;
     let instance = |name: &str| {
         let mut config = crate::helpers::test_config(&dir.path().join(name));
         config.database_url = Some(db.clone());
@@ -401,13 +406,9 @@ async fn instances_sharing_postgres_take_turns_to_relay() {
 /// first stops, from where it left off; every order counts once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn users_services_sharing_postgres_take_turns_to_apply_orders() {
-    let Some((bin, dir, port, nats)) = private_nats("NATS consumer test") else {
+    let Some((broker, dir, nats, db)) = broker_and_postgres("NATS consumer test").await else {
         return;
     };
-    let Some(db) = crate::helpers::postgres_url().await else {
-        return;
-    };
-    let broker = Broker::start(&bin, port, &dir.path().join("nats")).await;
     let js = async_nats::jetstream::new(async_nats::connect(&nats).await.unwrap());
     js.get_or_create_stream(async_nats::jetstream::stream::Config {
         name: prism::relay::STREAM.into(),
