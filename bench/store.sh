@@ -87,7 +87,9 @@ if [ -n "${BASELINE:-}" ]; then
     builds=(baseline current)
     bin[baseline]=$BASELINE
 fi
-reads=(/users/1/posts "/users/?limit=10" /posts/1/comments /messages)
+# The last: GraphQL's nested users -> posts -> comments, three batch reads.
+reads=(/users/1/posts "/users/?limit=10" /posts/1/comments /messages
+    "/graphql?query=%7Busers%7Bname%20posts%7Btitle%20comments%7Bcontent%7D%7D%7D%7D")
 declare -A rows=()
 
 # build database [database url] -> one round of every read and write, into rows.
@@ -135,7 +137,9 @@ databases=(sqlite)
                 read -r rps p50 p99 bad < <(median <<<"${rows[$b/$d/$path]}")
                 name=SQLite
                 [ "$d" = pg ] && name=PostgreSQL
-                echo "| $b | $name | \`GET $path\` | $rps | $p50 | $p99 | $bad |"
+                route="GET $path"
+                [[ $path == /graphql* ]] && route='GraphQL { users { name posts { title comments { content } } } }'
+                echo "| $b | $name | \`$route\` | $rps | $p50 | $p99 | $bad |"
             done
         done
     done

@@ -195,8 +195,8 @@ impl App {
         if let Some(consumer) = &order_consumer {
             metrics.watch_order_consumer(consumer.clone());
         }
-        if let crate::db::Pools::Sqlite { write, .. } = &domain.db().pools {
-            metrics.watch_sqlite(write.clone());
+        if let crate::db::Pools::Sqlite { write, inline, .. } = &domain.db().pools {
+            metrics.watch_sqlite(write.clone(), inline.clone());
         }
         let state = AppState::new(Shared {
             domain,

@@ -184,7 +184,12 @@ struct PartGauges {
     users_service: Arc<OnceLock<Arc<ConnPool>>>,
     relay: Arc<OnceLock<Arc<RelayStatus>>>,
     order_consumer: Arc<OnceLock<Arc<SessionState>>>,
-    sqlite: Arc<OnceLock<Arc<crate::db::writer::Writer>>>,
+    sqlite: Arc<
+        OnceLock<(
+            Arc<crate::db::writer::Writer>,
+            Arc<crate::db::inline::InlineReads>,
+        )>,
+    >,
 }
 
 impl prometheus_client::collector::Collector for PartGauges {
@@ -244,7 +249,7 @@ impl prometheus_client::collector::Collector for PartGauges {
             let gauge = ConstGauge::new(value);
             gauge.encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)?;
         }
-        if let Some(writer) = self.sqlite.get() {
+        if let Some((writer, reads)) = self.sqlite.get() {
             for (name, help, value) in [
                 (
                     "sqlite_writes",
@@ -255,6 +260,11 @@ impl prometheus_client::collector::Collector for PartGauges {
                     "sqlite_commits",
                     "SQLite commits (each one fsync): fewer than the writes when writes queued and shared one.",
                     writer.commits(),
+                ),
+                (
+                    "sqlite_reads_moved",
+                    "SQLite reads too long to run on an async worker, run again on a blocking thread.",
+                    reads.moved(),
                 ),
             ] {
                 let counter = ConstCounter::new(value);
@@ -359,9 +369,14 @@ impl Metrics {
         let _ = self.parts.order_consumer.set(consumer);
     }
 
-    /// Reports SQLite's commits and the writes they held.
-    pub fn watch_sqlite(&self, writer: Arc<crate::db::writer::Writer>) {
-        let _ = self.parts.sqlite.set(writer);
+    /// Reports SQLite's commits and the writes they held, and the reads
+    /// moved off the async workers.
+    pub fn watch_sqlite(
+        &self,
+        writer: Arc<crate::db::writer::Writer>,
+        reads: Arc<crate::db::inline::InlineReads>,
+    ) {
+        let _ = self.parts.sqlite.set((writer, reads));
     }
 
     /// Renders the registry, refreshing the gauges that are read at scrape time.

@@ -4,15 +4,19 @@
 //! and, almost everywhere, the same SQL text: `$1` placeholders, `RETURNING` and
 //! `ON CONFLICT` mean the same on both. [`on_db!`] and [`on_tx!`] run one query
 //! expression against whichever pool or transaction is live, so each query is
-//! written once and type-checked for both drivers. The few places where the
-//! dialects differ (the event log's ordering lock, LISTEN/NOTIFY) match on the
-//! enum explicitly.
+//! written once and type-checked for both drivers. The hot reads go through
+//! [`fetch_all!`] and [`fetch_optional!`] instead: the same SQL text, run on
+//! SQLite on the calling thread ([`inline`]), so their row types are read
+//! twice, by sqlx's `FromRow` and by [`inline::FromSqlite`]. The few places
+//! where the dialects differ (the event log's ordering lock, LISTEN/NOTIFY)
+//! match on the enum explicitly.
 //!
 //! SQLite gets a single writer connection ([`writer`]): SQLite allows one
 //! writer at a time anyway, queueing writers in-process avoids `SQLITE_BUSY`
 //! on lock upgrades, which a busy timeout cannot always cure, and the writers
 //! that queue share one commit.
 
+pub mod inline;
 pub mod reader;
 pub mod writer;
 
@@ -54,6 +58,8 @@ pub enum Pools {
     Sqlite {
         /// Readers: WAL lets them run beside the writer.
         read: Arc<reader::Readers<sqlx::SqliteConnection>>,
+        /// Readers for the hot reads, run on the thread that asks ([`inline`]).
+        inline: Arc<inline::InlineReads>,
         /// The one writer connection.
         write: Arc<writer::Writer>,
     },
@@ -82,6 +88,44 @@ macro_rules! on_db {
         let db: &$crate::db::Db = $db;
         db.count_read();
         $crate::on_pool!(db, $pool => $body)
+    }};
+}
+
+/// Every row of one read statement, as `Vec<T>`: `$sql` with `$arg`s bound
+/// to `$1`, `$2`, ... (numbered in the order they appear). On SQLite it runs
+/// on the calling thread ([`inline`]), on PostgreSQL through sqlx; `T`
+/// implements both `FromRow` and [`inline::FromSqlite`]. Errors return from
+/// the enclosing function.
+#[macro_export]
+macro_rules! fetch_all {
+    ($db:expr, $sql:expr $(, $arg:expr)* $(,)?) => {{
+        let db: &$crate::db::Db = $db;
+        db.count_read();
+        match &db.pools {
+            $crate::db::Pools::Sqlite { inline, .. } => inline.all($sql, ($($arg,)*)).await?,
+            $crate::db::Pools::Postgres { read, .. } => {
+                let mut reader = read.acquire().await?;
+                sqlx::query_as($sql)$(.bind($arg))*.fetch_all(&mut *reader).await?
+            }
+        }
+    }};
+}
+
+/// Like [`fetch_all!`], for the first row only, as `Option<T>`.
+#[macro_export]
+macro_rules! fetch_optional {
+    ($db:expr, $sql:expr $(, $arg:expr)* $(,)?) => {{
+        let db: &$crate::db::Db = $db;
+        db.count_read();
+        match &db.pools {
+            $crate::db::Pools::Sqlite { inline, .. } => {
+                inline.optional($sql, ($($arg,)*)).await?
+            }
+            $crate::db::Pools::Postgres { read, .. } => {
+                let mut reader = read.acquire().await?;
+                sqlx::query_as($sql)$(.bind($arg))*.fetch_optional(&mut *reader).await?
+            }
+        }
     }};
 }
 
@@ -209,12 +253,18 @@ impl Db {
                     .await
                     .context("SQLite migration failed")?;
                 let write = writer::Writer::new(write, opts.clone());
+                let inline = inline::InlineReads::open(&data_dir.join("prism.db"), max_connections)
+                    .context("cannot open the SQLite database for reading")?;
                 let read = Arc::new(
                     reader::Readers::open(opts, max_connections, None, Duration::from_secs(5))
                         .await
                         .context("cannot open the SQLite database for reading")?,
                 );
-                Pools::Sqlite { read, write }
+                Pools::Sqlite {
+                    read,
+                    inline: Arc::new(inline),
+                    write,
+                }
             }
         };
         Ok(Db {
@@ -263,7 +313,12 @@ impl Db {
 
     pub async fn close(&self) {
         match &self.pools {
-            Pools::Sqlite { read, write } => {
+            Pools::Sqlite {
+                read,
+                inline,
+                write,
+            } => {
+                inline.close();
                 read.close().await;
                 write.close().await;
             }

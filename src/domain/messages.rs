@@ -12,8 +12,9 @@ use super::{
 use crate::{
     auth::Principal,
     db,
+    db::inline::{FromSqlite, timestamp},
     error::{Error, Result},
-    events, on_db, on_tx,
+    events, fetch_all, on_tx,
 };
 
 #[derive(Debug, Clone, Serialize, Deserialize, FromRow, ToSchema, PartialEq)]
@@ -26,29 +27,34 @@ pub struct Message {
     pub timestamp: DateTime<Utc>,
 }
 
+impl FromSqlite for Message {
+    fn from_sqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Ok(Message {
+            id: row.get("id")?,
+            content: row.get("content")?,
+            user_id: row.get("user_id")?,
+            timestamp: timestamp(row, "timestamp")?,
+        })
+    }
+}
+
 impl Domain {
     pub async fn list_messages(&self, user_id: Option<i64>, page: Page) -> Result<Vec<Message>> {
         Ok(match user_id {
-            Some(user) => on_db!(&self.db, pool => {
-                sqlx::query_as(
-                    "SELECT id, content, user_id, timestamp FROM messages WHERE user_id = $1 \
-                     ORDER BY id LIMIT $2 OFFSET $3",
-                )
-                .bind(user)
-                .bind(page.limit)
-                .bind(page.offset)
-                .fetch_all(pool)
-                .await?
-            }),
-            None => on_db!(&self.db, pool => {
-                sqlx::query_as(
-                    "SELECT id, content, user_id, timestamp FROM messages ORDER BY id LIMIT $1 OFFSET $2",
-                )
-                .bind(page.limit)
-                .bind(page.offset)
-                .fetch_all(pool)
-                .await?
-            }),
+            Some(user) => fetch_all!(
+                &self.db,
+                "SELECT id, content, user_id, timestamp FROM messages WHERE user_id = $1 \
+                 ORDER BY id LIMIT $2 OFFSET $3",
+                user,
+                page.limit,
+                page.offset,
+            ),
+            None => fetch_all!(
+                &self.db,
+                "SELECT id, content, user_id, timestamp FROM messages ORDER BY id LIMIT $1 OFFSET $2",
+                page.limit,
+                page.offset,
+            ),
         })
     }
 

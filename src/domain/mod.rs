@@ -166,19 +166,34 @@ impl Domain {
     where
         T: Send
             + Unpin
-            + for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow>
+            + 'static
+            + crate::db::inline::FromSqlite
             + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
     {
         let mut out = Vec::new();
         for chunk in ids.chunks(crate::db::MAX_IN_LIST) {
             let sql = select.replace("{ids}", &crate::db::placeholders(1, chunk.len()));
-            let rows: Vec<T> = crate::on_db!(&self.db, pool => {
-                let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql));
-                for id in chunk {
-                    q = q.bind(*id);
+            self.db.count_read();
+            let rows: Vec<T> = match &self.db.pools {
+                crate::db::Pools::Sqlite { inline, .. } => {
+                    let chunk = chunk.to_vec();
+                    inline
+                        .read(move |c| {
+                            let mut statement = crate::db::inline::prepare(c, &sql)?;
+                            statement
+                                .query_map(rusqlite::params_from_iter(&chunk), T::from_sqlite)?
+                                .collect()
+                        })
+                        .await?
                 }
-                q.fetch_all(pool).await?
-            });
+                crate::db::Pools::Postgres { read, .. } => {
+                    let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql));
+                    for id in chunk {
+                        q = q.bind(*id);
+                    }
+                    q.fetch_all(&mut *read.acquire().await?).await?
+                }
+            };
             out.extend(rows);
         }
         Ok(out)

@@ -10,8 +10,9 @@ use utoipa::ToSchema;
 use super::{Domain, Page, validate::Check};
 use crate::{
     auth::Principal,
+    db::inline::{FromSqlite, timestamp},
     error::{Error, Result},
-    events, on_db, on_tx,
+    events, fetch_all, fetch_optional, on_tx,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
@@ -56,6 +57,21 @@ pub struct Order {
     pub created_at: DateTime<Utc>,
 }
 
+impl FromSqlite for Order {
+    fn from_sqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        let status: String = row.get("status")?;
+        Ok(Order {
+            id: row.get("id")?,
+            user_id: row.get("user_id")?,
+            total: row.get("total")?,
+            status: OrderStatus::try_from(status).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into())
+            })?,
+            created_at: timestamp(row, "created_at")?,
+        })
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct NewOrder {
     /// Defaults to the caller.
@@ -88,26 +104,20 @@ impl NewOrder {
 impl Domain {
     pub async fn list_orders(&self, user_id: Option<i64>, page: Page) -> Result<Vec<Order>> {
         Ok(match user_id {
-            Some(user) => on_db!(&self.db, pool => {
-                sqlx::query_as(
-                    "SELECT id, user_id, total, status, created_at FROM orders WHERE user_id = $1 \
-                     ORDER BY id LIMIT $2 OFFSET $3",
-                )
-                .bind(user)
-                .bind(page.limit)
-                .bind(page.offset)
-                .fetch_all(pool)
-                .await?
-            }),
-            None => on_db!(&self.db, pool => {
-                sqlx::query_as(
-                    "SELECT id, user_id, total, status, created_at FROM orders ORDER BY id LIMIT $1 OFFSET $2",
-                )
-                .bind(page.limit)
-                .bind(page.offset)
-                .fetch_all(pool)
-                .await?
-            }),
+            Some(user) => fetch_all!(
+                &self.db,
+                "SELECT id, user_id, total, status, created_at FROM orders WHERE user_id = $1 \
+                 ORDER BY id LIMIT $2 OFFSET $3",
+                user,
+                page.limit,
+                page.offset,
+            ),
+            None => fetch_all!(
+                &self.db,
+                "SELECT id, user_id, total, status, created_at FROM orders ORDER BY id LIMIT $1 OFFSET $2",
+                page.limit,
+                page.offset,
+            ),
         })
     }
 
@@ -126,12 +136,11 @@ impl Domain {
             return Ok(Order::clone(&order));
         }
         let generation = self.orders_cache.generation();
-        let order: Option<Order> = on_db!(&self.db, pool => {
-            sqlx::query_as("SELECT id, user_id, total, status, created_at FROM orders WHERE id = $1")
-                .bind(id)
-                .fetch_optional(pool)
-                .await?
-        });
+        let order: Option<Order> = fetch_optional!(
+            &self.db,
+            "SELECT id, user_id, total, status, created_at FROM orders WHERE id = $1",
+            id,
+        );
         let order = order.ok_or_else(|| Error::NotFound("Order not found".into()))?;
         self.orders_cache
             .put(id, Arc::new(order.clone()), generation);

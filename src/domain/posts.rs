@@ -13,8 +13,9 @@ use super::{
 use crate::{
     auth::Principal,
     db,
+    db::inline::{FromSqlite, timestamp},
     error::{Error, Result},
-    events, on_db, on_tx,
+    events, fetch_all, fetch_optional, on_tx,
 };
 
 #[derive(Debug, Clone, Serialize, Deserialize, FromRow, ToSchema, PartialEq)]
@@ -37,6 +38,31 @@ pub struct Comment {
     pub user_id: i64,
     #[serde(serialize_with = "super::timestamp::serialize")]
     pub created_at: DateTime<Utc>,
+}
+
+impl FromSqlite for Post {
+    fn from_sqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Ok(Post {
+            id: row.get("id")?,
+            title: row.get("title")?,
+            content: row.get("content")?,
+            author_id: row.get("author_id")?,
+            created_at: timestamp(row, "created_at")?,
+            updated_at: timestamp(row, "updated_at")?,
+        })
+    }
+}
+
+impl FromSqlite for Comment {
+    fn from_sqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Ok(Comment {
+            id: row.get("id")?,
+            content: row.get("content")?,
+            post_id: row.get("post_id")?,
+            user_id: row.get("user_id")?,
+            created_at: timestamp(row, "created_at")?,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
@@ -78,27 +104,21 @@ fn missing_reference(e: sqlx::Error, field: &str, what: &str) -> Error {
 impl Domain {
     pub async fn list_posts(&self, author_id: Option<i64>, page: Page) -> Result<Vec<Post>> {
         Ok(match author_id {
-            Some(author) => on_db!(&self.db, pool => {
-                sqlx::query_as(
-                    "SELECT id, title, content, author_id, created_at, updated_at FROM posts \
-                     WHERE author_id = $1 ORDER BY id LIMIT $2 OFFSET $3",
-                )
-                .bind(author)
-                .bind(page.limit)
-                .bind(page.offset)
-                .fetch_all(pool)
-                .await?
-            }),
-            None => on_db!(&self.db, pool => {
-                sqlx::query_as(
-                    "SELECT id, title, content, author_id, created_at, updated_at FROM posts \
-                     ORDER BY id LIMIT $1 OFFSET $2",
-                )
-                .bind(page.limit)
-                .bind(page.offset)
-                .fetch_all(pool)
-                .await?
-            }),
+            Some(author) => fetch_all!(
+                &self.db,
+                "SELECT id, title, content, author_id, created_at, updated_at FROM posts \
+                 WHERE author_id = $1 ORDER BY id LIMIT $2 OFFSET $3",
+                author,
+                page.limit,
+                page.offset,
+            ),
+            None => fetch_all!(
+                &self.db,
+                "SELECT id, title, content, author_id, created_at, updated_at FROM posts \
+                 ORDER BY id LIMIT $1 OFFSET $2",
+                page.limit,
+                page.offset,
+            ),
         })
     }
 
@@ -109,14 +129,11 @@ impl Domain {
     }
 
     pub async fn get_post(&self, id: i64) -> Result<Post> {
-        let post: Option<Post> = on_db!(&self.db, pool => {
-            sqlx::query_as(
-                "SELECT id, title, content, author_id, created_at, updated_at FROM posts WHERE id = $1",
-            )
-            .bind(id)
-            .fetch_optional(pool)
-            .await?
-        });
+        let post: Option<Post> = fetch_optional!(
+            &self.db,
+            "SELECT id, title, content, author_id, created_at, updated_at FROM posts WHERE id = $1",
+            id,
+        );
         post.ok_or_else(|| Error::NotFound("Post not found".into()))
     }
 
@@ -129,18 +146,17 @@ impl Domain {
             .replace('%', "\\%")
             .replace('_', "\\_");
         let pattern = format!("%{escaped}%");
-        Ok(on_db!(&self.db, pool => {
-            sqlx::query_as(
-                "SELECT id, title, content, author_id, created_at, updated_at FROM posts \
-                 WHERE LOWER(title) LIKE $1 ESCAPE '\\' OR LOWER(content) LIKE $1 ESCAPE '\\' \
-                 ORDER BY id LIMIT $2 OFFSET $3",
-            )
-            .bind(pattern)
-            .bind(page.limit)
-            .bind(page.offset)
-            .fetch_all(pool)
-            .await?
-        }))
+        // A scan of every post: past the inline budget it finishes on a
+        // blocking thread (`db::inline`).
+        Ok(fetch_all!(
+            &self.db,
+            "SELECT id, title, content, author_id, created_at, updated_at FROM posts \
+             WHERE LOWER(title) LIKE $1 ESCAPE '\\' OR LOWER(content) LIKE $1 ESCAPE '\\' \
+             ORDER BY id LIMIT $2 OFFSET $3",
+            pattern,
+            page.limit,
+            page.offset,
+        ))
     }
 
     pub async fn create_post(&self, by: &Principal, new: NewPost) -> Result<Post> {
@@ -251,15 +267,12 @@ impl Domain {
 
     pub async fn comments_of_post(&self, post_id: i64) -> Result<Vec<Comment>> {
         self.get_post(post_id).await?;
-        Ok(on_db!(&self.db, pool => {
-            sqlx::query_as(
-                "SELECT id, content, post_id, user_id, created_at FROM comments \
-                 WHERE post_id = $1 ORDER BY id",
-            )
-            .bind(post_id)
-            .fetch_all(pool)
-            .await?
-        }))
+        Ok(fetch_all!(
+            &self.db,
+            "SELECT id, content, post_id, user_id, created_at FROM comments \
+             WHERE post_id = $1 ORDER BY id",
+            post_id,
+        ))
     }
 
     /// Comments on a post, as `user_id` (the caller unless an admin says otherwise).

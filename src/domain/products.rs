@@ -12,8 +12,9 @@ use super::{
 };
 use crate::{
     auth::Principal,
+    db::inline::FromSqlite,
     error::{Error, FieldError, Result},
-    events, on_db, on_tx,
+    events, fetch_all, fetch_optional, on_tx,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
@@ -140,6 +141,21 @@ struct ProductRow {
     metadata: String,
 }
 
+impl FromSqlite for ProductRow {
+    fn from_sqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Ok(ProductRow {
+            id: row.get("id")?,
+            name: row.get("name")?,
+            description: row.get("description")?,
+            price_amount: row.get("price_amount")?,
+            price_currency: row.get("price_currency")?,
+            category: row.get("category")?,
+            tags: row.get("tags")?,
+            metadata: row.get("metadata")?,
+        })
+    }
+}
+
 impl TryFrom<ProductRow> for Product {
     type Error = Error;
     fn try_from(r: ProductRow) -> Result<Product> {
@@ -172,23 +188,20 @@ impl Domain {
     ) -> Result<(Vec<Product>, i64)> {
         let cat = category.map(Category::as_str);
         // `$1 IS NULL` keeps one statement for "no filter" and "this category".
-        let rows: Vec<ProductRow> = on_db!(&self.db, pool => {
-            sqlx::query_as(
-                "SELECT id, name, description, price_amount, price_currency, category, tags, metadata \
-                 FROM products WHERE ($1 IS NULL OR category = $1) ORDER BY id LIMIT $2 OFFSET $3",
-            )
-            .bind(cat)
-            .bind(page.limit)
-            .bind(page.offset)
-            .fetch_all(pool)
-            .await?
-        });
-        let total: i64 = on_db!(&self.db, pool => {
-            sqlx::query_scalar("SELECT COUNT(*) FROM products WHERE ($1 IS NULL OR category = $1)")
-                .bind(cat)
-                .fetch_one(pool)
-                .await?
-        });
+        let rows: Vec<ProductRow> = fetch_all!(
+            &self.db,
+            "SELECT id, name, description, price_amount, price_currency, category, tags, metadata \
+             FROM products WHERE ($1 IS NULL OR category = $1) ORDER BY id LIMIT $2 OFFSET $3",
+            cat,
+            page.limit,
+            page.offset,
+        );
+        let total: Option<(i64,)> = fetch_optional!(
+            &self.db,
+            "SELECT COUNT(*) FROM products WHERE ($1 IS NULL OR category = $1)",
+            cat,
+        );
+        let total = total.map_or(0, |(n,)| n);
         let products = rows
             .into_iter()
             .map(Product::try_from)
@@ -201,15 +214,12 @@ impl Domain {
             return Ok(p);
         }
         let generation = self.products_cache.generation();
-        let row: Option<ProductRow> = on_db!(&self.db, pool => {
-            sqlx::query_as(
-                "SELECT id, name, description, price_amount, price_currency, category, tags, metadata \
-                 FROM products WHERE id = $1",
-            )
-            .bind(id)
-            .fetch_optional(pool)
-            .await?
-        });
+        let row: Option<ProductRow> = fetch_optional!(
+            &self.db,
+            "SELECT id, name, description, price_amount, price_currency, category, tags, metadata \
+             FROM products WHERE id = $1",
+            id,
+        );
         let product = Arc::new(Product::try_from(row.ok_or_else(|| not_found(id))?)?);
         self.products_cache.put(id, product.clone(), generation);
         Ok(product)

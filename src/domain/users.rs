@@ -13,9 +13,10 @@ use super::{
 };
 use crate::{
     auth::{self, Principal, Role},
+    db::inline::{FromSqlite, timestamp},
     db::{self, Tx},
     error::{Error, Result},
-    events, on_db, on_tx,
+    events, fetch_all, fetch_optional, on_db, on_tx,
 };
 
 /// A user of the system.
@@ -29,6 +30,19 @@ pub struct User {
     pub role: Role,
     #[serde(serialize_with = "super::timestamp::serialize")]
     pub created_at: DateTime<Utc>,
+}
+
+impl FromSqlite for User {
+    fn from_sqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Ok(User {
+            id: row.get("id")?,
+            name: row.get("name")?,
+            email: row.get("email")?,
+            age: row.get("age")?,
+            role: Role::parse(row.get_ref("role")?.as_str()?),
+            created_at: timestamp(row, "created_at")?,
+        })
+    }
 }
 
 impl From<String> for Role {
@@ -85,9 +99,7 @@ fn email_conflict(e: sqlx::Error) -> Error {
 impl Domain {
     pub async fn list_users(&self, page: Page) -> Result<Vec<User>> {
         let sql = "SELECT id, name, email, age, role, created_at FROM users ORDER BY id LIMIT $1 OFFSET $2";
-        Ok(on_db!(&self.db, pool => {
-            sqlx::query_as(sql).bind(page.limit).bind(page.offset).fetch_all(pool).await?
-        }))
+        Ok(fetch_all!(&self.db, sql, page.limit, page.offset))
     }
 
     /// A user by id, from the cache when possible.
@@ -97,9 +109,7 @@ impl Domain {
         }
         let generation = self.users_cache.generation();
         let sql = "SELECT id, name, email, age, role, created_at FROM users WHERE id = $1";
-        let user: Option<User> = on_db!(&self.db, pool => {
-            sqlx::query_as(sql).bind(id).fetch_optional(pool).await?
-        });
+        let user: Option<User> = fetch_optional!(&self.db, sql, id);
         let user = Arc::new(user.ok_or_else(|| Error::NotFound("User not found".into()))?);
         self.users_cache.put(id, user.clone(), generation);
         Ok(user)
@@ -141,6 +151,14 @@ impl Domain {
             owner: i64,
             #[sqlx(flatten)]
             friend: User,
+        }
+        impl FromSqlite for Row {
+            fn from_sqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+                Ok(Row {
+                    owner: row.get("owner")?,
+                    friend: User::from_sqlite(row)?,
+                })
+            }
         }
         let rows: Vec<Row> = self
             .rows_by_ids(
@@ -260,9 +278,7 @@ impl Domain {
         self.get_user(user_id).await?;
         let sql = "SELECT u.id, u.name, u.email, u.age, u.role, u.created_at FROM friendships f \
                    JOIN users u ON u.id = f.friend_id WHERE f.user_id = $1 ORDER BY u.id";
-        Ok(on_db!(&self.db, pool => {
-            sqlx::query_as(sql).bind(user_id).fetch_all(pool).await?
-        }))
+        Ok(fetch_all!(&self.db, sql, user_id))
     }
 
     /// Either of the two may change their friendship, or an admin; both

@@ -1,11 +1,83 @@
-//! The store's read connections against a real PostgreSQL server.
+//! The store's read connections: SQLite reads too long for an async worker,
+//! and PostgreSQL connections the server dropped.
 
 use std::{str::FromStr, time::Duration};
 
+use futures::StreamExt;
 use prism::db::reader::Readers;
+use reqwest::{Method, StatusCode};
+use serde_json::json;
 use sqlx::postgres::PgConnectOptions;
 
-use crate::helpers::{eventually, postgres_url};
+use crate::helpers::{eventually, postgres_url, spawn_app};
+
+/// A read too long to run on an async worker (a search that scans every
+/// post) is moved to a blocking thread and still answers in full, while
+/// short reads keep running where they are asked for.
+#[tokio::test]
+async fn a_read_too_long_for_a_worker_still_answers_in_full() {
+    let app = spawn_app().await;
+    let token = app.alice_token().await;
+    let statuses: Vec<StatusCode> = futures::stream::iter(0..3000)
+        .map(|i| {
+            let (app, token) = (&app, &token);
+            async move {
+                let title = if i % 3 == 0 {
+                    format!("needle {i}")
+                } else {
+                    format!("hay {i}")
+                };
+                app.send(
+                    Method::POST,
+                    "/posts",
+                    Some(token),
+                    Some(json!({"title": title, "content": "c"})),
+                )
+                .await
+                .status()
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::CREATED),
+        "{statuses:?}"
+    );
+    let moved = || async {
+        let text = app.get("/metrics").await.text().await.unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("prism_sqlite_reads_moved_total "))
+            .expect("the counter is exported")
+            .parse::<u64>()
+            .unwrap()
+    };
+    let before = moved().await;
+    let (status, page) = app.get_json("/posts?limit=10").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(page.as_array().unwrap().len(), 10);
+    assert_eq!(moved().await, before, "a page of ten fits the budget");
+
+    let (status, found) = app.get_json("/posts?q=needle&limit=1000").await;
+    assert_eq!(status, StatusCode::OK);
+    let titles: Vec<&str> = found
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["title"].as_str().unwrap())
+        .collect();
+    assert_eq!(titles.len(), 1000, "every third of 3,000 posts");
+    assert!(
+        titles.iter().all(|t| t.starts_with("needle ")),
+        "{titles:?}"
+    );
+    assert_eq!(
+        moved().await,
+        before + 1,
+        "the scan ran on a blocking thread"
+    );
+    app.stop().await;
+}
 
 /// A read connection the server has dropped (a restart, an idle timeout,
 /// an administrator) is replaced before a read uses it, not handed out to
