@@ -66,7 +66,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    db::{Db, Tx},
+    db::{Db, Pools, Tx},
     error::{Error, Result},
     on_pool, on_tx,
 };
@@ -115,6 +115,17 @@ struct EventRow {
     event_type: String,
     payload: String,
     created_at: DateTime<Utc>,
+}
+
+impl crate::db::inline::FromSqlite for EventRow {
+    fn from_sqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Ok(EventRow {
+            id: row.get("id")?,
+            event_type: row.get("event_type")?,
+            payload: row.get("payload")?,
+            created_at: crate::db::inline::timestamp(row, "created_at")?,
+        })
+    }
 }
 
 impl Event {
@@ -429,9 +440,8 @@ impl EventLog {
     async fn read_range(&self, after: i64, upto: i64, limit: i64) -> Result<Vec<Arc<Event>>> {
         let sql = "SELECT id, event_type, payload, created_at FROM events \
                    WHERE id > $1 AND id <= $2 ORDER BY id LIMIT $3";
-        let rows: Vec<EventRow> = on_pool!(&self.inner.db, pool => {
-            sqlx::query_as(sql).bind(after).bind(upto).bind(limit).fetch_all(pool).await?
-        });
+        let rows: Vec<EventRow> =
+            crate::fetch_all!(uncounted & self.inner.db, sql, after, upto, limit);
         rows.into_iter()
             .map(|r| Event::from_row(r).map(Arc::new))
             .collect()
@@ -455,13 +465,36 @@ impl EventLog {
             values.len() + 3
         );
         let upto = self.head();
-        let rows: Vec<EventRow> = on_pool!(&self.inner.db, pool => {
-            let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(after).bind(upto);
-            for v in &values {
-                q = q.bind(*v);
+        let rows: Vec<EventRow> = match &self.inner.db.pools {
+            Pools::Sqlite { inline, .. } => {
+                use rusqlite::types::Value;
+                let params: Vec<Value> = [Value::Integer(after), Value::Integer(upto)]
+                    .into_iter()
+                    .chain(values.iter().map(|v| Value::Text((*v).to_owned())))
+                    .chain([Value::Integer(limit)])
+                    .collect();
+                inline
+                    .read(move |c| {
+                        let mut statement = crate::db::inline::prepare(c, &sql)?;
+                        statement
+                            .query_map(
+                                rusqlite::params_from_iter(&params),
+                                <EventRow as crate::db::inline::FromSqlite>::from_sqlite,
+                            )?
+                            .collect()
+                    })
+                    .await?
             }
-            q.bind(limit).fetch_all(pool).await?
-        });
+            Pools::Postgres { read, .. } => {
+                let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                    .bind(after)
+                    .bind(upto);
+                for v in &values {
+                    q = q.bind(*v);
+                }
+                q.bind(limit).fetch_all(&mut *read.acquire().await?).await?
+            }
+        };
         rows.into_iter()
             .map(|r| Event::from_row(r).map(Arc::new))
             .collect()

@@ -95,12 +95,12 @@ macro_rules! on_db {
 /// to `$1`, `$2`, ... (numbered in the order they appear). On SQLite it runs
 /// on the calling thread ([`inline`]), on PostgreSQL through sqlx; `T`
 /// implements both `FromRow` and [`inline::FromSqlite`]. Errors return from
-/// the enclosing function.
+/// the enclosing function. `fetch_all!(uncounted db, …)` is not counted in
+/// [`Db::read_count`], as [`on_pool!`] is not: for background work.
 #[macro_export]
 macro_rules! fetch_all {
-    ($db:expr, $sql:expr $(, $arg:expr)* $(,)?) => {{
+    (uncounted $db:expr, $sql:expr $(, $arg:expr)* $(,)?) => {{
         let db: &$crate::db::Db = $db;
-        db.count_read();
         match &db.pools {
             $crate::db::Pools::Sqlite { inline, .. } => inline.all($sql, ($($arg,)*)).await?,
             $crate::db::Pools::Postgres { read, .. } => {
@@ -108,6 +108,11 @@ macro_rules! fetch_all {
                 sqlx::query_as($sql)$(.bind($arg))*.fetch_all(&mut *reader).await?
             }
         }
+    }};
+    ($db:expr, $sql:expr $(, $arg:expr)* $(,)?) => {{
+        let db: &$crate::db::Db = $db;
+        db.count_read();
+        $crate::fetch_all!(uncounted db, $sql $(, $arg)*)
     }};
 }
 
