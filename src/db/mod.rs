@@ -311,9 +311,23 @@ impl Db {
         })
     }
 
-    /// Answers when the database answers a trivial query (readiness).
-    pub async fn ping(&self) -> sqlx::Result<()> {
-        on_db!(self, pool => sqlx::query("SELECT 1").execute(pool).await.map(|_| ()))
+    /// Answers when the database answers a trivial query (readiness), on
+    /// SQLite through the connections that serve the hot reads.
+    pub async fn ping(&self) -> crate::error::Result<()> {
+        self.count_read();
+        match &self.pools {
+            Pools::Sqlite { inline, .. } => {
+                inline
+                    .read(|c| c.query_row("SELECT 1", [], |_| Ok(())))
+                    .await
+            }
+            Pools::Postgres { read, .. } => {
+                sqlx::query("SELECT 1")
+                    .execute(&mut *read.acquire().await?)
+                    .await?;
+                Ok(())
+            }
+        }
     }
 
     pub async fn close(&self) {
@@ -391,6 +405,24 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(used, 1, "SQLite was built without SQLITE_ENABLE_QPSG");
+    }
+
+    /// Readiness asks the connections that serve the hot reads: with those
+    /// gone, the server is not ready, whatever sqlx's readers say.
+    #[tokio::test]
+    async fn readiness_asks_the_connections_that_serve_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = super::Db::connect(None, dir.path(), 1).await.unwrap();
+        db.ping().await.unwrap();
+        let super::Pools::Sqlite { inline, .. } = &db.pools else {
+            unreachable!("no database URL opens SQLite")
+        };
+        inline.close();
+        let answer = db.ping().await;
+        assert!(
+            matches!(answer, Err(crate::error::Error::Unavailable(_))),
+            "{answer:?}"
+        );
     }
 
     /// A server that refuses connections is named as the cause, not hidden
