@@ -440,8 +440,8 @@ impl EventLog {
     async fn read_range(&self, after: i64, upto: i64, limit: i64) -> Result<Vec<Arc<Event>>> {
         let sql = "SELECT id, event_type, payload, created_at FROM events \
                    WHERE id > $1 AND id <= $2 ORDER BY id LIMIT $3";
-        let rows: Vec<EventRow> =
-            crate::fetch_all!(uncounted & self.inner.db, sql, after, upto, limit);
+        let db = &self.inner.db;
+        let rows: Vec<EventRow> = crate::fetch_all!(uncounted db, sql, after, upto, limit);
         rows.into_iter()
             .map(|r| Event::from_row(r).map(Arc::new))
             .collect()
@@ -473,17 +473,7 @@ impl EventLog {
                     .chain(values.iter().map(|v| Value::Text((*v).to_owned())))
                     .chain([Value::Integer(limit)])
                     .collect();
-                inline
-                    .read(move |c| {
-                        let mut statement = crate::db::inline::prepare(c, &sql)?;
-                        statement
-                            .query_map(
-                                rusqlite::params_from_iter(&params),
-                                <EventRow as crate::db::inline::FromSqlite>::from_sqlite,
-                            )?
-                            .collect()
-                    })
-                    .await?
+                inline.all_built(sql, params).await?
             }
             Pools::Postgres { read, .. } => {
                 let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql))

@@ -175,6 +175,22 @@ impl InlineReads {
         .await
     }
 
+    /// Every row of a statement made at run time (an `IN` list, a filter),
+    /// with `params` bound to `$1`, `$2`, ... in order.
+    pub async fn all_built<T, V>(self: &Arc<Self>, sql: String, params: Vec<V>) -> Result<Vec<T>>
+    where
+        T: FromSqlite + Send + 'static,
+        V: rusqlite::ToSql + Send + 'static,
+    {
+        self.read(move |c| {
+            let mut statement = prepare(c, &sql)?;
+            statement
+                .query_map(rusqlite::params_from_iter(&params), T::from_sqlite)?
+                .collect()
+        })
+        .await
+    }
+
     /// The first row `sql` selects, if any.
     pub async fn optional<T, P>(self: &Arc<Self>, sql: &'static str, params: P) -> Result<Option<T>>
     where
@@ -208,10 +224,7 @@ impl InlineReads {
 /// they must be numbered in the order they first appear, as prism's are
 /// (sqlx binds `$n` by its number, so a statement that broke the rule would
 /// read differently here; debug builds check).
-pub fn prepare<'c>(
-    c: &'c Connection,
-    sql: &str,
-) -> rusqlite::Result<rusqlite::CachedStatement<'c>> {
+fn prepare<'c>(c: &'c Connection, sql: &str) -> rusqlite::Result<rusqlite::CachedStatement<'c>> {
     let statement = c.prepare_cached(sql)?;
     debug_assert!(
         (1..=statement.parameter_count()).all(|i| {

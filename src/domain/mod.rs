@@ -176,15 +176,7 @@ impl Domain {
             self.db.count_read();
             let rows: Vec<T> = match &self.db.pools {
                 crate::db::Pools::Sqlite { inline, .. } => {
-                    let chunk = chunk.to_vec();
-                    inline
-                        .read(move |c| {
-                            let mut statement = crate::db::inline::prepare(c, &sql)?;
-                            statement
-                                .query_map(rusqlite::params_from_iter(&chunk), T::from_sqlite)?
-                                .collect()
-                        })
-                        .await?
+                    inline.all_built(sql, chunk.to_vec()).await?
                 }
                 crate::db::Pools::Postgres { read, .. } => {
                     let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql));
