@@ -68,7 +68,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     db::{Db, Pools, Tx},
     error::{Error, Result},
-    on_pool, on_tx,
+    fetch_optional, on_tx,
 };
 
 /// The PostgreSQL NOTIFY channel that announces new events.
@@ -728,12 +728,12 @@ impl EventLog {
     }
 
     async fn truncated_through(&self) -> Result<i64> {
-        let v: Option<i64> = on_pool!(&self.inner.db, pool => {
-            sqlx::query_scalar("SELECT value FROM prism_meta WHERE key = 'events_truncated_through'")
-                .fetch_optional(pool)
-                .await?
-        });
-        Ok(v.unwrap_or(0))
+        let db = &self.inner.db;
+        let v: Option<(i64,)> = fetch_optional!(
+            uncounted db,
+            "SELECT value FROM prism_meta WHERE key = 'events_truncated_through'"
+        );
+        Ok(v.map_or(0, |(v,)| v))
     }
 }
 
@@ -803,10 +803,8 @@ enum Pass {
 }
 
 async fn max_id(db: &Db) -> Result<i64> {
-    let v: Option<i64> = on_pool!(db, pool => {
-        sqlx::query_scalar("SELECT MAX(id) FROM events").fetch_one(pool).await?
-    });
-    Ok(v.unwrap_or(0))
+    let v: Option<(Option<i64>,)> = fetch_optional!(uncounted db, "SELECT MAX(id) FROM events");
+    Ok(v.and_then(|(v,)| v).unwrap_or(0))
 }
 
 async fn connect_listener(pool: &sqlx::PgPool) -> Option<PgListener> {

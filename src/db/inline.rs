@@ -5,10 +5,11 @@
 //! that was 3.5 context switches, and more kernel time than prism's own work
 //! (docs/benchmarks.md, "Store reads"). A read on a WAL database never waits
 //! for the writer and mostly takes microseconds, about what the trips between
-//! threads cost. So the hot reads (entities by id, pages, the batches behind
-//! GraphQL's nested fields) run here instead, on the async worker that wants
-//! the rows, each on a connection of its own from a small stack (rusqlite on
-//! the same SQLite build as sqlx).
+//! threads cost. So every SQLite read (entities by id, pages, the batches
+//! behind GraphQL's nested fields, the event log) runs here instead, on the
+//! async worker that wants the rows, each on a connection of its own from a
+//! small stack (rusqlite on the same SQLite build as sqlx, which keeps the
+//! writer).
 //!
 //! An async worker must not be held for long, and a read's length is not
 //! known beforehand (a page of a thousand long posts, the comments of 500
@@ -49,10 +50,16 @@ pub trait FromSqlite: Sized {
     fn from_sqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self>;
 }
 
-/// A single number, such as a `COUNT(*)`.
-impl FromSqlite for (i64,) {
+/// A single value, such as a `COUNT(*)`.
+impl<A: rusqlite::types::FromSql> FromSqlite for (A,) {
     fn from_sqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
-        row.get(0).map(|n| (n,))
+        Ok((row.get(0)?,))
+    }
+}
+
+impl<A: rusqlite::types::FromSql, B: rusqlite::types::FromSql> FromSqlite for (A, B) {
+    fn from_sqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Ok((row.get(0)?, row.get(1)?))
     }
 }
 
@@ -66,7 +73,7 @@ struct Conn {
 /// Read-only connections to the SQLite database, opened as needed and kept.
 /// A read holds one only while it runs, never across an await: one for each
 /// async worker at most, and one for each read over the budget, of which
-/// `db_max_connections` run at once (as many as sqlx's readers).
+/// `db_max_connections` run at once.
 pub struct InlineReads {
     path: PathBuf,
     idle: parking_lot::Mutex<Vec<Conn>>,
@@ -245,7 +252,7 @@ fn connect(path: &Path) -> rusqlite::Result<Conn> {
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     // A reader of a WAL database waits only while another connection
-    // recovers the log after a crash, as sqlx's readers would.
+    // recovers the log after a crash.
     conn.busy_timeout(Duration::from_secs(5))?;
     conn.pragma_update(None, "query_only", true)?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);

@@ -2,14 +2,14 @@
 //!
 //! Both databases get the same schema (`migrations/sqlite`, `migrations/postgres`)
 //! and, almost everywhere, the same SQL text: `$1` placeholders, `RETURNING` and
-//! `ON CONFLICT` mean the same on both. [`on_db!`] and [`on_tx!`] run one query
-//! expression against whichever pool or transaction is live, so each query is
-//! written once and type-checked for both drivers. The hot reads go through
-//! [`fetch_all!`] and [`fetch_optional!`] instead: the same SQL text, run on
-//! SQLite on the calling thread ([`inline`]), so their row types are read
-//! twice, by sqlx's `FromRow` and by [`inline::FromSqlite`]. The few places
-//! where the dialects differ (the event log's ordering lock, LISTEN/NOTIFY)
-//! match on the enum explicitly.
+//! `ON CONFLICT` mean the same on both. Writes run in a transaction: [`on_tx!`]
+//! runs one query expression against whichever transaction is live, so each
+//! write is written once and type-checked for both drivers. Reads go through
+//! [`fetch_all!`] and [`fetch_optional!`]: the same SQL text, run on SQLite
+//! on the calling thread ([`inline`]) and on PostgreSQL through sqlx, so their
+//! row types are read twice, by sqlx's `FromRow` and by
+//! [`inline::FromSqlite`]. The few places where the dialects differ (the
+//! event log's ordering lock, LISTEN/NOTIFY) match on the enum explicitly.
 //!
 //! SQLite gets a single writer connection ([`writer`]): SQLite allows one
 //! writer at a time anyway, queueing writers in-process avoids `SQLITE_BUSY`
@@ -46,8 +46,8 @@ const PING_IDLE_AFTER: Duration = Duration::from_secs(1);
 #[derive(Clone, Debug)]
 pub struct Db {
     pub pools: Pools,
-    /// Read statements issued through [`on_db!`] (the event log's own reads
-    /// are not counted): how tests prove that a GraphQL query's statement
+    /// Read statements issued through [`fetch_all!`] and [`fetch_optional!`]
+    /// (the event log's own reads are not counted): how tests prove that a GraphQL query's statement
     /// count does not grow with its result.
     reads: Arc<AtomicU64>,
 }
@@ -56,9 +56,8 @@ pub struct Db {
 #[derive(Clone, Debug)]
 pub enum Pools {
     Sqlite {
-        /// Readers: WAL lets them run beside the writer.
-        read: Arc<reader::Readers<sqlx::SqliteConnection>>,
-        /// Readers for the hot reads, run on the thread that asks ([`inline`]).
+        /// Readers, run on the thread that asks ([`inline`]); WAL lets them
+        /// run beside the writer.
         inline: Arc<inline::InlineReads>,
         /// The one writer connection.
         write: Arc<writer::Writer>,
@@ -78,25 +77,13 @@ pub enum Tx {
     Postgres(Transaction<'static, Postgres>),
 }
 
-/// Runs `$body` — one read statement — with `$pool` bound to a read
-/// connection of the live database (`&mut SqliteConnection` or `&mut
-/// PgConnection`, taken for the statement). Failing to get a connection
-/// returns from the enclosing function with its error.
-#[macro_export]
-macro_rules! on_db {
-    ($db:expr, $pool:ident => $body:expr) => {{
-        let db: &$crate::db::Db = $db;
-        db.count_read();
-        $crate::on_pool!(db, $pool => $body)
-    }};
-}
-
 /// Every row of one read statement, as `Vec<T>`: `$sql` with `$arg`s bound
 /// to `$1`, `$2`, ... (numbered in the order they appear). On SQLite it runs
 /// on the calling thread ([`inline`]), on PostgreSQL through sqlx; `T`
 /// implements both `FromRow` and [`inline::FromSqlite`]. Errors return from
 /// the enclosing function. `fetch_all!(uncounted db, …)` is not counted in
-/// [`Db::read_count`], as [`on_pool!`] is not: for background work.
+/// [`Db::read_count`]: for background work (the event pump, retention) that
+/// belongs to no request.
 #[macro_export]
 macro_rules! fetch_all {
     (uncounted $db:expr, $sql:expr $(, $arg:expr)* $(,)?) => {{
@@ -119,9 +106,8 @@ macro_rules! fetch_all {
 /// Like [`fetch_all!`], for the first row only, as `Option<T>`.
 #[macro_export]
 macro_rules! fetch_optional {
-    ($db:expr, $sql:expr $(, $arg:expr)* $(,)?) => {{
+    (uncounted $db:expr, $sql:expr $(, $arg:expr)* $(,)?) => {{
         let db: &$crate::db::Db = $db;
-        db.count_read();
         match &db.pools {
             $crate::db::Pools::Sqlite { inline, .. } => {
                 inline.optional($sql, ($($arg,)*)).await?
@@ -132,26 +118,10 @@ macro_rules! fetch_optional {
             }
         }
     }};
-}
-
-/// Like [`on_db!`] but not counted: for background work (the event pump,
-/// retention) that belongs to no request.
-#[macro_export]
-macro_rules! on_pool {
-    ($db:expr, $pool:ident => $body:expr) => {{
+    ($db:expr, $sql:expr $(, $arg:expr)* $(,)?) => {{
         let db: &$crate::db::Db = $db;
-        match &db.pools {
-            $crate::db::Pools::Sqlite { read, .. } => {
-                let mut reader = read.acquire().await?;
-                let $pool = &mut *reader;
-                $body
-            }
-            $crate::db::Pools::Postgres { read, .. } => {
-                let mut reader = read.acquire().await?;
-                let $pool = &mut *reader;
-                $body
-            }
-        }
+        db.count_read();
+        $crate::fetch_optional!(uncounted db, $sql $(, $arg)*)
     }};
 }
 
@@ -260,13 +230,7 @@ impl Db {
                 let write = writer::Writer::new(write, opts.clone());
                 let inline = inline::InlineReads::open(&data_dir.join("prism.db"), max_connections)
                     .context("cannot open the SQLite database for reading")?;
-                let read = Arc::new(
-                    reader::Readers::open(opts, max_connections, None, Duration::from_secs(5))
-                        .await
-                        .context("cannot open the SQLite database for reading")?,
-                );
                 Pools::Sqlite {
-                    read,
                     inline: Arc::new(inline),
                     write,
                 }
@@ -298,7 +262,7 @@ impl Db {
         self.reads.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Read statements issued so far through [`on_db!`].
+    /// Read statements issued so far through [`fetch_all!`] and [`fetch_optional!`].
     pub fn read_count(&self) -> u64 {
         self.reads.load(Ordering::Relaxed)
     }
@@ -332,13 +296,8 @@ impl Db {
 
     pub async fn close(&self) {
         match &self.pools {
-            Pools::Sqlite {
-                read,
-                inline,
-                write,
-            } => {
+            Pools::Sqlite { inline, write } => {
                 inline.close();
-                read.close().await;
                 write.close().await;
             }
             Pools::Postgres { pool, read } => {
@@ -397,14 +356,19 @@ mod tests {
     async fn the_bundled_sqlite_plans_each_statement_once() {
         let dir = tempfile::tempdir().unwrap();
         let db = super::Db::connect(None, dir.path(), 1).await.unwrap();
-        let super::Pools::Sqlite { read, .. } = &db.pools else {
-            unreachable!("no database URL opens SQLite")
-        };
-        let used: i64 = sqlx::query_scalar("SELECT sqlite_compileoption_used('ENABLE_QPSG')")
-            .fetch_one(&mut *read.acquire().await.unwrap())
-            .await
-            .unwrap();
-        assert_eq!(used, 1, "SQLite was built without SQLITE_ENABLE_QPSG");
+        let used: Option<(i64,)> = async {
+            Ok::<_, crate::error::Error>(crate::fetch_optional!(
+                &db,
+                "SELECT sqlite_compileoption_used('ENABLE_QPSG')"
+            ))
+        }
+        .await
+        .unwrap();
+        assert_eq!(
+            used,
+            Some((1,)),
+            "SQLite was built without SQLITE_ENABLE_QPSG"
+        );
     }
 
     /// Readiness asks the connections that serve the hot reads: with those

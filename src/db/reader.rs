@@ -1,24 +1,20 @@
-//! Read connections, pooled without sqlx's pool.
+//! PostgreSQL read connections, pooled without sqlx's pool.
 //!
 //! sqlx's pool, each time a connection comes back, spawns a task that pings
-//! it before anyone may use it again: for SQLite a task and two more trips
-//! between threads, for PostgreSQL a round trip to the server, for every read
-//! statement. Neither is needed after a statement that finished:
-//!
-//! - an SQLite connection is a file and a thread of this process, with
-//!   nothing between them to break;
-//! - a PostgreSQL connection that the server dropped while it sat idle is
-//!   found by pinging it before use once it has been idle a while, as the
-//!   write pool's `before_acquire` does.
-//!
-//! Without the ping, reads served 20–35% more requests on SQLite and 20–40%
-//! more on PostgreSQL (`GET /users/1/posts`, `GET /posts/1/comments`, …;
+//! it before anyone may use it again: a round trip to the server for every
+//! read statement. That is not needed after a statement that finished; a
+//! connection that the server dropped while it sat idle is found by pinging
+//! it before use once it has been idle a while, as the write pool's
+//! `before_acquire` does. Without the ping, reads served 20–40% more
+//! requests (`GET /users/1/posts`, `GET /posts/1/comments`, …;
 //! docs/benchmarks.md).
 //!
 //! A statement abandoned part way (its request gone) leaves nothing behind:
-//! SQLite's worker stops reading rows once nobody takes them and resets the
-//! statement, and sqlx's PostgreSQL connection reads what the server still
-//! had to say before it sends the next query.
+//! sqlx's PostgreSQL connection reads what the server still had to say
+//! before it sends the next query.
+//!
+//! The pool is generic over sqlx's connection; its tests use SQLite files,
+//! which need no server. (SQLite's reads in prism go through [`super::inline`].)
 
 use std::{
     ops::{Deref, DerefMut},

@@ -406,13 +406,11 @@ mod tests {
     }
 
     async fn values(db: &Db) -> Vec<i64> {
-        let Pools::Sqlite { read, .. } = &db.pools else {
+        let Pools::Sqlite { inline, .. } = &db.pools else {
             unreachable!()
         };
-        sqlx::query_scalar("SELECT v FROM t ORDER BY v")
-            .fetch_all(&mut *read.acquire().await.unwrap())
-            .await
-            .unwrap()
+        let rows: Vec<(i64,)> = inline.all("SELECT v FROM t ORDER BY v", ()).await.unwrap();
+        rows.into_iter().map(|(v,)| v).collect()
     }
 
     /// Spawns a writer that begins (queueing behind whoever holds the

@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 use super::Domain;
 use crate::{
     db::{Tx, placeholders},
-    error::Result,
-    events, on_db, on_tx,
+    error::{Error, Result},
+    events, fetch_optional, on_tx,
 };
 
 /// What the users service learned of a user's orders from `order.created`.
@@ -62,13 +62,12 @@ const STATS_ROWS_PER_INSERT: usize = 500;
 impl Domain {
     /// Where `consumer` is in its stream (0 before the first event).
     pub async fn offset(&self, consumer: &str) -> Result<i64> {
-        let v: Option<i64> = on_db!(&self.db, pool => {
-            sqlx::query_scalar("SELECT last_id FROM event_offsets WHERE consumer = $1")
-                .bind(consumer)
-                .fetch_optional(pool)
-                .await?
-        });
-        Ok(v.unwrap_or(0))
+        let v: Option<(i64,)> = fetch_optional!(
+            &self.db,
+            "SELECT last_id FROM event_offsets WHERE consumer = $1",
+            consumer.to_owned()
+        );
+        Ok(v.map_or(0, |(v,)| v))
     }
 
     pub async fn set_offset(&self, consumer: &str, last_id: i64) -> Result<()> {
@@ -202,12 +201,11 @@ impl Domain {
 
     /// Whether `consumer` has keys recorded by [`Applied::Key`].
     pub async fn has_applied_keys(&self, consumer: &str) -> Result<bool> {
-        let any: Option<i32> = on_db!(&self.db, pool => {
-            sqlx::query_scalar("SELECT 1 FROM processed_events WHERE consumer = $1 LIMIT 1")
-                .bind(consumer)
-                .fetch_optional(pool)
-                .await?
-        });
+        let any: Option<(i32,)> = fetch_optional!(
+            &self.db,
+            "SELECT 1 FROM processed_events WHERE consumer = $1 LIMIT 1",
+            consumer.to_owned()
+        );
         Ok(any.is_some())
     }
 
@@ -252,12 +250,11 @@ impl Domain {
     }
 
     pub async fn order_stats(&self, user_id: i64) -> Result<OrderStats> {
-        let row: Option<(i64, f64)> = on_db!(&self.db, pool => {
-            sqlx::query_as("SELECT orders, total FROM user_order_stats WHERE user_id = $1")
-                .bind(user_id)
-                .fetch_optional(pool)
-                .await?
-        });
+        let row: Option<(i64, f64)> = fetch_optional!(
+            &self.db,
+            "SELECT orders, total FROM user_order_stats WHERE user_id = $1",
+            user_id
+        );
         let (orders, total) = row.unwrap_or((0, 0.0));
         Ok(OrderStats {
             user_id,
@@ -270,12 +267,9 @@ impl Domain {
     /// `<origin>:<id>`, so whichever process relays an event, the broker sees
     /// the same message id and drops duplicates.
     pub async fn origin(&self) -> Result<i64> {
-        let existing: Option<i64> = on_db!(&self.db, pool => {
-            sqlx::query_scalar("SELECT value FROM prism_meta WHERE key = 'origin'")
-                .fetch_optional(pool)
-                .await?
-        });
-        if let Some(v) = existing {
+        const ORIGIN: &str = "SELECT value FROM prism_meta WHERE key = 'origin'";
+        let existing: Option<(i64,)> = fetch_optional!(&self.db, ORIGIN);
+        if let Some((v,)) = existing {
             return Ok(v);
         }
         let mut b = [0u8; 8];
@@ -290,12 +284,9 @@ impl Domain {
                 .rows_affected()
         });
         tx.commit().await?;
-        let v: i64 = on_db!(&self.db, pool => {
-            sqlx::query_scalar("SELECT value FROM prism_meta WHERE key = 'origin'")
-                .fetch_one(pool)
-                .await?
-        });
-        Ok(v)
+        let v: Option<(i64,)> = fetch_optional!(&self.db, ORIGIN);
+        v.map(|(v,)| v)
+            .ok_or_else(|| Error::internal("the origin row vanished after it was written"))
     }
 }
 

@@ -18,8 +18,9 @@ use utoipa::ToSchema;
 use super::{Domain, Page};
 use crate::{
     auth::Principal,
+    db::inline::{FromSqlite, timestamp},
     error::{Error, Result},
-    events, on_db, on_tx,
+    events, fetch_all, fetch_optional, on_tx,
 };
 
 /// Users summarised per step of a report.
@@ -53,6 +54,21 @@ struct TaskRow {
     error: Option<String>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
+}
+
+impl FromSqlite for TaskRow {
+    fn from_sqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Ok(TaskRow {
+            id: row.get("id")?,
+            kind: row.get("kind")?,
+            status: row.get("status")?,
+            progress: row.get("progress")?,
+            result: row.get("result")?,
+            error: row.get("error")?,
+            created_at: timestamp(row, "created_at")?,
+            updated_at: timestamp(row, "updated_at")?,
+        })
+    }
 }
 
 impl From<TaskRow> for Task {
@@ -124,25 +140,22 @@ impl Domain {
     }
 
     pub async fn get_task(&self, id: &str) -> Result<Task> {
-        let row: Option<TaskRow> = on_db!(&self.db, pool => {
-            sqlx::query_as(
-                "SELECT id, kind, status, progress, result, error, created_at, updated_at FROM tasks WHERE id = $1",
-            )
-            .bind(id)
-            .fetch_optional(pool)
-            .await?
-        });
+        let row: Option<TaskRow> = fetch_optional!(
+            &self.db,
+            "SELECT id, kind, status, progress, result, error, created_at, updated_at FROM tasks WHERE id = $1",
+            id.to_owned()
+        );
         row.map(Task::from)
             .ok_or_else(|| Error::NotFound("Task not found".into()))
     }
 
     /// Tasks that were pending or running when the process last stopped.
     pub async fn unfinished_tasks(&self) -> Result<Vec<String>> {
-        Ok(on_db!(&self.db, pool => {
-            sqlx::query_scalar("SELECT id FROM tasks WHERE status IN ('pending', 'running') ORDER BY created_at")
-                .fetch_all(pool)
-                .await?
-        }))
+        let ids: Vec<(String,)> = fetch_all!(
+            &self.db,
+            "SELECT id FROM tasks WHERE status IN ('pending', 'running') ORDER BY created_at"
+        );
+        Ok(ids.into_iter().map(|(id,)| id).collect())
     }
 
     /// Runs a task to the end, recording progress; failures are recorded on

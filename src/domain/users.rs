@@ -16,7 +16,7 @@ use crate::{
     db::inline::{FromSqlite, timestamp},
     db::{self, Tx},
     error::{Error, Result},
-    events, fetch_all, fetch_optional, on_db, on_tx,
+    events, fetch_all, fetch_optional, on_tx,
 };
 
 /// A user of the system.
@@ -251,9 +251,15 @@ impl Domain {
             user: User,
             password_hash: Option<String>,
         }
-        let row: Option<Row> = on_db!(&self.db, pool => {
-            sqlx::query_as(sql).bind(key).fetch_optional(pool).await?
-        });
+        impl FromSqlite for Row {
+            fn from_sqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+                Ok(Row {
+                    user: User::from_sqlite(row)?,
+                    password_hash: row.get("password_hash")?,
+                })
+            }
+        }
+        let row: Option<Row> = fetch_optional!(&self.db, sql, key);
         let (user, hash) = match row {
             Some(Row {
                 user,
@@ -348,9 +354,8 @@ impl Domain {
 
     /// How many users exist.
     pub async fn count_users(&self) -> Result<i64> {
-        Ok(on_db!(&self.db, pool => {
-            sqlx::query_scalar("SELECT COUNT(*) FROM users").fetch_one(pool).await?
-        }))
+        let n: Option<(i64,)> = fetch_optional!(&self.db, "SELECT COUNT(*) FROM users");
+        Ok(n.map_or(0, |(n,)| n))
     }
 }
 
