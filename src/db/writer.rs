@@ -483,6 +483,18 @@ mod tests {
         assert_eq!(values(&db).await, [1, 2, 3]);
     }
 
+    /// Reads run beside an open write (WAL): they neither wait for it nor
+    /// see its changes before they are committed.
+    #[tokio::test]
+    async fn reads_do_not_wait_for_an_open_write_nor_see_it() {
+        let (_dir, db, writer) = open().await;
+        let mut tx = writer.begin().await.unwrap();
+        insert(&mut tx, 1).await.unwrap();
+        assert_eq!(within(values(&db)).await, Vec::<i64>::new());
+        within(tx.commit()).await.unwrap();
+        assert_eq!(within(values(&db)).await, [1]);
+    }
+
     #[tokio::test]
     async fn a_closed_database_refuses_writes_rather_than_reopening() {
         let (_dir, db, writer) = open().await;
