@@ -47,8 +47,8 @@ const PING_IDLE_AFTER: Duration = Duration::from_secs(1);
 pub struct Db {
     pub pools: Pools,
     /// Read statements issued through [`fetch_all!`] and [`fetch_optional!`]
-    /// (the event log's own reads are not counted): how tests prove that a GraphQL query's statement
-    /// count does not grow with its result.
+    /// (the event log's own reads are not counted): how tests prove that a
+    /// GraphQL query's statement count does not grow with its result.
     reads: Arc<AtomicU64>,
 }
 
@@ -356,14 +356,13 @@ mod tests {
     async fn the_bundled_sqlite_plans_each_statement_once() {
         let dir = tempfile::tempdir().unwrap();
         let db = super::Db::connect(None, dir.path(), 1).await.unwrap();
-        let used: Option<(i64,)> = async {
-            Ok::<_, crate::error::Error>(crate::fetch_optional!(
-                &db,
-                "SELECT sqlite_compileoption_used('ENABLE_QPSG')"
-            ))
-        }
-        .await
-        .unwrap();
+        let super::Pools::Sqlite { inline, .. } = &db.pools else {
+            unreachable!("no database URL opens SQLite")
+        };
+        let used: Option<(i64,)> = inline
+            .optional("SELECT sqlite_compileoption_used('ENABLE_QPSG')", ())
+            .await
+            .unwrap();
         assert_eq!(
             used,
             Some((1,)),
