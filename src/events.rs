@@ -68,7 +68,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     db::{Db, Pools, Tx},
     error::{Error, Result},
-    fetch_optional, on_tx,
+    fetch_optional, tx_execute, tx_optional,
 };
 
 /// The PostgreSQL NOTIFY channel that announces new events.
@@ -329,15 +329,14 @@ pub async fn append(tx: &mut Tx, kind: &str, payload: &impl Serialize) -> Result
     let now = Utc::now();
     let id: i64 = match tx {
         Tx::Sqlite(t) => {
-            sqlx::query_scalar(
-                "INSERT INTO events (event_type, payload, created_at) VALUES ($1, $2, $3) \
-                 RETURNING id",
-            )
-            .bind(kind)
-            .bind(payload)
-            .bind(now)
-            .fetch_one(&mut **t)
-            .await?
+            let (id,): (i64,) = t
+                .one(
+                    "INSERT INTO events (event_type, payload, created_at) VALUES ($1, $2, $3) \
+                     RETURNING id",
+                    crate::sqlite_args!(kind, payload, now),
+                )
+                .await?;
+            id
         }
         Tx::Postgres(t) => {
             // See the module docs. `held` runs before the insert draws its id
@@ -660,21 +659,22 @@ impl EventLog {
 
     async fn truncate_before(&self, cutoff: DateTime<Utc>) -> Result<u64> {
         let mut tx = self.inner.db.begin().await?;
-        let upto: Option<i64> = on_tx!(&mut tx, c => {
-            sqlx::query_scalar("SELECT MAX(id) FROM events WHERE created_at < $1")
-                .bind(cutoff)
-                .fetch_one(c)
-                .await?
-        });
-        let Some(mut upto) = upto else { return Ok(0) };
+        // A scan of the log: on SQLite, on a blocking thread.
+        let upto: Option<(Option<i64>,)> = tx_optional!(
+            blocking &mut tx,
+            "SELECT MAX(id) FROM events WHERE created_at < $1",
+            cutoff
+        )?;
+        let Some(mut upto) = upto.and_then(|(v,)| v) else {
+            return Ok(0);
+        };
         if let Some(consumer) = self.inner.kept_for.get() {
-            let position: Option<i64> = on_tx!(&mut tx, c => {
-                sqlx::query_scalar("SELECT last_id FROM event_offsets WHERE consumer = $1")
-                    .bind(*consumer)
-                    .fetch_optional(c)
-                    .await?
-            });
-            let position = position.unwrap_or(0);
+            let position: Option<(i64,)> = tx_optional!(
+                &mut tx,
+                "SELECT last_id FROM event_offsets WHERE consumer = $1",
+                *consumer
+            )?;
+            let position = position.map_or(0, |(v,)| v);
             let held = position < upto;
             if held && !self.inner.held.swap(true, Ordering::Relaxed) {
                 tracing::warn!(
@@ -690,21 +690,13 @@ impl EventLog {
                 return Ok(0);
             }
         }
-        let removed = on_tx!(&mut tx, c => {
-            let removed = sqlx::query("DELETE FROM events WHERE id <= $1")
-                .bind(upto)
-                .execute(&mut *c)
-                .await?
-                .rows_affected();
-            sqlx::query(
-                "INSERT INTO prism_meta (key, value) VALUES ('events_truncated_through', $1) \
-                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            )
-            .bind(upto)
-            .execute(c)
-            .await?;
-            removed
-        });
+        let removed = tx_execute!(blocking &mut tx, "DELETE FROM events WHERE id <= $1", upto)?;
+        tx_execute!(
+            &mut tx,
+            "INSERT INTO prism_meta (key, value) VALUES ('events_truncated_through', $1) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            upto
+        )?;
         tx.commit().await?;
         Ok(removed)
     }
@@ -745,11 +737,9 @@ async fn settle(db: &Db) -> Result<i64> {
     }
     let mut tx = db.begin().await?;
     hold_ids(&mut tx).await?;
-    let max: Option<i64> = on_tx!(&mut tx, c => {
-        sqlx::query_scalar("SELECT MAX(id) FROM events").fetch_one(c).await?
-    });
+    let max: Option<(Option<i64>,)> = tx_optional!(&mut tx, "SELECT MAX(id) FROM events")?;
     tx.commit().await?;
-    Ok(max.unwrap_or(0))
+    Ok(max.and_then(|(v,)| v).unwrap_or(0))
 }
 
 /// Waits for every transaction that has drawn an event id to end, and keeps
@@ -775,15 +765,12 @@ pub async fn hold_ids(tx: &mut Tx) -> Result<()> {
 /// The id of the last event the log holds or has held, as `tx` sees it:
 /// retention may have deleted the newest ones too.
 pub async fn last_issued(tx: &mut Tx) -> Result<i64> {
-    let id: Option<i64> = on_tx!(tx, c => {
-        sqlx::query_scalar(
-            "SELECT MAX(id) FROM (SELECT MAX(id) AS id FROM events UNION ALL \
-             SELECT value FROM prism_meta WHERE key = 'events_truncated_through') AS ids",
-        )
-        .fetch_one(c)
-        .await?
-    });
-    Ok(id.unwrap_or(0))
+    let id: Option<(Option<i64>,)> = tx_optional!(
+        tx,
+        "SELECT MAX(id) FROM (SELECT MAX(id) AS id FROM events UNION ALL \
+         SELECT value FROM prism_meta WHERE key = 'events_truncated_through') AS ids"
+    )?;
+    Ok(id.and_then(|(v,)| v).unwrap_or(0))
 }
 
 /// The event id a notification names; a notification without one (a

@@ -262,6 +262,11 @@ impl prometheus_client::collector::Collector for PartGauges {
                     writer.commits(),
                 ),
                 (
+                    "sqlite_lock_waits",
+                    "Writes that found SQLite's write lock held by another process and waited for it.",
+                    writer.lock_waits(),
+                ),
+                (
                     "sqlite_reads_moved",
                     "SQLite reads too long to run on an async worker, run again on a blocking thread.",
                     reads.moved(),

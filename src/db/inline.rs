@@ -231,7 +231,10 @@ impl InlineReads {
 /// they must be numbered in the order they first appear, as prism's are
 /// (sqlx binds `$n` by its number, so a statement that broke the rule would
 /// read differently here; debug builds check).
-fn prepare<'c>(c: &'c Connection, sql: &str) -> rusqlite::Result<rusqlite::CachedStatement<'c>> {
+pub(crate) fn prepare<'c>(
+    c: &'c Connection,
+    sql: &str,
+) -> rusqlite::Result<rusqlite::CachedStatement<'c>> {
     let statement = c.prepare_cached(sql)?;
     debug_assert!(
         (1..=statement.parameter_count()).all(|i| {

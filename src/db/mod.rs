@@ -2,14 +2,17 @@
 //!
 //! Both databases get the same schema (`migrations/sqlite`, `migrations/postgres`)
 //! and, almost everywhere, the same SQL text: `$1` placeholders, `RETURNING` and
-//! `ON CONFLICT` mean the same on both. Writes run in a transaction: [`on_tx!`]
-//! runs one query expression against whichever transaction is live, so each
-//! write is written once and type-checked for both drivers. Reads go through
-//! [`fetch_all!`] and [`fetch_optional!`]: the same SQL text, run on SQLite
-//! on the calling thread ([`inline`]) and on PostgreSQL through sqlx, so their
-//! row types are read twice, by sqlx's `FromRow` and by
-//! [`inline::FromSqlite`]. The few places where the dialects differ (the
-//! event log's ordering lock, LISTEN/NOTIFY) match on the enum explicitly.
+//! `ON CONFLICT` mean the same on both. Reads go through [`fetch_all!`] and
+//! [`fetch_optional!`], writes through [`tx_execute!`], [`tx_one!`],
+//! [`tx_optional!`] and [`tx_all!`] in a transaction: each statement is
+//! written once, with its arguments, and runs on SQLite through rusqlite on
+//! the calling thread ([`inline`], [`writer`]) and on PostgreSQL through
+//! sqlx. So row types are read twice, by sqlx's `FromRow` and by
+//! [`inline::FromSqlite`], and arguments bound twice, by sqlx's `Encode` and
+//! by [`SqliteArg`] (which encodes as sqlx does, so rows written before read
+//! the same). The few places where the dialects differ (the event log's
+//! ordering lock, LISTEN/NOTIFY, a statement built at run time) match on the
+//! enum explicitly.
 //!
 //! SQLite gets a single writer connection ([`writer`]): SQLite allows one
 //! writer at a time anyway, queueing writers in-process avoids `SQLITE_BUSY`
@@ -125,21 +128,145 @@ macro_rules! fetch_optional {
     }};
 }
 
-/// Runs `$body` with `$conn` bound to the transaction's connection.
+/// The values of a write statement's arguments, for rusqlite.
+#[doc(hidden)]
 #[macro_export]
-macro_rules! on_tx {
-    ($tx:expr, $conn:ident => $body:expr) => {
+macro_rules! sqlite_args {
+    ($($arg:expr),*) => {{
+        let args: ::std::vec::Vec<rusqlite::types::Value> =
+            ::std::vec![$($crate::db::SqliteArg::sqlite(&$arg)),*];
+        args
+    }};
+}
+
+/// One statement in a write transaction: on SQLite the [`writer::WriteTx`]
+/// method `$sqlite`, on PostgreSQL `sqlx::$query(…).$fetch(…)`, its answer
+/// passed through `$answer`.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! tx_statement {
+    ($tx:expr, $sqlite:ident, $query:ident, $fetch:ident, $answer:expr, $sql:expr $(, $arg:expr)*) => {
         match $tx {
-            $crate::db::Tx::Sqlite(t) => {
-                let $conn = &mut **t;
-                $body
-            }
-            $crate::db::Tx::Postgres(t) => {
-                let $conn = &mut **t;
-                $body
-            }
+            $crate::db::Tx::Sqlite(t) => t.$sqlite($sql, $crate::sqlite_args!($($arg),*)).await,
+            $crate::db::Tx::Postgres(t) => sqlx::$query($sql)$(.bind($arg))*
+                .$fetch(&mut **t)
+                .await
+                .map($answer),
         }
     };
+}
+
+/// Runs one write statement in the transaction `$tx` (`&mut Tx`): `$sql`
+/// with `$arg`s bound to `$1`, `$2`, ... in order, as [`fetch_all!`] binds
+/// them. On SQLite it runs on the calling thread ([`writer`]), on
+/// PostgreSQL through sqlx. Gives the rows it changed, as `sqlx::Result<u64>`
+/// (constraint violations read the same on both). `tx_execute!(blocking tx,
+/// …)` runs it on a blocking thread on SQLite: for a statement that may
+/// touch many rows.
+#[macro_export]
+macro_rules! tx_execute {
+    (blocking $tx:expr, $sql:expr $(, $arg:expr)* $(,)?) => {
+        $crate::tx_statement!($tx, execute_blocking, query, execute,
+            |r: sqlx::postgres::PgQueryResult| r.rows_affected(), $sql $(, $arg)*)
+    };
+    ($tx:expr, $sql:expr $(, $arg:expr)* $(,)?) => {
+        $crate::tx_statement!($tx, execute, query, execute,
+            |r: sqlx::postgres::PgQueryResult| r.rows_affected(), $sql $(, $arg)*)
+    };
+}
+
+/// Like [`tx_execute!`], for a statement that returns exactly one row, as
+/// `sqlx::Result<T>` (`T` implements `FromRow` and [`inline::FromSqlite`]).
+#[macro_export]
+macro_rules! tx_one {
+    ($tx:expr, $sql:expr $(, $arg:expr)* $(,)?) => {
+        $crate::tx_statement!($tx, one, query_as, fetch_one, ::std::convert::identity, $sql $(, $arg)*)
+    };
+}
+
+/// Like [`tx_one!`], for the first row if any, as `sqlx::Result<Option<T>>`;
+/// `tx_optional!(blocking tx, …)` runs on a blocking thread on SQLite.
+#[macro_export]
+macro_rules! tx_optional {
+    (blocking $tx:expr, $sql:expr $(, $arg:expr)* $(,)?) => {
+        $crate::tx_statement!($tx, optional_blocking, query_as, fetch_optional,
+            ::std::convert::identity, $sql $(, $arg)*)
+    };
+    ($tx:expr, $sql:expr $(, $arg:expr)* $(,)?) => {
+        $crate::tx_statement!($tx, optional, query_as, fetch_optional,
+            ::std::convert::identity, $sql $(, $arg)*)
+    };
+}
+
+/// Like [`tx_one!`], for every row, as `sqlx::Result<Vec<T>>`;
+/// `tx_all!(blocking tx, …)` runs on a blocking thread on SQLite.
+#[macro_export]
+macro_rules! tx_all {
+    (blocking $tx:expr, $sql:expr $(, $arg:expr)* $(,)?) => {
+        $crate::tx_statement!($tx, all_blocking, query_as, fetch_all,
+            ::std::convert::identity, $sql $(, $arg)*)
+    };
+    ($tx:expr, $sql:expr $(, $arg:expr)* $(,)?) => {
+        $crate::tx_statement!($tx, all, query_as, fetch_all,
+            ::std::convert::identity, $sql $(, $arg)*)
+    };
+}
+
+/// A value bound to a write statement on SQLite, encoded as sqlx encodes it
+/// (so rows written by either read the same: timestamps as RFC 3339 text).
+pub trait SqliteArg {
+    fn sqlite(&self) -> rusqlite::types::Value;
+}
+
+macro_rules! sqlite_arg_integer {
+    ($($t:ty),*) => {$(
+        impl SqliteArg for $t {
+            fn sqlite(&self) -> rusqlite::types::Value {
+                rusqlite::types::Value::Integer(i64::from(*self))
+            }
+        }
+    )*};
+}
+
+sqlite_arg_integer!(i64, i32, u32, bool);
+
+impl SqliteArg for f64 {
+    fn sqlite(&self) -> rusqlite::types::Value {
+        rusqlite::types::Value::Real(*self)
+    }
+}
+
+impl SqliteArg for str {
+    fn sqlite(&self) -> rusqlite::types::Value {
+        rusqlite::types::Value::Text(self.to_owned())
+    }
+}
+
+impl SqliteArg for String {
+    fn sqlite(&self) -> rusqlite::types::Value {
+        rusqlite::types::Value::Text(self.clone())
+    }
+}
+
+impl SqliteArg for chrono::DateTime<chrono::Utc> {
+    fn sqlite(&self) -> rusqlite::types::Value {
+        rusqlite::types::Value::Text(self.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, false))
+    }
+}
+
+impl<T: SqliteArg + ?Sized> SqliteArg for &T {
+    fn sqlite(&self) -> rusqlite::types::Value {
+        (**self).sqlite()
+    }
+}
+
+impl<T: SqliteArg> SqliteArg for Option<T> {
+    fn sqlite(&self) -> rusqlite::types::Value {
+        match self {
+            Some(v) => v.sqlite(),
+            None => rusqlite::types::Value::Null,
+        }
+    }
 }
 
 impl Db {
@@ -219,15 +346,20 @@ impl Db {
                     .synchronous(SqliteSynchronous::Full)
                     .foreign_keys(true)
                     .busy_timeout(Duration::from_secs(5));
-                let mut write = opts
+                // sqlx migrates; rusqlite writes from then on ([`writer`]).
+                let mut migrate = opts
                     .connect()
                     .await
                     .context("cannot open the SQLite database")?;
                 sqlx::migrate!("./migrations/sqlite")
-                    .run(&mut write)
+                    .run(&mut migrate)
                     .await
                     .context("SQLite migration failed")?;
-                let write = writer::Writer::new(write, opts.clone());
+                sqlx::Connection::close(migrate)
+                    .await
+                    .context("cannot open the SQLite database")?;
+                let write = writer::Writer::open(&data_dir.join("prism.db"))
+                    .context("cannot open the SQLite database for writing")?;
                 let inline = inline::InlineReads::open(&data_dir.join("prism.db"), max_connections)
                     .context("cannot open the SQLite database for reading")?;
                 Pools::Sqlite {

@@ -4,14 +4,13 @@
 
 use std::collections::HashMap;
 
-use futures::TryStreamExt;
 use serde::{Deserialize, Serialize};
 
 use super::Domain;
 use crate::{
     db::{Tx, placeholders},
     error::{Error, Result},
-    events, fetch_optional, on_tx,
+    events, fetch_optional, sqlite_args, tx_all, tx_execute,
 };
 
 /// What the users service learned of a user's orders from `order.created`.
@@ -20,6 +19,16 @@ pub struct OrderStats {
     pub user_id: i64,
     pub orders: i64,
     pub total: f64,
+}
+
+impl crate::db::inline::FromSqlite for OrderStats {
+    fn from_sqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Ok(OrderStats {
+            user_id: row.get("user_id")?,
+            orders: row.get("orders")?,
+            total: row.get("total")?,
+        })
+    }
 }
 
 /// Every user's orders as the orders service holds them, up to and including
@@ -105,37 +114,32 @@ impl Domain {
         let mut tx = self.db.begin().await?;
         let mut applied = 0;
         for event in events {
+            // A batch is hundreds of statements, each run on this async
+            // worker on SQLite: others get a turn in between.
+            tokio::task::consume_budget().await;
             let fresh = match event.once {
                 Applied::Key { consumer, key } => {
-                    on_tx!(&mut tx, c => {
-                        sqlx::query(
-                            "INSERT INTO processed_events (consumer, event_key) VALUES ($1, $2) \
-                             ON CONFLICT DO NOTHING",
-                        )
-                        .bind(consumer)
-                        .bind(key)
-                        .execute(c)
-                        .await?
-                        .rows_affected()
-                    }) == 1
+                    tx_execute!(
+                        &mut tx,
+                        "INSERT INTO processed_events (consumer, event_key) VALUES ($1, $2) \
+                         ON CONFLICT DO NOTHING",
+                        consumer,
+                        key
+                    )? == 1
                 }
                 Applied::Position { stream, id } => advance_offset(&mut tx, stream, id).await?,
             };
             if !fresh {
                 continue;
             }
-            on_tx!(&mut tx, c => {
-                sqlx::query(
-                    "INSERT INTO user_order_stats (user_id, orders, total) VALUES ($1, 1, $2) \
-                     ON CONFLICT (user_id) DO UPDATE SET orders = user_order_stats.orders + 1, \
-                     total = user_order_stats.total + excluded.total",
-                )
-                .bind(event.user_id)
-                .bind(event.total)
-                .execute(c)
-                .await?
-                .rows_affected()
-            });
+            tx_execute!(
+                &mut tx,
+                "INSERT INTO user_order_stats (user_id, orders, total) VALUES ($1, 1, $2) \
+                 ON CONFLICT (user_id) DO UPDATE SET orders = user_order_stats.orders + 1, \
+                 total = user_order_stats.total + excluded.total",
+                event.user_id,
+                event.total
+            )?;
             applied += 1;
         }
         if let Some((stream, id)) = through {
@@ -151,14 +155,12 @@ impl Domain {
     pub async fn order_totals(&self) -> Result<OrderTotals> {
         let mut tx = self.db.begin().await?;
         events::hold_ids(&mut tx).await?;
-        let mut users: Vec<OrderStats> = on_tx!(&mut tx, c => {
-            sqlx::query_as(
-                "SELECT user_id, COUNT(*) AS orders, SUM(total) AS total FROM orders \
-                 GROUP BY user_id ORDER BY user_id",
-            )
-            .fetch_all(c)
-            .await?
-        });
+        // Every order: on SQLite, on a blocking thread.
+        let mut users: Vec<OrderStats> = tx_all!(
+            blocking &mut tx,
+            "SELECT user_id, COUNT(*) AS orders, SUM(total) AS total FROM orders \
+             GROUP BY user_id ORDER BY user_id"
+        )?;
         let through = events::last_issued(&mut tx).await?;
         tx.commit().await?;
         for u in &mut users {
@@ -172,12 +174,7 @@ impl Domain {
     /// service's way back after missing events it can no longer get.
     pub async fn restore_order_stats(&self, position: &str, totals: &OrderTotals) -> Result<()> {
         let mut tx = self.db.begin().await?;
-        on_tx!(&mut tx, c => {
-            sqlx::query("DELETE FROM user_order_stats")
-                .execute(c)
-                .await?
-                .rows_affected()
-        });
+        tx_execute!(blocking &mut tx, "DELETE FROM user_order_stats")?;
         for chunk in totals.users.chunks(STATS_ROWS_PER_INSERT) {
             let rows = (0..chunk.len())
                 .map(|i| format!("({})", placeholders(3 * i + 1, 3)))
@@ -185,14 +182,24 @@ impl Domain {
                 .join(", ");
             let sql =
                 format!("INSERT INTO user_order_stats (user_id, orders, total) VALUES {rows}");
-            on_tx!(&mut tx, c => {
-                // Only placeholders are spliced in; the values are bound.
-                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()));
-                for s in chunk {
-                    q = q.bind(s.user_id).bind(s.orders).bind(s.total);
+            // Only placeholders are spliced in; the values are bound.
+            match &mut tx {
+                Tx::Sqlite(t) => {
+                    let args: Vec<_> = chunk
+                        .iter()
+                        .flat_map(|s| sqlite_args!(s.user_id, s.orders, s.total))
+                        .collect();
+                    t.blocking(move |c| c.execute(&sql, rusqlite::params_from_iter(args)))
+                        .await?;
                 }
-                q.execute(c).await?.rows_affected()
-            });
+                Tx::Postgres(t) => {
+                    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()));
+                    for s in chunk {
+                        q = q.bind(s.user_id).bind(s.orders).bind(s.total);
+                    }
+                    q.execute(&mut **t).await?;
+                }
+            }
         }
         upsert_offset(&mut tx, position, totals.through).await?;
         tx.commit().await?;
@@ -221,30 +228,27 @@ impl Domain {
     ) -> Result<()> {
         let mut tx = self.db.begin().await?;
         let mut highest: HashMap<String, i64> = HashMap::new();
-        on_tx!(&mut tx, c => {
-            // Row by row: a long-running consumer has one key per event.
-            let mut keys = sqlx::query_scalar::<_, String>(
-                "SELECT event_key FROM processed_events WHERE consumer = $1",
-            )
-            .bind(consumer)
-            .fetch(c);
-            while let Some(key) = keys.try_next().await? {
-                if let Some((stream, id)) = position_of(&key) {
-                    let top = highest.entry(stream).or_insert(id);
-                    *top = (*top).max(id);
-                }
+        // One key per event the consumer ever applied: on SQLite, read on a
+        // blocking thread.
+        let keys: Vec<(String,)> = tx_all!(
+            blocking &mut tx,
+            "SELECT event_key FROM processed_events WHERE consumer = $1",
+            consumer.to_owned()
+        )?;
+        for (key,) in keys {
+            if let Some((stream, id)) = position_of(&key) {
+                let top = highest.entry(stream).or_insert(id);
+                *top = (*top).max(id);
             }
-        });
+        }
         for (stream, id) in &highest {
             advance_offset(&mut tx, stream, *id).await?;
         }
-        on_tx!(&mut tx, c => {
-            sqlx::query("DELETE FROM processed_events WHERE consumer = $1")
-                .bind(consumer)
-                .execute(c)
-                .await?
-                .rows_affected()
-        });
+        tx_execute!(
+            blocking &mut tx,
+            "DELETE FROM processed_events WHERE consumer = $1",
+            consumer.to_owned()
+        )?;
         tx.commit().await?;
         Ok(())
     }
@@ -276,13 +280,11 @@ impl Domain {
         let _ = getrandom::fill(&mut b);
         let candidate = (i64::from_le_bytes(b) & i64::MAX).max(1);
         let mut tx = self.db.begin().await?;
-        on_tx!(&mut tx, c => {
-            sqlx::query("INSERT INTO prism_meta (key, value) VALUES ('origin', $1) ON CONFLICT (key) DO NOTHING")
-                .bind(candidate)
-                .execute(c)
-                .await?
-                .rows_affected()
-        });
+        tx_execute!(
+            &mut tx,
+            "INSERT INTO prism_meta (key, value) VALUES ('origin', $1) ON CONFLICT (key) DO NOTHING",
+            candidate
+        )?;
         tx.commit().await?;
         let v: Option<(i64,)> = fetch_optional!(&self.db, ORIGIN);
         v.map(|(v,)| v)
@@ -300,32 +302,24 @@ fn to_cents(total: f64) -> f64 {
 /// (instances sharing a database): the later one finds the position already
 /// at its event.
 async fn advance_offset(tx: &mut Tx, stream: &str, id: i64) -> Result<bool> {
-    let moved = on_tx!(tx, c => {
-        sqlx::query(
-            "INSERT INTO event_offsets (consumer, last_id) VALUES ($1, $2) \
-             ON CONFLICT (consumer) DO UPDATE SET last_id = excluded.last_id \
-             WHERE event_offsets.last_id < excluded.last_id",
-        )
-        .bind(stream)
-        .bind(id)
-        .execute(c)
-        .await?
-        .rows_affected()
-    });
+    let moved = tx_execute!(
+        tx,
+        "INSERT INTO event_offsets (consumer, last_id) VALUES ($1, $2) \
+         ON CONFLICT (consumer) DO UPDATE SET last_id = excluded.last_id \
+         WHERE event_offsets.last_id < excluded.last_id",
+        stream,
+        id
+    )?;
     Ok(moved == 1)
 }
 
 async fn upsert_offset(tx: &mut Tx, consumer: &str, last_id: i64) -> Result<()> {
-    on_tx!(tx, c => {
-        sqlx::query(
-            "INSERT INTO event_offsets (consumer, last_id) VALUES ($1, $2) \
-             ON CONFLICT (consumer) DO UPDATE SET last_id = excluded.last_id",
-        )
-        .bind(consumer)
-        .bind(last_id)
-        .execute(c)
-        .await?
-        .rows_affected()
-    });
+    tx_execute!(
+        tx,
+        "INSERT INTO event_offsets (consumer, last_id) VALUES ($1, $2) \
+         ON CONFLICT (consumer) DO UPDATE SET last_id = excluded.last_id",
+        consumer,
+        last_id
+    )?;
     Ok(())
 }

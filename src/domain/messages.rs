@@ -14,7 +14,7 @@ use crate::{
     db,
     db::inline::{FromSqlite, timestamp},
     error::{Error, Result},
-    events, fetch_all, on_tx,
+    events, fetch_all, tx_one,
 };
 
 #[derive(Debug, Clone, Serialize, Deserialize, FromRow, ToSchema, PartialEq)]
@@ -71,17 +71,15 @@ impl Domain {
             .finish()?;
         by.ensure_self_or_admin(user_id, "send messages as yourself")?;
         let mut tx = self.db.begin().await?;
-        let res: sqlx::Result<Message> = on_tx!(&mut tx, c => {
-            sqlx::query_as(
-                "INSERT INTO messages (content, user_id, timestamp) VALUES ($1, $2, $3) \
-                 RETURNING id, content, user_id, timestamp",
-            )
-            .bind(content)
-            .bind(user_id)
-            .bind(Utc::now())
-            .fetch_one(c)
-            .await
-        });
+        let now = Utc::now();
+        let res: sqlx::Result<Message> = tx_one!(
+            &mut tx,
+            "INSERT INTO messages (content, user_id, timestamp) VALUES ($1, $2, $3) \
+             RETURNING id, content, user_id, timestamp",
+            content,
+            user_id,
+            now
+        );
         let message = res.map_err(|e| {
             if db::is_foreign_key_violation(&e) {
                 Error::invalid("user_id", "value_error", "User does not exist")

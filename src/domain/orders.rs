@@ -12,7 +12,7 @@ use crate::{
     auth::Principal,
     db::inline::{FromSqlite, timestamp},
     error::{Error, Result},
-    events, fetch_all, fetch_optional, on_tx,
+    events, fetch_all, fetch_optional, tx_one,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
@@ -173,18 +173,16 @@ impl Domain {
         status: OrderStatus,
     ) -> Result<Order> {
         let mut tx = self.db.begin().await?;
-        let order: Order = on_tx!(&mut tx, c => {
-            sqlx::query_as(
-                "INSERT INTO orders (user_id, total, status, created_at) VALUES ($1, $2, $3, $4) \
-                 RETURNING id, user_id, total, status, created_at",
-            )
-            .bind(user_id)
-            .bind(total)
-            .bind(status.as_str())
-            .bind(Utc::now())
-            .fetch_one(c)
-            .await?
-        });
+        let now = Utc::now();
+        let order: Order = tx_one!(
+            &mut tx,
+            "INSERT INTO orders (user_id, total, status, created_at) VALUES ($1, $2, $3, $4) \
+             RETURNING id, user_id, total, status, created_at",
+            user_id,
+            total,
+            status.as_str(),
+            now
+        )?;
         events::append(
             &mut tx,
             "order.created",

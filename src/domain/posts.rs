@@ -15,7 +15,7 @@ use crate::{
     db,
     db::inline::{FromSqlite, timestamp},
     error::{Error, Result},
-    events, fetch_all, fetch_optional, on_tx,
+    events, fetch_all, fetch_optional, tx_execute, tx_one, tx_optional,
 };
 
 #[derive(Debug, Clone, Serialize, Deserialize, FromRow, ToSchema, PartialEq)]
@@ -168,19 +168,16 @@ impl Domain {
         by.ensure_self_or_admin(author_id, "create posts as yourself")?;
         let now = Utc::now();
         let mut tx = self.db.begin().await?;
-        let res: sqlx::Result<Post> = on_tx!(&mut tx, c => {
-            sqlx::query_as(
-                "INSERT INTO posts (title, content, author_id, created_at, updated_at) \
-                 VALUES ($1, $2, $3, $4, $4) \
-                 RETURNING id, title, content, author_id, created_at, updated_at",
-            )
-            .bind(&new.title)
-            .bind(&new.content)
-            .bind(author_id)
-            .bind(now)
-            .fetch_one(c)
-            .await
-        });
+        let res: sqlx::Result<Post> = tx_one!(
+            &mut tx,
+            "INSERT INTO posts (title, content, author_id, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $4) \
+             RETURNING id, title, content, author_id, created_at, updated_at",
+            &new.title,
+            &new.content,
+            author_id,
+            now
+        );
         let post = res.map_err(|e| missing_reference(e, "author_id", "Author"))?;
         events::append(&mut tx, "post.created", &post).await?;
         self.commit(tx).await?;
@@ -206,19 +203,17 @@ impl Domain {
             return Ok(current);
         }
         let mut tx = self.db.begin().await?;
-        let post: Option<Post> = on_tx!(&mut tx, c => {
-            sqlx::query_as(
-                "UPDATE posts SET title = COALESCE($1, title), content = COALESCE($2, content), \
-                 updated_at = $3 WHERE id = $4 \
-                 RETURNING id, title, content, author_id, created_at, updated_at",
-            )
-            .bind(patch.title)
-            .bind(patch.content)
-            .bind(Utc::now())
-            .bind(id)
-            .fetch_optional(c)
-            .await?
-        });
+        let now = Utc::now();
+        let post: Option<Post> = tx_optional!(
+            &mut tx,
+            "UPDATE posts SET title = COALESCE($1, title), content = COALESCE($2, content), \
+             updated_at = $3 WHERE id = $4 \
+             RETURNING id, title, content, author_id, created_at, updated_at",
+            patch.title,
+            patch.content,
+            now,
+            id
+        )?;
         let post = post.ok_or_else(|| Error::NotFound("Post not found".into()))?;
         events::append(&mut tx, "post.updated", &post).await?;
         self.commit(tx).await?;
@@ -230,9 +225,7 @@ impl Domain {
         let current = self.get_post(id).await?;
         by.ensure_self_or_admin(current.author_id, "delete your own posts")?;
         let mut tx = self.db.begin().await?;
-        let deleted = on_tx!(&mut tx, c => {
-            sqlx::query("DELETE FROM posts WHERE id = $1").bind(id).execute(c).await?.rows_affected()
-        });
+        let deleted = tx_execute!(&mut tx, "DELETE FROM posts WHERE id = $1", id)?;
         if deleted == 0 {
             return Err(Error::NotFound("Post not found".into()));
         }
@@ -290,18 +283,16 @@ impl Domain {
         by.ensure_self_or_admin(user_id, "comment as yourself")?;
         self.get_post(post_id).await?;
         let mut tx = self.db.begin().await?;
-        let res: sqlx::Result<Comment> = on_tx!(&mut tx, c => {
-            sqlx::query_as(
-                "INSERT INTO comments (content, post_id, user_id, created_at) VALUES ($1, $2, $3, $4) \
-                 RETURNING id, content, post_id, user_id, created_at",
-            )
-            .bind(content)
-            .bind(post_id)
-            .bind(user_id)
-            .bind(Utc::now())
-            .fetch_one(c)
-            .await
-        });
+        let now = Utc::now();
+        let res: sqlx::Result<Comment> = tx_one!(
+            &mut tx,
+            "INSERT INTO comments (content, post_id, user_id, created_at) VALUES ($1, $2, $3, $4) \
+             RETURNING id, content, post_id, user_id, created_at",
+            content,
+            post_id,
+            user_id,
+            now
+        );
         let comment = res.map_err(|e| missing_reference(e, "user_id", "User or post"))?;
         events::append(&mut tx, "comment.created", &comment).await?;
         self.commit(tx).await?;

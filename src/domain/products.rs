@@ -14,7 +14,7 @@ use crate::{
     auth::Principal,
     db::inline::FromSqlite,
     error::{Error, FieldError, Result},
-    events, fetch_all, fetch_optional, on_tx,
+    events, fetch_all, fetch_optional, tx_execute, tx_one, tx_optional,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
@@ -229,22 +229,21 @@ impl Domain {
         by.ensure_admin()?;
         new.validate()?;
         let mut tx = self.db.begin().await?;
-        let row: ProductRow = on_tx!(&mut tx, c => {
-            sqlx::query_as(
-                "INSERT INTO products (name, description, price_amount, price_currency, category, tags, metadata) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) \
-                 RETURNING id, name, description, price_amount, price_currency, category, tags, metadata",
-            )
-            .bind(&new.name)
-            .bind(&new.description)
-            .bind(new.price.amount)
-            .bind(&new.price.currency)
-            .bind(new.category.as_str())
-            .bind(serde_json::to_string(&new.tags).map_err(Error::internal)?)
-            .bind(serde_json::to_string(&new.metadata).map_err(Error::internal)?)
-            .fetch_one(c)
-            .await?
-        });
+        let tags = serde_json::to_string(&new.tags).map_err(Error::internal)?;
+        let metadata = serde_json::to_string(&new.metadata).map_err(Error::internal)?;
+        let row: ProductRow = tx_one!(
+            &mut tx,
+            "INSERT INTO products (name, description, price_amount, price_currency, category, tags, metadata) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             RETURNING id, name, description, price_amount, price_currency, category, tags, metadata",
+            &new.name,
+            &new.description,
+            new.price.amount,
+            &new.price.currency,
+            new.category.as_str(),
+            tags,
+            metadata
+        )?;
         let product = Product::try_from(row)?;
         events::append(&mut tx, "product.created", &product).await?;
         self.commit(tx).await?;
@@ -261,23 +260,22 @@ impl Domain {
         by.ensure_admin()?;
         new.validate()?;
         let mut tx = self.db.begin().await?;
-        let row: Option<ProductRow> = on_tx!(&mut tx, c => {
-            sqlx::query_as(
-                "UPDATE products SET name = $1, description = $2, price_amount = $3, price_currency = $4, \
-                 category = $5, tags = $6, metadata = $7 WHERE id = $8 \
-                 RETURNING id, name, description, price_amount, price_currency, category, tags, metadata",
-            )
-            .bind(&new.name)
-            .bind(&new.description)
-            .bind(new.price.amount)
-            .bind(&new.price.currency)
-            .bind(new.category.as_str())
-            .bind(serde_json::to_string(&new.tags).map_err(Error::internal)?)
-            .bind(serde_json::to_string(&new.metadata).map_err(Error::internal)?)
-            .bind(id)
-            .fetch_optional(c)
-            .await?
-        });
+        let tags = serde_json::to_string(&new.tags).map_err(Error::internal)?;
+        let metadata = serde_json::to_string(&new.metadata).map_err(Error::internal)?;
+        let row: Option<ProductRow> = tx_optional!(
+            &mut tx,
+            "UPDATE products SET name = $1, description = $2, price_amount = $3, price_currency = $4, \
+             category = $5, tags = $6, metadata = $7 WHERE id = $8 \
+             RETURNING id, name, description, price_amount, price_currency, category, tags, metadata",
+            &new.name,
+            &new.description,
+            new.price.amount,
+            &new.price.currency,
+            new.category.as_str(),
+            tags,
+            metadata,
+            id
+        )?;
         let product = Product::try_from(row.ok_or_else(|| not_found(id))?)?;
         events::append(&mut tx, "product.updated", &product).await?;
         self.commit(tx).await?;
@@ -289,9 +287,7 @@ impl Domain {
     pub async fn delete_product(&self, by: &Principal, id: i64) -> Result<()> {
         by.ensure_admin()?;
         let mut tx = self.db.begin().await?;
-        let deleted = on_tx!(&mut tx, c => {
-            sqlx::query("DELETE FROM products WHERE id = $1").bind(id).execute(c).await?.rows_affected()
-        });
+        let deleted = tx_execute!(&mut tx, "DELETE FROM products WHERE id = $1", id)?;
         if deleted == 0 {
             return Err(not_found(id));
         }

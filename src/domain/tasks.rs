@@ -20,7 +20,7 @@ use crate::{
     auth::Principal,
     db::inline::{FromSqlite, timestamp},
     error::{Error, Result},
-    events, fetch_all, fetch_optional, on_tx,
+    events, fetch_all, fetch_optional, tx_execute, tx_one,
 };
 
 /// Users summarised per step of a report.
@@ -112,19 +112,16 @@ impl Domain {
         let id = uuid::Uuid::new_v4().to_string();
         let now = Utc::now();
         let mut tx = self.db.begin().await?;
-        let row: TaskRow = on_tx!(&mut tx, c => {
-            sqlx::query_as(
-                "INSERT INTO tasks (id, kind, status, progress, created_by, created_at, updated_at) \
-                 VALUES ($1, $2, 'pending', 0, $3, $4, $4) \
-                 RETURNING id, kind, status, progress, result, error, created_at, updated_at",
-            )
-            .bind(&id)
-            .bind(&new.kind)
-            .bind(by.user_id)
-            .bind(now)
-            .fetch_one(c)
-            .await?
-        });
+        let row: TaskRow = tx_one!(
+            &mut tx,
+            "INSERT INTO tasks (id, kind, status, progress, created_by, created_at, updated_at) \
+             VALUES ($1, $2, 'pending', 0, $3, $4, $4) \
+             RETURNING id, kind, status, progress, result, error, created_at, updated_at",
+            &id,
+            &new.kind,
+            by.user_id,
+            now
+        )?;
         events::append(
             &mut tx,
             "task.created",
@@ -237,16 +234,15 @@ impl Domain {
 
     async fn set_progress(&self, id: &str, status: &str, progress: i32) -> Result<()> {
         let mut tx = self.db.begin().await?;
-        on_tx!(&mut tx, c => {
-            sqlx::query("UPDATE tasks SET status = $1, progress = $2, updated_at = $3 WHERE id = $4")
-                .bind(status)
-                .bind(progress)
-                .bind(Utc::now())
-                .bind(id)
-                .execute(c)
-                .await?
-                .rows_affected()
-        });
+        let now = Utc::now();
+        tx_execute!(
+            &mut tx,
+            "UPDATE tasks SET status = $1, progress = $2, updated_at = $3 WHERE id = $4",
+            status,
+            progress,
+            now,
+            id
+        )?;
         events::append(
             &mut tx,
             "task.progress",
@@ -270,20 +266,17 @@ impl Domain {
             Err(e) => ("failed", 100, None, Some(e)),
         };
         let mut tx = self.db.begin().await?;
-        on_tx!(&mut tx, c => {
-            sqlx::query(
-                "UPDATE tasks SET status = $1, progress = $2, result = $3, error = $4, updated_at = $5 WHERE id = $6",
-            )
-            .bind(status)
-            .bind(progress)
-            .bind(result)
-            .bind(error)
-            .bind(Utc::now())
-            .bind(id)
-            .execute(c)
-            .await?
-            .rows_affected()
-        });
+        let now = Utc::now();
+        tx_execute!(
+            &mut tx,
+            "UPDATE tasks SET status = $1, progress = $2, result = $3, error = $4, updated_at = $5 WHERE id = $6",
+            status,
+            progress,
+            result,
+            error,
+            now,
+            id
+        )?;
         events::append(
             &mut tx,
             &format!("task.{status}"),

@@ -16,7 +16,7 @@ use crate::{
     db::inline::{FromSqlite, timestamp},
     db::{self, Tx},
     error::{Error, Result},
-    events, fetch_all, fetch_optional, on_tx,
+    events, fetch_all, fetch_optional, tx_execute, tx_one,
 };
 
 /// A user of the system.
@@ -317,9 +317,7 @@ impl Domain {
         let mut tx = self.db.begin().await?;
         let sql = "INSERT INTO friendships (user_id, friend_id) VALUES ($1, $2), ($2, $1) \
                    ON CONFLICT DO NOTHING";
-        let added = on_tx!(&mut tx, c => {
-            sqlx::query(sql).bind(user_id).bind(friend_id).execute(c).await?.rows_affected()
-        });
+        let added = tx_execute!(&mut tx, sql, user_id, friend_id)?;
         if added > 0 {
             events::append(
                 &mut tx,
@@ -337,9 +335,7 @@ impl Domain {
         let mut tx = self.db.begin().await?;
         let sql = "DELETE FROM friendships \
                    WHERE (user_id = $1 AND friend_id = $2) OR (user_id = $2 AND friend_id = $1)";
-        let removed = on_tx!(&mut tx, c => {
-            sqlx::query(sql).bind(user_id).bind(friend_id).execute(c).await?.rows_affected()
-        });
+        let removed = tx_execute!(&mut tx, sql, user_id, friend_id)?;
         if removed == 0 {
             return Err(Error::NotFound("Friendship not found".into()));
         }
@@ -372,17 +368,17 @@ async fn insert_user(
                VALUES ($1, $2, $3, $4, $5, $6, $7) \
                RETURNING id, name, email, age, role, created_at";
     let age = age.map(|a| a as i32);
-    let res: sqlx::Result<User> = on_tx!(tx, c => {
-        sqlx::query_as(sql)
-            .bind(name)
-            .bind(email)
-            .bind(age)
-            .bind(role.as_str())
-            .bind(username)
-            .bind(password_hash)
-            .bind(Utc::now())
-            .fetch_one(c)
-            .await
-    });
+    let now = Utc::now();
+    let res: sqlx::Result<User> = tx_one!(
+        tx,
+        sql,
+        name,
+        email,
+        age,
+        role.as_str(),
+        username,
+        password_hash,
+        now
+    );
     res.map_err(email_conflict)
 }

@@ -42,6 +42,40 @@ async fn data_survives_a_restart() {
     app.stop().await;
 }
 
+/// Every write prism acknowledged was committed: killed without warning
+/// (no shutdown to finish anything) right after 200 concurrent writes, which
+/// share commits, prism restarts with every one of them.
+#[tokio::test]
+async fn acknowledged_writes_survive_a_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path()).await;
+    let client = reqwest::Client::builder().timeout(WAIT).build().unwrap();
+    let token = alice_token_at(&client, &server.url("")).await;
+    let writes = (0..200).map(|i| {
+        let request = client
+            .post(server.url("/posts"))
+            .bearer_auth(&token)
+            .json(&json!({"title": format!("t{i}"), "content": "kept"}));
+        async move {
+            let answer = request.send().await.unwrap();
+            assert_eq!(answer.status(), StatusCode::CREATED);
+            let post: serde_json::Value = answer.json().await.unwrap();
+            post["id"].as_i64().unwrap()
+        }
+    });
+    let ids = futures::future::join_all(writes).await;
+    server.signal("-KILL");
+    server.wait_exit().await;
+
+    let server = Server::start(dir.path()).await;
+    for id in ids {
+        let post = json_at(&client, server.url(&format!("/posts/{id}"))).await;
+        assert_eq!(post["content"], "kept", "post {id}: {post}");
+    }
+    server.signal("-TERM");
+    assert!(server.wait_exit().await.success());
+}
+
 /// `prism serve` as a child process.
 struct Server;
 
