@@ -445,8 +445,14 @@ impl WriteTx {
         let writer = self.writer.clone();
         let open = self.open;
         tokio::task::spawn_blocking(move || {
+            // A panic must not leave this writer's statements in the group's
+            // transaction: it comes back as an error, and the savepoint is
+            // rolled back like any other.
             let out = match held.as_ref() {
-                Some(c) => f(c).map_err(to_sqlx),
+                Some(c) => match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(c))) {
+                    Ok(out) => out.map_err(to_sqlx),
+                    Err(_) => Err(sqlx::Error::WorkerCrashed),
+                },
                 None => Err(sqlx::Error::PoolClosed),
             };
             if let Err((held, _)) = back.send((held, out)) {
@@ -745,6 +751,25 @@ mod tests {
         assert_eq!(within(values(&db)).await, Vec::<i64>::new());
         within(tx.commit()).await.unwrap();
         assert_eq!(within(values(&db)).await, [1]);
+    }
+
+    /// Code that panics on the blocking thread, part way through a write,
+    /// leaves none of that write behind: only the writers after it commit.
+    #[tokio::test]
+    async fn a_panic_on_the_blocking_thread_takes_back_its_write() {
+        let (_dir, db, writer) = open().await;
+        let mut tx = writer.begin().await.unwrap();
+        insert(&mut tx, 1).await.unwrap();
+        let crashed = tx
+            .blocking(|_| -> rusqlite::Result<()> { panic!("this test's statement panics") })
+            .await;
+        assert!(
+            matches!(crashed, Err(sqlx::Error::WorkerCrashed)),
+            "{crashed:?}"
+        );
+        drop(tx);
+        within(spawn_write(&writer, 2)).await.unwrap().unwrap();
+        assert_eq!(values(&db).await, [2]);
     }
 
     /// An acknowledged write survives a power cut (the log synced at each
