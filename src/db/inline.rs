@@ -173,13 +173,7 @@ impl InlineReads {
         T: FromSqlite + Send + 'static,
         P: rusqlite::Params + Clone + Send + 'static,
     {
-        self.read(move |c| {
-            let mut statement = prepare(c, sql)?;
-            statement
-                .query_map(params.clone(), T::from_sqlite)?
-                .collect()
-        })
-        .await
+        self.read(move |c| query_all(c, sql, params.clone())).await
     }
 
     /// Every row of a statement made at run time (an `IN` list, a filter),
@@ -189,13 +183,8 @@ impl InlineReads {
         T: FromSqlite + Send + 'static,
         V: rusqlite::ToSql + Send + 'static,
     {
-        self.read(move |c| {
-            let mut statement = prepare(c, &sql)?;
-            statement
-                .query_map(rusqlite::params_from_iter(&params), T::from_sqlite)?
-                .collect()
-        })
-        .await
+        self.read(move |c| query_all(c, &sql, rusqlite::params_from_iter(&params)))
+            .await
     }
 
     /// The first row `sql` selects, if any.
@@ -204,13 +193,8 @@ impl InlineReads {
         T: FromSqlite + Send + 'static,
         P: rusqlite::Params + Clone + Send + 'static,
     {
-        self.read(move |c| {
-            let mut statement = prepare(c, sql)?;
-            statement
-                .query_row(params.clone(), T::from_sqlite)
-                .optional()
-        })
-        .await
+        self.read(move |c| query_optional(c, sql, params.clone()))
+            .await
     }
 
     /// Reads that needed more than the budget, run on a blocking thread.
@@ -246,6 +230,28 @@ pub(crate) fn prepare<'c>(
         "parameters of {sql:?} are not $1, $2, ... in order"
     );
     Ok(statement)
+}
+
+/// Every row `sql` selects with `params`, on `c` (a reader or the writer).
+pub(crate) fn query_all<T: FromSqlite>(
+    c: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> rusqlite::Result<Vec<T>> {
+    prepare(c, sql)?
+        .query_map(params, T::from_sqlite)?
+        .collect()
+}
+
+/// The first row `sql` selects with `params`, if any, on `c`.
+pub(crate) fn query_optional<T: FromSqlite>(
+    c: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> rusqlite::Result<Option<T>> {
+    prepare(c, sql)?
+        .query_row(params, T::from_sqlite)
+        .optional()
 }
 
 fn connect(path: &Path) -> rusqlite::Result<Conn> {

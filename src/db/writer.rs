@@ -36,12 +36,10 @@ use std::{
     time::Duration,
 };
 
-use rusqlite::{
-    Connection, ErrorCode, OpenFlags, OptionalExtension, params_from_iter, types::Value,
-};
+use rusqlite::{Connection, ErrorCode, OpenFlags, params_from_iter, types::Value};
 use tokio::sync::{Mutex, Notify, OwnedMutexGuard, oneshot, watch};
 
-use super::inline::FromSqlite;
+use super::inline::{FromSqlite, query_all, query_optional};
 
 /// How long a writer waits for the connection before giving up (answered
 /// as the database being unavailable): long enough for any burst of writes
@@ -390,7 +388,7 @@ impl WriteTx {
         args: Vec<Value>,
     ) -> sqlx::Result<Option<T>> {
         let c = self.conn()?;
-        optional(c, sql, args).map_err(to_sqlx)
+        query_optional(c, sql, params_from_iter(args)).map_err(to_sqlx)
     }
 
     /// Every row a statement returns.
@@ -400,7 +398,7 @@ impl WriteTx {
         args: Vec<Value>,
     ) -> sqlx::Result<Vec<T>> {
         let c = self.conn()?;
-        all(c, sql, args).map_err(to_sqlx)
+        query_all(c, sql, params_from_iter(args)).map_err(to_sqlx)
     }
 
     /// [`WriteTx::execute`] on a blocking thread.
@@ -420,7 +418,8 @@ impl WriteTx {
         sql: &'static str,
         args: Vec<Value>,
     ) -> sqlx::Result<Option<T>> {
-        self.blocking(move |c| optional(c, sql, args)).await
+        self.blocking(move |c| query_optional(c, sql, params_from_iter(args)))
+            .await
     }
 
     /// [`WriteTx::all`] on a blocking thread.
@@ -429,7 +428,8 @@ impl WriteTx {
         sql: &'static str,
         args: Vec<Value>,
     ) -> sqlx::Result<Vec<T>> {
-        self.blocking(move |c| all(c, sql, args)).await
+        self.blocking(move |c| query_all(c, sql, params_from_iter(args)))
+            .await
     }
 
     /// Runs `f` on the connection on a blocking thread: for what may wait
@@ -505,22 +505,6 @@ impl WriteTx {
             None => unreachable!("wait_for returns a value it waited for"),
         }
     }
-}
-
-fn optional<T: FromSqlite>(
-    c: &Connection,
-    sql: &str,
-    args: Vec<Value>,
-) -> rusqlite::Result<Option<T>> {
-    super::inline::prepare(c, sql)?
-        .query_row(params_from_iter(args), T::from_sqlite)
-        .optional()
-}
-
-fn all<T: FromSqlite>(c: &Connection, sql: &str, args: Vec<Value>) -> rusqlite::Result<Vec<T>> {
-    super::inline::prepare(c, sql)?
-        .query_map(params_from_iter(args), T::from_sqlite)?
-        .collect()
 }
 
 /// What every writer of a group whose commit failed is told: the database
