@@ -10,6 +10,7 @@
 # others from) measures the reads and writes on PostgreSQL too, in a database
 # of their own made afresh each round; its writes per commit are requests per
 # WAL sync (`pg_stat_wal`, server-wide: nothing else should write meanwhile).
+# ONLY=writes skips the reads (and leaves their section as it is).
 # Writes its sections of docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -97,10 +98,12 @@ measure() {
     local pg=
     [ "$2" = pg ] && pg=pg
     start "${bin[$1]}" "${3:-}"
-    wrk -t2 -c64 -d1s "http://127.0.0.1:$port/users/1/posts" >/dev/null
-    for path in "${reads[@]}"; do
-        rows[$1/$2/$path]+="$(read_load "$path")"$'\n'
-    done
+    if [ "${ONLY:-}" != writes ]; then
+        wrk -t2 -c64 -d1s "http://127.0.0.1:$port/users/1/posts" >/dev/null
+        for path in "${reads[@]}"; do
+            rows[$1/$2/$path]+="$(read_load "$path")"$'\n'
+        done
+    fi
     for write in broadcast posts; do
         for c in 2 32 256; do
             rows[$1/$2/$write/$c]+="$(load "$write" "$c" $pg)"$'\n'
@@ -122,7 +125,7 @@ done
 databases=(sqlite)
 [ -n "${PG_URL:-}" ] && databases+=(pg)
 
-{
+[ "${ONLY:-}" = writes ] || {
     echo "## Store reads"
     echo
     echo "$(machine); wrk, 2 threads, 64 connections, $duration per row, release build; each row is"

@@ -119,6 +119,7 @@ impl App {
         let workers = TaskTracker::new();
         let stop_workers = CancellationToken::new();
         workers.spawn(events.clone().run_pump(stop_workers.clone()));
+        workers.spawn(events.clone().run_announcer(stop_workers.clone()));
         workers.spawn(events.clone().run_retention(stop_workers.clone()));
         let ticker = Ticker::new(config.ticker_interval);
         let jobs = TaskTracker::new();

@@ -168,6 +168,7 @@ pub struct Metrics {
     events_head: Gauge,
     events_delivered: Gauge,
     events_gaps_settled: Gauge,
+    event_notifications_sent: Gauge,
     event_subscribers: Gauge,
     cache_entries: Gauge,
     sse_connections: Gauge,
@@ -300,6 +301,7 @@ impl Default for Metrics {
             events_head: Gauge::default(),
             events_delivered: Gauge::default(),
             events_gaps_settled: Gauge::default(),
+            event_notifications_sent: Gauge::default(),
             event_subscribers: Gauge::default(),
             cache_entries: Gauge::default(),
             sse_connections: Gauge::default(),
@@ -332,6 +334,12 @@ impl Default for Metrics {
             "Times this process's pump found an event id missing for long and waited for \
              the writers in flight to know it was rolled back (PostgreSQL)",
             m.events_gaps_settled.clone(),
+        );
+        r.register(
+            "event_notifications_sent",
+            "Notifications this process sent to wake the event pumps of other processes \
+             sharing its PostgreSQL database (none while no other process listens)",
+            m.event_notifications_sent.clone(),
         );
         r.register(
             "event_subscribers",
@@ -390,6 +398,8 @@ impl Metrics {
         self.events_head.set(events.head());
         self.events_delivered.set(events.delivered_count() as i64);
         self.events_gaps_settled.set(events.gaps_settled() as i64);
+        self.event_notifications_sent
+            .set(events.notifications_sent() as i64);
         self.event_subscribers.set(events.subscriber_count() as i64);
         self.cache_entries.set(state.domain.cache_size() as i64);
         self.sse_connections

@@ -66,8 +66,8 @@ pub enum Pools {
         write: Arc<writer::Writer>,
     },
     Postgres {
-        /// Writes, and what holds a connection of its own (LISTEN, the
-        /// relay's lock).
+        /// Writes, and what holds a connection of its own (the relay's
+        /// lock). The event log's listener and announcer connect apart.
         pool: PgPool,
         read: Arc<reader::Readers<sqlx::PgConnection>>,
     },

@@ -290,6 +290,104 @@ async fn postgres_processes_see_each_others_events() {
     assert_eq!(ids, [written_on_a, written_on_b]);
 }
 
+/// A process alone on its database wakes no one: it sends no notification,
+/// also for the commits of requests that finished as it stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_process_alone_sends_no_notifications() {
+    let Some(url) = postgres_url().await else {
+        return;
+    };
+    let (app, domain) = Backend::Postgres(url).instance(|_| {}).await;
+    let mut stream = Box::pin(domain.events().subscribe(None, EventFilter::all()));
+    for i in 0..3 {
+        write(&domain, i).await;
+    }
+    take_events(&mut stream, 3).await;
+    // Stopping waits for the announcer to finish what it was given.
+    tokio::time::timeout(WAIT, app.run_until_stopped(async {}))
+        .await
+        .expect("shutdown")
+        .unwrap();
+    assert_eq!(domain.events().notifications_sent(), 0);
+}
+
+/// A process that starts listening after another has looked for listeners
+/// still gets that other's next commits, with polling off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_process_started_later_is_woken_too() {
+    let Some(url) = postgres_url().await else {
+        return;
+    };
+    let backend = Backend::Postgres(url);
+    let no_polling = |c: &mut Config| c.event_poll = Duration::from_secs(3600);
+    let (_a, a) = backend.instance(no_polling).await;
+    let mut on_a = Box::pin(a.events().subscribe(None, EventFilter::all()));
+    write(&a, 1).await;
+    take_events(&mut on_a, 1).await;
+    let (_b, b) = backend.instance(no_polling).await;
+    let mut on_b = Box::pin(b.events().subscribe(None, EventFilter::all()));
+    let written = write(&a, 2).await;
+    let got = take_events(&mut on_b, 1).await;
+    assert_eq!(
+        got[0].payload_as::<serde_json::Value>().unwrap()["id"],
+        written
+    );
+}
+
+/// A process whose notifying connection is lost (here the server ends it)
+/// connects again and goes on waking the others, whose poll timers are too
+/// long to help.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_notifications_resume_after_the_connection_sending_them_is_lost() {
+    let Some(url) = postgres_url().await else {
+        return;
+    };
+    let backend = Backend::Postgres(url);
+    let no_polling = |c: &mut Config| c.event_poll = Duration::from_secs(3600);
+    let (_a, a) = backend.instance(no_polling).await;
+    let (_b, b) = backend.instance(no_polling).await;
+    let mut on_b = Box::pin(b.events().subscribe(None, EventFilter::all()));
+    let before = write(&a, 1).await;
+    let got = take_events(&mut on_b, 1).await;
+    assert_eq!(
+        got[0].payload_as::<serde_json::Value>().unwrap()["id"],
+        before
+    );
+
+    // Only `a` has written, so only its announcer is connected.
+    let pool = a.db().postgres().unwrap();
+    let pids: Vec<i32> = sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity \
+         WHERE application_name = $1 AND datname = current_database()",
+    )
+    .bind(events::ANNOUNCER_NAME)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert_eq!(pids.len(), 1, "one announcer connection");
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(pids[0])
+        .execute(pool)
+        .await
+        .unwrap();
+    crate::helpers::eventually("the announcer's connection to end", || async {
+        let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM pg_stat_activity WHERE pid = $1")
+            .bind(pids[0])
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        (left == 0).then_some(())
+    })
+    .await;
+
+    let after = write(&a, 2).await;
+    let got = take_events(&mut on_b, 1).await;
+    assert_eq!(
+        got[0].payload_as::<serde_json::Value>().unwrap()["id"],
+        after
+    );
+}
+
 /// The outbox trap: transaction A draws the lower event id, B the higher, and
 /// B commits first. B does not wait for A (writers never take turns), yet no
 /// reader gets B before A's fate is known: not the live feed, not a replay,
