@@ -119,6 +119,18 @@ async fn take_events(stream: impl Stream<Item = Item> + Unpin, n: usize) -> Vec<
     out
 }
 
+/// The id of the product (see [`write`]) that `stream` receives next.
+async fn next_product_id(stream: impl Stream<Item = Item> + Unpin) -> serde_json::Value {
+    let got = take_events(stream, 1).await;
+    got[0].payload_as::<serde_json::Value>().unwrap()["id"].clone()
+}
+
+/// Poll timers too long to help within a test's wait: only notifications
+/// wake the pumps of instances sharing a database.
+fn no_polling(c: &mut Config) {
+    c.event_poll = Duration::from_secs(3600);
+}
+
 async fn all_event_ids(domain: &Domain, after: i64) -> Vec<i64> {
     domain
         .events()
@@ -255,11 +267,7 @@ async fn retention_truncates_and_resume_gets_reset(backend: Backend) {
         other => panic!("expected a reset, got {other:?}"),
     }
     let fresh = write(&domain, 6).await;
-    let got = take_events(&mut stream, 1).await;
-    assert_eq!(
-        got[0].payload_as::<serde_json::Value>().unwrap()["id"],
-        fresh
-    );
+    assert_eq!(next_product_id(&mut stream).await, fresh);
 }
 
 /// Instances sharing a database wake each other's pumps with `NOTIFY` alone:
@@ -270,17 +278,12 @@ async fn postgres_processes_see_each_others_events() {
         return;
     };
     let backend = Backend::Postgres(url);
-    let no_polling = |c: &mut Config| c.event_poll = Duration::from_secs(3600);
     let (_a, a) = backend.instance(no_polling).await;
     let (_b, b) = backend.instance(no_polling).await;
     let mut on_b = Box::pin(b.events().subscribe(None, EventFilter::all()));
     let mut on_a = Box::pin(a.events().subscribe(None, EventFilter::all()));
     let written_on_a = write(&a, 1).await;
-    let got = take_events(&mut on_b, 1).await;
-    assert_eq!(
-        got[0].payload_as::<serde_json::Value>().unwrap()["id"],
-        written_on_a
-    );
+    assert_eq!(next_product_id(&mut on_b).await, written_on_a);
     let written_on_b = write(&b, 2).await;
     let got = take_events(&mut on_a, 2).await;
     let ids: Vec<_> = got
@@ -319,7 +322,6 @@ async fn postgres_a_process_started_later_is_woken_too() {
         return;
     };
     let backend = Backend::Postgres(url);
-    let no_polling = |c: &mut Config| c.event_poll = Duration::from_secs(3600);
     let (_a, a) = backend.instance(no_polling).await;
     let mut on_a = Box::pin(a.events().subscribe(None, EventFilter::all()));
     write(&a, 1).await;
@@ -327,11 +329,7 @@ async fn postgres_a_process_started_later_is_woken_too() {
     let (_b, b) = backend.instance(no_polling).await;
     let mut on_b = Box::pin(b.events().subscribe(None, EventFilter::all()));
     let written = write(&a, 2).await;
-    let got = take_events(&mut on_b, 1).await;
-    assert_eq!(
-        got[0].payload_as::<serde_json::Value>().unwrap()["id"],
-        written
-    );
+    assert_eq!(next_product_id(&mut on_b).await, written);
 }
 
 /// A process whose notifying connection is lost (here the server ends it)
@@ -343,16 +341,11 @@ async fn postgres_notifications_resume_after_the_connection_sending_them_is_lost
         return;
     };
     let backend = Backend::Postgres(url);
-    let no_polling = |c: &mut Config| c.event_poll = Duration::from_secs(3600);
     let (_a, a) = backend.instance(no_polling).await;
     let (_b, b) = backend.instance(no_polling).await;
     let mut on_b = Box::pin(b.events().subscribe(None, EventFilter::all()));
     let before = write(&a, 1).await;
-    let got = take_events(&mut on_b, 1).await;
-    assert_eq!(
-        got[0].payload_as::<serde_json::Value>().unwrap()["id"],
-        before
-    );
+    assert_eq!(next_product_id(&mut on_b).await, before);
 
     // Only `a` has written, so only its announcer is connected.
     let pool = a.db().postgres().unwrap();
@@ -381,11 +374,7 @@ async fn postgres_notifications_resume_after_the_connection_sending_them_is_lost
     .await;
 
     let after = write(&a, 2).await;
-    let got = take_events(&mut on_b, 1).await;
-    assert_eq!(
-        got[0].payload_as::<serde_json::Value>().unwrap()["id"],
-        after
-    );
+    assert_eq!(next_product_id(&mut on_b).await, after);
 }
 
 /// The outbox trap: transaction A draws the lower event id, B the higher, and
