@@ -43,8 +43,10 @@
 //! while another process listens: each pump's listening connection is named
 //! in `pg_stat_activity` (`LISTENER_PREFIX`), the announcer looks for others'
 //! at most once a second, and a pump that starts listening says so on the
-//! channel (`HELLO`), so the others look again at once. A process alone on
-//! its database sends no notifications at all. A pump takes every
+//! channel (`HELLO`) before it first reads the log, so the others look again
+//! and announce at once (a commit they did not announce because they did not
+//! know of it yet is announced then). A process alone on its database sends
+//! no notifications at all. A pump takes every
 //! notification that has arrived at once and reads the log only if one names
 //! an id past what it has read: its own commits, already read on the local
 //! wake, and a burst of others' cost one read, not one each. A poll timer is
@@ -573,12 +575,6 @@ impl EventLog {
             Some(pool) => connect_listener(pool, &self.inner.listener_name).await,
             None => None,
         };
-        // An announcer that last looked just before this process listened,
-        // and commits again before the hello reaches it, skips it: one read
-        // once every announcer has looked again catches that commit.
-        let mut look_again = listener
-            .as_ref()
-            .map(|_| Instant::now() + LISTENERS_RECHECK * 2);
         let mut failures = 0u32;
         // The first id found missing below later ones, and since when.
         let mut gap: Option<(i64, Instant)> = None;
@@ -643,14 +639,9 @@ impl EventLog {
                 _ = self.inner.wake.notified() => {}
                 _ = wait => {}
                 _ = tokio::time::sleep_until(settle_at.unwrap_or_else(Instant::now)), if settle_at.is_some() => {}
-                _ = tokio::time::sleep_until(look_again.unwrap_or_else(Instant::now)), if look_again.is_some() => {
-                    look_again = None;
-                }
                 _ = tokio::time::sleep(self.inner.poll) => {
                     if listener.is_none() && let Some(pool) = self.inner.db.postgres() {
                         listener = connect_listener(pool, &self.inner.listener_name).await;
-                        look_again =
-                            listener.as_ref().map(|_| Instant::now() + LISTENERS_RECHECK * 2);
                     }
                 }
             }
@@ -662,7 +653,12 @@ impl EventLog {
     /// a notification without one (a build that sent none) could name any.
     fn notified_id(&self, n: &sqlx::postgres::PgNotification) -> i64 {
         if n.payload() == HELLO {
+            // This process may have committed after the new listener's pump
+            // read the log and before this hello arrived, and not notified
+            // then, going by what its announcer had found before: it
+            // announces again now, to a listener it knows of.
             self.inner.hello.store(true, Ordering::Release);
+            self.inner.announce.notify_one();
             return 0;
         }
         n.payload().parse().unwrap_or(i64::MAX)

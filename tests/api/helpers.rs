@@ -404,8 +404,10 @@ impl Sse {
     }
 
     /// The next event (comments skipped), or `None` when the stream ends.
+    /// Fails after [`WAIT`] without one, keep-alive comments or not.
     pub async fn next(&mut self) -> Option<SseEvent> {
         use futures::StreamExt;
+        let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             if let Some(end) = self.buf.find("\n\n") {
                 let block: String = self.buf.drain(..end + 2).collect();
@@ -430,7 +432,7 @@ impl Sse {
                 ev.data = data.join("\n");
                 return Some(ev);
             }
-            let chunk = tokio::time::timeout(WAIT, self.body.next())
+            let chunk = tokio::time::timeout_at(deadline, self.body.next())
                 .await
                 .expect("timed out waiting for an SSE event");
             match chunk {
@@ -440,14 +442,19 @@ impl Sse {
         }
     }
 
-    /// The next event named `name` (others skipped).
+    /// The next event named `name` (others skipped), within [`WAIT`].
     pub async fn next_named(&mut self, name: &str) -> SseEvent {
-        loop {
-            let ev = self.next().await.expect("stream ended");
-            if ev.event.as_deref() == Some(name) {
-                return ev;
+        let named = async {
+            loop {
+                let ev = self.next().await.expect("stream ended");
+                if ev.event.as_deref() == Some(name) {
+                    return ev;
+                }
             }
-        }
+        };
+        tokio::time::timeout(WAIT, named)
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for an SSE `{name}` event"))
     }
 }
 

@@ -651,3 +651,39 @@ async fn shutdown_ends_sse_streams() {
     while counter.next().await.is_some() {}
     stopping.await.unwrap();
 }
+
+/// Two `prism serve` instances on one PostgreSQL database, their poll timers
+/// too long to help: a post written through one reaches an SSE client of the
+/// other, whose pump the writer's notification wakes (SPEC §1, scale-out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_an_sse_client_of_one_instance_gets_a_post_written_through_another() {
+    let Some(url) = crate::helpers::postgres_url().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = |sub: &str| {
+        let mut c = test_config(&dir.path().join(sub));
+        c.database_url = Some(url.clone());
+        c.jwt_secret = Some("a shared secret of at least thirty-two bytes".into());
+        c.event_poll = std::time::Duration::from_secs(3600);
+        c
+    };
+    let a = spawn_with(config("a")).await;
+    let b = spawn_with(config("b")).await;
+    let mut sse = Sse::connect(&b, "/events/feed?types=post.created", None).await;
+    let alice = a.alice_token().await;
+    let (status, post) = a
+        .send_json(
+            Method::POST,
+            "/posts",
+            Some(&alice),
+            Some(json!({"title": "Across", "content": "instances"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let ev = sse.next().await.unwrap();
+    assert_eq!(ev.event.as_deref(), Some("post.created"));
+    assert_eq!(ev.json()["payload"], post);
+    a.stop().await;
+    b.stop().await;
+}
