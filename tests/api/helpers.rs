@@ -259,11 +259,12 @@ impl Ws {
             .unwrap();
     }
 
-    /// The next message of any kind (pings are skipped).
+    /// The next message of any kind (pings are skipped), within [`WAIT`].
     pub async fn next(&mut self) -> Option<WsMessage> {
         use futures::StreamExt;
+        let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let msg = tokio::time::timeout(WAIT, self.0.next())
+            let msg = tokio::time::timeout_at(deadline, self.0.next())
                 .await
                 .expect("timed out waiting for a WebSocket message");
             match msg {
@@ -282,15 +283,20 @@ impl Ws {
         }
     }
 
-    /// The close code the server ends the connection with.
+    /// The close code the server ends the connection with, within [`WAIT`].
     pub async fn close_code(&mut self) -> Option<u16> {
-        loop {
-            match self.next().await {
-                Some(WsMessage::Close(frame)) => return frame.map(|f| f.code.into()),
-                Some(_) => continue,
-                None => return None,
+        let closed = async {
+            loop {
+                match self.next().await {
+                    Some(WsMessage::Close(frame)) => return frame.map(|f| f.code.into()),
+                    Some(_) => continue,
+                    None => return None,
+                }
             }
-        }
+        };
+        tokio::time::timeout(WAIT, closed)
+            .await
+            .expect("timed out waiting for the WebSocket to close")
     }
 }
 

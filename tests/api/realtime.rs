@@ -378,7 +378,12 @@ async fn logs_stream_the_servers_own_records_to_admins() {
         Some(json!({"username": marker, "password": "wrong-password"})),
     )
     .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
     loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the failed login never reached the log stream"
+        );
         let rec = sse.next().await.expect("log stream ended").json();
         if rec["message"] == "failed login" && rec["fields"]["username"] == marker.as_str() {
             assert_eq!(rec["level"], "info");
