@@ -36,6 +36,15 @@ pub fn test_config(dir: &std::path::Path) -> Config {
     }
 }
 
+/// The configuration of one of several instances sharing the PostgreSQL
+/// database `url` and a token secret, with a directory `dir/sub` of its own.
+pub fn shared_postgres_config(dir: &std::path::Path, sub: &str, url: &str) -> Config {
+    let mut c = test_config(&dir.join(sub));
+    c.database_url = Some(url.to_owned());
+    c.jwt_secret = Some("a shared secret of at least thirty-two bytes".into());
+    c
+}
+
 /// prism on SQLite in a fresh directory, with the demo data.
 pub async fn spawn_app() -> TestApp {
     let dir = tempfile::tempdir().unwrap();

@@ -3,7 +3,7 @@
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 
-use crate::helpers::{eventually, postgres_url, spawn_app, spawn_with, test_config};
+use crate::helpers::{eventually, postgres_url, shared_postgres_config, spawn_app, spawn_with};
 
 fn gizmo() -> serde_json::Value {
     json!({
@@ -192,14 +192,8 @@ async fn postgres_cache_follows_writes_from_another_instance() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let config = |sub: &str| {
-        let mut c = test_config(&dir.path().join(sub));
-        c.database_url = Some(url.clone());
-        c.jwt_secret = Some("a shared secret of at least thirty-two bytes".into());
-        c
-    };
-    let a = spawn_with(config("a")).await;
-    let b = spawn_with(config("b")).await;
+    let a = spawn_with(shared_postgres_config(dir.path(), "a", &url)).await;
+    let b = spawn_with(shared_postgres_config(dir.path(), "b", &url)).await;
     let (_, cached) = b.get_json("/products/1").await;
     assert_eq!(cached["name"], "Widget");
     let admin = a.admin_token().await;

@@ -6,7 +6,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::helpers::{
     STALLED_LOGIN, Sse, TestApp, WAIT, WsMessage, idle_connections_are_closed, node, node_clients,
-    spawn_app, spawn_with, spawn_with_idle_timeout, stalled_body_answer, test_config,
+    shared_postgres_config, spawn_app, spawn_with, spawn_with_idle_timeout, stalled_body_answer,
+    test_config,
 };
 
 async fn broadcast(app: &TestApp, token: &str, message: &str) {
@@ -667,9 +668,7 @@ async fn postgres_an_sse_client_of_one_instance_gets_a_post_written_through_anot
     };
     let dir = tempfile::tempdir().unwrap();
     let config = |sub: &str| {
-        let mut c = test_config(&dir.path().join(sub));
-        c.database_url = Some(url.clone());
-        c.jwt_secret = Some("a shared secret of at least thirty-two bytes".into());
+        let mut c = shared_postgres_config(dir.path(), sub, &url);
         c.event_poll = std::time::Duration::from_secs(3600);
         c
     };
