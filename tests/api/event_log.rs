@@ -125,6 +125,21 @@ async fn next_product_id(stream: impl Stream<Item = Item> + Unpin) -> serde_json
     got[0].payload_as::<serde_json::Value>().unwrap()["id"].clone()
 }
 
+/// Every event from now on, as `domain`'s process delivers them.
+fn live(domain: &Domain) -> std::pin::Pin<Box<impl Stream<Item = Item> + use<'_>>> {
+    Box::pin(domain.events().subscribe(None, EventFilter::all()))
+}
+
+/// Two instances on one fresh PostgreSQL database, polling off, or `None`
+/// without PostgreSQL.
+async fn two_postgres_instances_without_polling() -> Option<((App, Domain), (App, Domain))> {
+    let backend = Backend::Postgres(postgres_url().await?);
+    Some((
+        backend.instance(no_polling).await,
+        backend.instance(no_polling).await,
+    ))
+}
+
 /// Poll timers too long to help within a test's wait: only notifications
 /// wake the pumps of instances sharing a database.
 fn no_polling(c: &mut Config) {
@@ -222,8 +237,8 @@ async fn resume_mid_stream_has_no_gap_or_duplicate(backend: Backend) {
 async fn stalled_subscriber_is_cut_off_without_delaying_others(backend: Backend) {
     const BUFFER: usize = 8;
     let (_app, domain) = backend.instance(|c| c.event_buffer = BUFFER).await;
-    let mut stalled = Box::pin(domain.events().subscribe(None, EventFilter::all()));
-    let mut fast = Box::pin(domain.events().subscribe(None, EventFilter::all()));
+    let mut stalled = live(&domain);
+    let mut fast = live(&domain);
     // In lock-step: the fast subscriber gets each event while the stalled one
     // never reads. Neither the writer nor the fast reader waits for it.
     let mut last = 0;
@@ -274,14 +289,11 @@ async fn retention_truncates_and_resume_gets_reset(backend: Backend) {
 /// their poll timers are set too long to help within the test's wait.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_processes_see_each_others_events() {
-    let Some(url) = postgres_url().await else {
+    let Some(((_a, a), (_b, b))) = two_postgres_instances_without_polling().await else {
         return;
     };
-    let backend = Backend::Postgres(url);
-    let (_a, a) = backend.instance(no_polling).await;
-    let (_b, b) = backend.instance(no_polling).await;
-    let mut on_b = Box::pin(b.events().subscribe(None, EventFilter::all()));
-    let mut on_a = Box::pin(a.events().subscribe(None, EventFilter::all()));
+    let mut on_b = live(&b);
+    let mut on_a = live(&a);
     let written_on_a = write(&a, 1).await;
     assert_eq!(next_product_id(&mut on_b).await, written_on_a);
     let written_on_b = write(&b, 2).await;
@@ -301,7 +313,7 @@ async fn postgres_a_process_alone_sends_no_notifications() {
         return;
     };
     let (app, domain) = Backend::Postgres(url).instance(|_| {}).await;
-    let mut stream = Box::pin(domain.events().subscribe(None, EventFilter::all()));
+    let mut stream = live(&domain);
     for i in 0..3 {
         write(&domain, i).await;
     }
@@ -323,11 +335,11 @@ async fn postgres_a_process_started_later_is_woken_too() {
     };
     let backend = Backend::Postgres(url);
     let (_a, a) = backend.instance(no_polling).await;
-    let mut on_a = Box::pin(a.events().subscribe(None, EventFilter::all()));
+    let mut on_a = live(&a);
     write(&a, 1).await;
     take_events(&mut on_a, 1).await;
     let (_b, b) = backend.instance(no_polling).await;
-    let mut on_b = Box::pin(b.events().subscribe(None, EventFilter::all()));
+    let mut on_b = live(&b);
     let written = write(&a, 2).await;
     assert_eq!(next_product_id(&mut on_b).await, written);
 }
@@ -337,13 +349,10 @@ async fn postgres_a_process_started_later_is_woken_too() {
 /// long to help.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_notifications_resume_after_the_connection_sending_them_is_lost() {
-    let Some(url) = postgres_url().await else {
+    let Some(((_a, a), (_b, b))) = two_postgres_instances_without_polling().await else {
         return;
     };
-    let backend = Backend::Postgres(url);
-    let (_a, a) = backend.instance(no_polling).await;
-    let (_b, b) = backend.instance(no_polling).await;
-    let mut on_b = Box::pin(b.events().subscribe(None, EventFilter::all()));
+    let mut on_b = live(&b);
     let before = write(&a, 1).await;
     assert_eq!(next_product_id(&mut on_b).await, before);
 
@@ -385,7 +394,7 @@ async fn postgres_transactions_committing_out_of_id_order_lose_no_event() {
     let backend = Backend::Postgres(url.clone());
     let (_app, domain) = backend.instance(|_| {}).await;
     let (_reader_app, reader) = backend.instance(|_| {}).await;
-    let mut stream = Box::pin(reader.events().subscribe(None, EventFilter::all()));
+    let mut stream = live(&reader);
     let db = domain.db().clone();
     let (tx_a, id_a, id_b) = b_committed_while_a_is_open(&db).await;
 
@@ -491,8 +500,8 @@ async fn postgres_rolled_back_event_does_not_hold_back_later_ones() {
     let backend = Backend::Postgres(url.clone());
     let (_app, domain) = backend.instance(|_| {}).await;
     let (_reader_app, reader) = backend.instance(|_| {}).await;
-    let mut here = Box::pin(domain.events().subscribe(None, EventFilter::all()));
-    let mut there = Box::pin(reader.events().subscribe(None, EventFilter::all()));
+    let mut here = live(&domain);
+    let mut there = live(&reader);
     let (tx_a, _, id_b) = b_committed_while_a_is_open(domain.db()).await;
     drop(tx_a); // rolled back
     for stream in [&mut here, &mut there] {
