@@ -269,6 +269,35 @@ impl<T: SqliteArg> SqliteArg for Option<T> {
     }
 }
 
+/// An argument of a write statement that is put together at run time, for
+/// either database: [`crate::events::EventLog::insert`] takes its insert's
+/// arguments as a list of these. `'a` is what the value borrows (sqlx encodes
+/// an `Option<&'a str>` only for as long as the `&str` lives).
+pub trait WriteArg<'a>: SqliteArg + Sync {
+    fn add_to(
+        &self,
+        args: &mut sqlx::postgres::PgArguments,
+    ) -> Result<(), sqlx::error::BoxDynError>;
+}
+
+impl<'a, T> WriteArg<'a> for T
+where
+    T: SqliteArg + Sync + sqlx::Encode<'a, Postgres> + sqlx::Type<Postgres> + 'a,
+{
+    fn add_to(
+        &self,
+        args: &mut sqlx::postgres::PgArguments,
+    ) -> Result<(), sqlx::error::BoxDynError> {
+        sqlx::Arguments::add(args, self)
+    }
+}
+
+/// The present as both databases keep it. PostgreSQL stores microseconds, so
+/// a row built from this reads the same as the copy stored from it.
+pub fn now() -> chrono::DateTime<chrono::Utc> {
+    chrono::SubsecRound::trunc_subsecs(chrono::Utc::now(), 6)
+}
+
 impl Db {
     /// Opens the database named by `database_url`, or the embedded SQLite file in
     /// `data_dir`, and brings its schema up to date.

@@ -14,7 +14,7 @@ use crate::{
     db,
     db::inline::{FromSqlite, timestamp},
     error::{Error, Result},
-    events, fetch_all, tx_one,
+    events, fetch_all,
 };
 
 #[derive(Debug, Clone, Serialize, Deserialize, FromRow, ToSchema, PartialEq)]
@@ -70,26 +70,34 @@ impl Domain {
             .length("content", content, limits::CONTENT.0, limits::CONTENT.1)
             .finish()?;
         by.ensure_self_or_admin(user_id, "send messages as yourself")?;
-        let mut tx = self.db.begin().await?;
-        let now = Utc::now();
-        let res: sqlx::Result<Message> = tx_one!(
-            &mut tx,
-            "INSERT INTO messages (content, user_id, timestamp) VALUES ($1, $2, $3) \
-             RETURNING id, content, user_id, timestamp",
-            content,
+        let now = db::now();
+        let message = Message {
+            id: 0,
+            content: content.to_owned(),
             user_id,
-            now
-        );
-        let message = res.map_err(|e| {
-            if db::is_foreign_key_violation(&e) {
-                Error::invalid("user_id", "value_error", "User does not exist")
-            } else {
-                e.into()
-            }
-        })?;
-        events::append(&mut tx, "message.sent", &message).await?;
-        self.commit(tx).await?;
-        Ok(message)
+            timestamp: now,
+        };
+        self.events
+            .insert(
+                "INSERT INTO messages (content, user_id, timestamp) VALUES ($1, $2, $3)",
+                &[&content, &user_id, &now],
+                "message.sent",
+                message,
+                |e| {
+                    if db::is_foreign_key_violation(&e) {
+                        Error::invalid("user_id", "value_error", "User does not exist")
+                    } else {
+                        e.into()
+                    }
+                },
+            )
+            .await
+    }
+}
+
+impl events::Inserted for Message {
+    fn set_id(&mut self, id: i64) {
+        self.id = id;
     }
 }
 
@@ -113,9 +121,7 @@ impl Domain {
             message: message.to_owned(),
             timestamp: Utc::now(),
         };
-        let mut tx = self.db.begin().await?;
-        let id = events::append(&mut tx, "broadcast", &b).await?;
-        self.commit(tx).await?;
+        let id = self.events.record("broadcast", &b).await?;
         Ok((id, b))
     }
 }

@@ -15,7 +15,7 @@ use crate::{
     db,
     db::inline::{FromSqlite, timestamp},
     error::{Error, Result},
-    events, fetch_all, fetch_optional, tx_execute, tx_one, tx_optional,
+    events, fetch_all, fetch_optional, tx_execute, tx_optional,
 };
 
 #[derive(Debug, Clone, Serialize, Deserialize, FromRow, ToSchema, PartialEq)]
@@ -166,22 +166,25 @@ impl Domain {
         check_content(&mut c, &new.content);
         c.finish()?;
         by.ensure_self_or_admin(author_id, "create posts as yourself")?;
-        let now = Utc::now();
-        let mut tx = self.db.begin().await?;
-        let res: sqlx::Result<Post> = tx_one!(
-            &mut tx,
-            "INSERT INTO posts (title, content, author_id, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $4) \
-             RETURNING id, title, content, author_id, created_at, updated_at",
-            &new.title,
-            &new.content,
+        let now = db::now();
+        let post = Post {
+            id: 0,
+            title: new.title.clone(),
+            content: new.content.clone(),
             author_id,
-            now
-        );
-        let post = res.map_err(|e| missing_reference(e, "author_id", "Author"))?;
-        events::append(&mut tx, "post.created", &post).await?;
-        self.commit(tx).await?;
-        Ok(post)
+            created_at: now,
+            updated_at: now,
+        };
+        self.events
+            .insert(
+                "INSERT INTO posts (title, content, author_id, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, $4)",
+                &[&new.title, &new.content, &author_id, &now],
+                "post.created",
+                post,
+                |e| missing_reference(e, "author_id", "Author"),
+            )
+            .await
     }
 
     /// Changes the fields present in `patch`. Only the author or an admin.
@@ -282,20 +285,34 @@ impl Domain {
         c.finish()?;
         by.ensure_self_or_admin(user_id, "comment as yourself")?;
         self.get_post(post_id).await?;
-        let mut tx = self.db.begin().await?;
-        let now = Utc::now();
-        let res: sqlx::Result<Comment> = tx_one!(
-            &mut tx,
-            "INSERT INTO comments (content, post_id, user_id, created_at) VALUES ($1, $2, $3, $4) \
-             RETURNING id, content, post_id, user_id, created_at",
-            content,
+        let now = db::now();
+        let comment = Comment {
+            id: 0,
+            content: content.to_owned(),
             post_id,
             user_id,
-            now
-        );
-        let comment = res.map_err(|e| missing_reference(e, "user_id", "User or post"))?;
-        events::append(&mut tx, "comment.created", &comment).await?;
-        self.commit(tx).await?;
-        Ok(comment)
+            created_at: now,
+        };
+        self.events
+            .insert(
+                "INSERT INTO comments (content, post_id, user_id, created_at) VALUES ($1, $2, $3, $4)",
+                &[&content, &post_id, &user_id, &now],
+                "comment.created",
+                comment,
+                |e| missing_reference(e, "user_id", "User or post"),
+            )
+            .await
+    }
+}
+
+impl events::Inserted for Post {
+    fn set_id(&mut self, id: i64) {
+        self.id = id;
+    }
+}
+
+impl events::Inserted for Comment {
+    fn set_id(&mut self, id: i64) {
+        self.id = id;
     }
 }

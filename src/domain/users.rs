@@ -13,10 +13,10 @@ use super::{
 };
 use crate::{
     auth::{self, Principal, Role},
+    db,
     db::inline::{FromSqlite, timestamp},
-    db::{self, Tx},
     error::{Error, Result},
-    events, fetch_all, fetch_optional, tx_execute, tx_one,
+    events, fetch_all, fetch_optional, tx_execute,
 };
 
 /// A user of the system.
@@ -175,11 +175,8 @@ impl Domain {
     pub async fn create_user(&self, _by: &Principal, new: NewUser) -> Result<User> {
         new.validate()?;
         let email = normalise_email(&new.email);
-        let mut tx = self.db.begin().await?;
-        let user = insert_user(&mut tx, &new.name, &email, new.age, Role::User, None, None).await?;
-        events::append(&mut tx, "user.created", &user).await?;
-        self.commit(tx).await?;
-        Ok(user)
+        self.insert_user(&new.name, &email, new.age, Role::User, None, None)
+            .await
     }
 
     /// Creates a user who can log in. The password is hashed off the async runtime.
@@ -216,20 +213,49 @@ impl Domain {
             .await
             .map_err(Error::internal)??;
         let email = normalise_email(&reg.email);
-        let mut tx = self.db.begin().await?;
-        let user = insert_user(
-            &mut tx,
-            name,
-            &email,
+        self.insert_user(name, &email, age, role, Some(&reg.username), Some(&hash))
+            .await
+    }
+
+    /// Stores a new user and its `user.created` event.
+    async fn insert_user(
+        &self,
+        name: &str,
+        email: &str,
+        age: Option<i64>,
+        role: Role,
+        username: Option<&str>,
+        password_hash: Option<&str>,
+    ) -> Result<User> {
+        let age = age.map(|a| a as i32);
+        let role_name = role.as_str();
+        let now = db::now();
+        let user = User {
+            id: 0,
+            name: name.to_owned(),
+            email: email.to_owned(),
             age,
             role,
-            Some(&reg.username),
-            Some(&hash),
-        )
-        .await?;
-        events::append(&mut tx, "user.created", &user).await?;
-        self.commit(tx).await?;
-        Ok(user)
+            created_at: now,
+        };
+        self.events
+            .insert(
+                "INSERT INTO users (name, email, age, role, username, password_hash, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                &[
+                    &name,
+                    &email,
+                    &age,
+                    &role_name,
+                    &username,
+                    &password_hash,
+                    &now,
+                ],
+                "user.created",
+                user,
+                email_conflict,
+            )
+            .await
     }
 
     /// Checks a username (or email) and password; the same error for an unknown
@@ -355,30 +381,8 @@ impl Domain {
     }
 }
 
-async fn insert_user(
-    tx: &mut Tx,
-    name: &str,
-    email: &str,
-    age: Option<i64>,
-    role: Role,
-    username: Option<&str>,
-    password_hash: Option<&str>,
-) -> Result<User> {
-    let sql = "INSERT INTO users (name, email, age, role, username, password_hash, created_at) \
-               VALUES ($1, $2, $3, $4, $5, $6, $7) \
-               RETURNING id, name, email, age, role, created_at";
-    let age = age.map(|a| a as i32);
-    let now = Utc::now();
-    let res: sqlx::Result<User> = tx_one!(
-        tx,
-        sql,
-        name,
-        email,
-        age,
-        role.as_str(),
-        username,
-        password_hash,
-        now
-    );
-    res.map_err(email_conflict)
+impl events::Inserted for User {
+    fn set_id(&mut self, id: i64) {
+        self.id = id;
+    }
 }

@@ -691,3 +691,124 @@ async fn postgres_an_sse_client_of_one_instance_gets_a_post_written_through_anot
     a.stop().await;
     b.stop().await;
 }
+
+/// Each new user, post, comment, message and broadcast is stored and
+/// published as one: the answer, the row read back and the event's payload
+/// are the same JSON, on SQLite and on PostgreSQL (where each is a single
+/// statement). A write that names a missing user or author, or a taken
+/// email, leaves neither row nor event.
+#[tokio::test]
+async fn a_created_row_reads_back_as_its_answer_and_its_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut configs = vec![test_config(&dir.path().join("sqlite"))];
+    if let Some(url) = crate::helpers::postgres_url().await {
+        configs.push(shared_postgres_config(dir.path(), "postgres", &url));
+    }
+    for config in configs {
+        let app = spawn_with(config).await;
+        let admin = app.admin_token().await;
+        let mut feed = Sse::connect(
+            &app,
+            "/events/feed?types=user.created,post.created,comment.created,message.sent",
+            None,
+        )
+        .await;
+        let mut stream = Sse::connect(&app, "/stream", None).await;
+        let bad = [
+            (
+                "/posts",
+                json!({"title": "t", "content": "c", "author_id": 999_999}),
+            ),
+            ("/messages", json!({"content": "c", "user_id": 999_999})),
+        ];
+        for (path, body) in bad {
+            let (status, answer) = app
+                .send_json(Method::POST, path, Some(&admin), Some(body))
+                .await;
+            assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{path}: {answer}");
+        }
+        let taken = json!({"name": "Bob again", "email": "bob@example.com"});
+        let (status, answer) = app
+            .send_json(Method::POST, "/users/", Some(&admin), Some(taken))
+            .await;
+        assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+        let (status, user) = app
+            .send_json(
+                Method::POST,
+                "/users/",
+                Some(&admin),
+                Some(json!({"name": "Dora", "email": "dora@example.com", "age": 40})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED);
+        let ev = feed.next().await.unwrap().json();
+        assert_eq!(ev["type"], "user.created", "a failed write left an event");
+        assert_eq!(ev["payload"], user);
+        assert_eq!(
+            app.get_json(&format!("/users/{}", user["id"])).await.1,
+            user
+        );
+
+        let (status, post) = app
+            .send_json(
+                Method::POST,
+                "/posts",
+                Some(&admin),
+                Some(json!({"title": "Stored", "content": "once", "author_id": 2})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED);
+        let ev = feed.next().await.unwrap().json();
+        assert_eq!(ev["type"], "post.created", "a failed write left an event");
+        assert_eq!(ev["payload"], post);
+        assert_eq!(
+            app.get_json(&format!("/posts/{}", post["id"])).await.1,
+            post
+        );
+
+        let comments = format!("/posts/{}/comments", post["id"]);
+        let (status, answer) = app
+            .send_json(
+                Method::POST,
+                &comments,
+                Some(&admin),
+                Some(json!({"content": "c", "user_id": 999_999})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+        let (status, comment) = app
+            .send_json(
+                Method::POST,
+                &comments,
+                Some(&admin),
+                Some(json!({"content": "first", "user_id": 2})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED);
+        let ev = feed.next().await.unwrap().json();
+        assert_eq!(ev["type"], "comment.created");
+        assert_eq!(ev["payload"], comment);
+        assert_eq!(app.get_json(&comments).await.1, json!([comment]));
+
+        let (status, message) = app
+            .send_json(
+                Method::POST,
+                "/messages",
+                Some(&admin),
+                Some(json!({"content": "hello", "user_id": 2})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED);
+        let ev = feed.next().await.unwrap().json();
+        assert_eq!(ev["type"], "message.sent");
+        assert_eq!(ev["payload"], message);
+        let (_, listed) = app.get_json("/messages?user_id=2").await;
+        assert_eq!(listed.as_array().unwrap().last(), Some(&message));
+
+        broadcast(&app, &admin, "to all").await;
+        let b = stream.next().await.unwrap();
+        assert_eq!(b.json()["message"], "to all");
+        assert!(b.id.unwrap().parse::<i64>().unwrap() > ev["id"].as_i64().unwrap());
+        app.stop().await;
+    }
+}
