@@ -371,6 +371,11 @@ impl std::fmt::Debug for EventLog {
 /// calls [`EventLog::committed`].
 pub async fn append(tx: &mut Tx, kind: &str, payload: &impl Serialize) -> Result<i64> {
     let payload = serde_json::to_string(payload).map_err(Error::internal)?;
+    append_json(tx, kind, payload).await
+}
+
+/// [`append`] for a payload already serialised.
+async fn append_json(tx: &mut Tx, kind: &str, payload: String) -> Result<i64> {
     let now = Utc::now();
     let id: i64 = match tx {
         Tx::Sqlite(t) => {
@@ -403,11 +408,24 @@ const APPEND: &str = "WITH held AS (SELECT pg_advisory_xact_lock_shared($4)) \
                       INSERT INTO events (event_type, payload, created_at) \
                       SELECT $1, $2, $3 FROM held RETURNING id";
 
-/// A row that [`EventLog::insert`] writes and makes the payload of its
-/// event. Its JSON must begin with its id (`{"id":…`), as a struct whose
-/// first field is `id` serialises.
+/// A row that [`EventLog::insert`] writes, with its event's payload.
 pub trait Inserted: Serialize {
     fn set_id(&mut self, id: i64);
+
+    /// The event's payload: JSON whose first member is the row's id, as a
+    /// struct whose first field is its id serialises (`{"id":…`).
+    fn payload(&self) -> serde_json::Result<String> {
+        serde_json::to_string(self)
+    }
+}
+
+/// Splits a payload whose first member is an id of 0 (`{"id":0,…`) around
+/// that 0: what comes before the id and what after.
+fn around_id(json: &str) -> Option<(&str, &str)> {
+    let key = json.strip_prefix("{\"")?.find('"')?;
+    let (head, tail) = json.split_at(key + 4);
+    let rest = tail.strip_prefix('0')?;
+    (head.ends_with("\":") && rest.starts_with([',', '}'])).then_some((head, rest))
 }
 
 impl EventLog {
@@ -478,15 +496,15 @@ impl EventLog {
 
     /// Inserts `row` with `insert` (`INSERT … VALUES (…)`, no `RETURNING`,
     /// its arguments `args` in order) and, in the same transaction, its
-    /// event `kind` with `row` as the payload; gives `row` with the id the
+    /// event `kind` with [`Inserted::payload`]; gives `row` with the id the
     /// insert drew. `on_error` turns the statement's failure (a foreign key
     /// that points nowhere, say) into the caller's error.
     ///
     /// On PostgreSQL both inserts are one statement, committed by itself:
     /// one round trip where a transaction takes four (`BEGIN`, the row, the
     /// event, `COMMIT`), each a wait for the server and work for both ends.
-    /// The event's payload is then put together by the server: the row's
-    /// JSON, serialised here with id 0, with the drawn id in its place.
+    /// The event's payload is then put together by the server: the payload
+    /// serialised here with id 0, the drawn id in its place.
     pub async fn insert<'a, T: Inserted>(
         &self,
         insert: &str,
@@ -498,27 +516,23 @@ impl EventLog {
         match &self.inner.db.pools {
             Pools::Postgres { pool, .. } => {
                 row.set_id(0);
-                let json = serde_json::to_string(&row).map_err(Error::internal)?;
-                let rest = json
-                    .strip_prefix("{\"id\":0")
-                    .filter(|rest| rest.starts_with([',', '}']))
-                    .ok_or_else(|| {
-                        Error::internal(format!(
-                            "{kind}: the row's JSON does not begin with its id"
-                        ))
-                    })?;
+                let json = row.payload().map_err(Error::internal)?;
+                let (head, rest) = around_id(&json).ok_or_else(|| {
+                    Error::internal(format!("{kind}: the payload does not begin with its id"))
+                })?;
                 let n = args.len();
                 let sql = format!(
                     "WITH held AS (SELECT pg_advisory_xact_lock_shared(${lock})), \
                      inserted AS ({insert} RETURNING id), \
                      event AS (INSERT INTO events (event_type, payload, created_at) \
-                     SELECT ${kind_at}, '{{\"id\":' || inserted.id || ${rest_at}, ${now_at} \
+                     SELECT ${kind_at}, ${head_at} || inserted.id || ${rest_at}, ${now_at} \
                      FROM inserted, held RETURNING id) \
                      SELECT inserted.id FROM inserted, event",
                     kind_at = n + 1,
-                    rest_at = n + 2,
-                    now_at = n + 3,
-                    lock = n + 4,
+                    head_at = n + 2,
+                    rest_at = n + 3,
+                    now_at = n + 4,
+                    lock = n + 5,
                 );
                 let mut bound = sqlx::postgres::PgArguments::default();
                 args.iter()
@@ -526,6 +540,7 @@ impl EventLog {
                     .and_then(|()| {
                         use sqlx::Arguments;
                         bound.add(kind)?;
+                        bound.add(head)?;
                         bound.add(rest)?;
                         bound.add(Utc::now())?;
                         bound.add(ORDER_LOCK_KEY)
@@ -547,8 +562,9 @@ impl EventLog {
                     .await
                     .map_err(on_error)?;
                 row.set_id(id);
+                let payload = row.payload().map_err(Error::internal)?;
                 let mut tx = Tx::Sqlite(t);
-                append(&mut tx, kind, &row).await?;
+                append_json(&mut tx, kind, payload).await?;
                 tx.commit().await?;
             }
         }
@@ -1217,7 +1233,30 @@ impl SubState {
 
 #[cfg(test)]
 mod tests {
-    use super::{Event, EventFilter};
+    use super::{Event, EventFilter, around_id};
+
+    #[test]
+    fn a_payload_splits_around_its_leading_id_only() {
+        assert_eq!(
+            around_id(r#"{"id":0,"title":"t"}"#),
+            Some((r#"{"id":"#, r#","title":"t"}"#))
+        );
+        assert_eq!(
+            around_id(r#"{"order_id":0}"#),
+            Some((r#"{"order_id":"#, "}"))
+        );
+        for not in [
+            r#"{"id":7,"x":0}"#,
+            r#"{"id":00}"#,
+            r#"{"id":0.5}"#,
+            r#"{"x":1,"id":0}"#,
+            r#"{"id":"0"}"#,
+            "{}",
+            "[0]",
+        ] {
+            assert_eq!(around_id(not), None, "{not}");
+        }
+    }
 
     #[test]
     fn a_payload_is_decoded_once_and_shared_by_type() {

@@ -10,9 +10,10 @@ use utoipa::ToSchema;
 use super::{Domain, Page, validate::Check};
 use crate::{
     auth::Principal,
+    db,
     db::inline::{FromSqlite, timestamp},
     error::{Error, Result},
-    events, fetch_all, fetch_optional, tx_one,
+    events, fetch_all, fetch_optional,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
@@ -172,24 +173,44 @@ impl Domain {
         total: f64,
         status: OrderStatus,
     ) -> Result<Order> {
-        let mut tx = self.db.begin().await?;
-        let now = Utc::now();
-        let order: Order = tx_one!(
-            &mut tx,
-            "INSERT INTO orders (user_id, total, status, created_at) VALUES ($1, $2, $3, $4) \
-             RETURNING id, user_id, total, status, created_at",
+        let now = db::now();
+        let order = Order {
+            id: 0,
             user_id,
             total,
-            status.as_str(),
-            now
-        )?;
-        events::append(
-            &mut tx,
-            "order.created",
-            &serde_json::json!({"order_id": order.id, "user_id": order.user_id, "total": order.total}),
-        )
-        .await?;
-        self.commit(tx).await?;
-        Ok(order)
+            status,
+            created_at: now,
+        };
+        self.events
+            .insert(
+                "INSERT INTO orders (user_id, total, status, created_at) VALUES ($1, $2, $3, $4)",
+                &[&user_id, &total, &status.as_str(), &now],
+                "order.created",
+                order,
+                Error::from,
+            )
+            .await
+    }
+}
+
+impl events::Inserted for Order {
+    fn set_id(&mut self, id: i64) {
+        self.id = id;
+    }
+
+    /// Consumers (the users service's order counts, other systems through
+    /// NATS) need only who ordered and how much.
+    fn payload(&self) -> serde_json::Result<String> {
+        #[derive(Serialize)]
+        struct OrderCreated {
+            order_id: i64,
+            user_id: i64,
+            total: f64,
+        }
+        serde_json::to_string(&OrderCreated {
+            order_id: self.id,
+            user_id: self.user_id,
+            total: self.total,
+        })
     }
 }

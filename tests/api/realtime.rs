@@ -692,10 +692,10 @@ async fn postgres_an_sse_client_of_one_instance_gets_a_post_written_through_anot
     b.stop().await;
 }
 
-/// Each new user, post, comment, message and broadcast is stored and
+/// Each new user, post, comment, message, order and broadcast is stored and
 /// published as one: the answer, the row read back and the event's payload
-/// are the same JSON, on SQLite and on PostgreSQL (where each is a single
-/// statement). A write that names a missing user or author, or a taken
+/// (for an order, the summary its consumers read) are the same JSON, on
+/// SQLite and on PostgreSQL (where each is a single statement). A write that names a missing user or author, or a taken
 /// email, leaves neither row nor event.
 #[tokio::test]
 async fn a_created_row_reads_back_as_its_answer_and_its_event() {
@@ -709,7 +709,7 @@ async fn a_created_row_reads_back_as_its_answer_and_its_event() {
         let admin = app.admin_token().await;
         let mut feed = Sse::connect(
             &app,
-            "/events/feed?types=user.created,post.created,comment.created,message.sent",
+            "/events/feed?types=user.created,post.created,comment.created,message.sent,order.created",
             None,
         )
         .await;
@@ -804,6 +804,26 @@ async fn a_created_row_reads_back_as_its_answer_and_its_event() {
         assert_eq!(ev["payload"], message);
         let (_, listed) = app.get_json("/messages?user_id=2").await;
         assert_eq!(listed.as_array().unwrap().last(), Some(&message));
+
+        let (status, order) = app
+            .send_json(
+                Method::POST,
+                "/orders",
+                Some(&admin),
+                Some(json!({"user_id": 2, "total": 12.34, "status": "completed"})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED);
+        let ev = feed.next().await.unwrap().json();
+        assert_eq!(ev["type"], "order.created");
+        assert_eq!(
+            ev["payload"],
+            json!({"order_id": order["id"], "user_id": 2, "total": 12.34})
+        );
+        assert_eq!(
+            app.get_json(&format!("/orders/{}", order["id"])).await.1,
+            order
+        );
 
         broadcast(&app, &admin, "to all").await;
         let b = stream.next().await.unwrap();
