@@ -714,121 +714,98 @@ async fn a_created_row_reads_back_as_its_answer_and_its_event() {
         )
         .await;
         let mut stream = Sse::connect(&app, "/stream", None).await;
-        let bad = [
+        let taken = StatusCode::CONFLICT;
+        let missing = StatusCode::UNPROCESSABLE_ENTITY;
+        let refused = [
+            (
+                "/users/",
+                json!({"name": "Bob again", "email": "bob@example.com"}),
+                taken,
+            ),
             (
                 "/posts",
                 json!({"title": "t", "content": "c", "author_id": 999_999}),
+                missing,
             ),
-            ("/messages", json!({"content": "c", "user_id": 999_999})),
+            (
+                "/posts/1/comments",
+                json!({"content": "c", "user_id": 999_999}),
+                missing,
+            ),
+            (
+                "/messages",
+                json!({"content": "c", "user_id": 999_999}),
+                missing,
+            ),
         ];
-        for (path, body) in bad {
+        for (path, body, expected) in refused {
             let (status, answer) = app
                 .send_json(Method::POST, path, Some(&admin), Some(body))
                 .await;
-            assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{path}: {answer}");
+            assert_eq!(status, expected, "{path}: {answer}");
         }
-        let taken = json!({"name": "Bob again", "email": "bob@example.com"});
-        let (status, answer) = app
-            .send_json(Method::POST, "/users/", Some(&admin), Some(taken))
-            .await;
-        assert_eq!(status, StatusCode::CONFLICT, "{answer}");
-        let (status, user) = app
-            .send_json(
-                Method::POST,
+        // (where, what, the event, where to read it back: {id} is the new id)
+        let writes = [
+            (
                 "/users/",
-                Some(&admin),
-                Some(json!({"name": "Dora", "email": "dora@example.com", "age": 40})),
-            )
-            .await;
-        assert_eq!(status, StatusCode::CREATED);
-        let ev = feed.next().await.unwrap().json();
-        assert_eq!(ev["type"], "user.created", "a failed write left an event");
-        assert_eq!(ev["payload"], user);
-        assert_eq!(
-            app.get_json(&format!("/users/{}", user["id"])).await.1,
-            user
-        );
-
-        let (status, post) = app
-            .send_json(
-                Method::POST,
+                json!({"name": "Dora", "email": "dora@example.com", "age": 40}),
+                "user.created",
+                "/users/{id}",
+            ),
+            (
                 "/posts",
-                Some(&admin),
-                Some(json!({"title": "Stored", "content": "once", "author_id": 2})),
-            )
-            .await;
-        assert_eq!(status, StatusCode::CREATED);
-        let ev = feed.next().await.unwrap().json();
-        assert_eq!(ev["type"], "post.created", "a failed write left an event");
-        assert_eq!(ev["payload"], post);
-        assert_eq!(
-            app.get_json(&format!("/posts/{}", post["id"])).await.1,
-            post
-        );
-
-        let comments = format!("/posts/{}/comments", post["id"]);
-        let (status, answer) = app
-            .send_json(
-                Method::POST,
-                &comments,
-                Some(&admin),
-                Some(json!({"content": "c", "user_id": 999_999})),
-            )
-            .await;
-        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
-        let (status, comment) = app
-            .send_json(
-                Method::POST,
-                &comments,
-                Some(&admin),
-                Some(json!({"content": "first", "user_id": 2})),
-            )
-            .await;
-        assert_eq!(status, StatusCode::CREATED);
-        let ev = feed.next().await.unwrap().json();
-        assert_eq!(ev["type"], "comment.created");
-        assert_eq!(ev["payload"], comment);
-        assert_eq!(app.get_json(&comments).await.1, json!([comment]));
-
-        let (status, message) = app
-            .send_json(
-                Method::POST,
+                json!({"title": "Stored", "content": "once", "author_id": 2}),
+                "post.created",
+                "/posts/{id}",
+            ),
+            (
+                "/posts/1/comments",
+                json!({"content": "first", "user_id": 2}),
+                "comment.created",
+                "/posts/1/comments",
+            ),
+            (
                 "/messages",
-                Some(&admin),
-                Some(json!({"content": "hello", "user_id": 2})),
-            )
-            .await;
-        assert_eq!(status, StatusCode::CREATED);
-        let ev = feed.next().await.unwrap().json();
-        assert_eq!(ev["type"], "message.sent");
-        assert_eq!(ev["payload"], message);
-        let (_, listed) = app.get_json("/messages?user_id=2").await;
-        assert_eq!(listed.as_array().unwrap().last(), Some(&message));
-
-        let (status, order) = app
-            .send_json(
-                Method::POST,
+                json!({"content": "hello", "user_id": 2}),
+                "message.sent",
+                "/messages?user_id=2",
+            ),
+            (
                 "/orders",
-                Some(&admin),
-                Some(json!({"user_id": 2, "total": 12.34, "status": "completed"})),
-            )
-            .await;
-        assert_eq!(status, StatusCode::CREATED);
-        let ev = feed.next().await.unwrap().json();
-        assert_eq!(ev["type"], "order.created");
-        assert_eq!(
-            ev["payload"],
-            json!({"order_id": order["id"], "user_id": 2, "total": 12.34})
-        );
-        assert_eq!(
-            app.get_json(&format!("/orders/{}", order["id"])).await.1,
-            order
-        );
-
+                json!({"user_id": 2, "total": 12.34, "status": "completed"}),
+                "order.created",
+                "/orders/{id}",
+            ),
+        ];
+        let mut last_id = 0;
+        for (path, body, kind, read_back) in writes {
+            let (status, row) = app
+                .send_json(Method::POST, path, Some(&admin), Some(body))
+                .await;
+            assert_eq!(status, StatusCode::CREATED, "{path}: {row}");
+            let ev = feed.next().await.unwrap().json();
+            assert_eq!(ev["type"], kind, "a refused write left an event");
+            let expected = match kind {
+                "order.created" => {
+                    json!({"order_id": row["id"], "user_id": 2, "total": 12.34})
+                }
+                _ => row.clone(),
+            };
+            assert_eq!(ev["payload"], expected);
+            let (_, stored) = app
+                .get_json(&read_back.replace("{id}", &row["id"].to_string()))
+                .await;
+            let stored = match stored.as_array() {
+                Some(list) => list.last().unwrap().clone(),
+                None => stored,
+            };
+            assert_eq!(stored, row, "{read_back}");
+            last_id = ev["id"].as_i64().unwrap();
+        }
         broadcast(&app, &admin, "to all").await;
         let b = stream.next().await.unwrap();
         assert_eq!(b.json()["message"], "to all");
-        assert!(b.id.unwrap().parse::<i64>().unwrap() > ev["id"].as_i64().unwrap());
+        assert!(b.id.unwrap().parse::<i64>().unwrap() > last_id);
         app.stop().await;
     }
 }
