@@ -12,9 +12,10 @@ use super::{
 };
 use crate::{
     auth::Principal,
+    db,
     db::inline::FromSqlite,
     error::{Error, FieldError, Result},
-    events, fetch_all, fetch_optional, tx_execute, tx_one, tx_optional,
+    events, fetch_all, fetch_optional, tx_execute, tx_optional,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
@@ -228,26 +229,36 @@ impl Domain {
     pub async fn create_product(&self, by: &Principal, new: NewProduct) -> Result<Product> {
         by.ensure_admin()?;
         new.validate()?;
-        let mut tx = self.db.begin().await?;
         let tags = serde_json::to_string(&new.tags).map_err(Error::internal)?;
         let metadata = serde_json::to_string(&new.metadata).map_err(Error::internal)?;
-        let row: ProductRow = tx_one!(
-            &mut tx,
-            "INSERT INTO products (name, description, price_amount, price_currency, category, tags, metadata) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) \
-             RETURNING id, name, description, price_amount, price_currency, category, tags, metadata",
+        let args: [&dyn db::WriteArg; 7] = [
             &new.name,
             &new.description,
-            new.price.amount,
+            &new.price.amount,
             &new.price.currency,
-            new.category.as_str(),
-            tags,
-            metadata
-        )?;
-        let product = Product::try_from(row)?;
-        events::append(&mut tx, "product.created", &product).await?;
-        self.commit(tx).await?;
-        Ok(product)
+            &new.category.as_str(),
+            &tags,
+            &metadata,
+        ];
+        let product = Product {
+            id: 0,
+            name: new.name.clone(),
+            description: new.description.clone(),
+            price: new.price.clone(),
+            category: new.category,
+            tags: new.tags.clone(),
+            metadata: new.metadata.clone(),
+        };
+        self.events
+            .insert(
+                "INSERT INTO products (name, description, price_amount, price_currency, category, tags, metadata) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                &args,
+                "product.created",
+                product,
+                Error::from,
+            )
+            .await
     }
 
     /// Replaces every field of product `id`.
@@ -295,5 +306,11 @@ impl Domain {
         self.commit(tx).await?;
         self.products_cache.invalidate(id);
         Ok(())
+    }
+}
+
+impl events::Inserted for Product {
+    fn set_id(&mut self, id: i64) {
+        self.id = id;
     }
 }

@@ -692,11 +692,12 @@ async fn postgres_an_sse_client_of_one_instance_gets_a_post_written_through_anot
     b.stop().await;
 }
 
-/// Each new user, post, comment, message, order and broadcast is stored and
-/// published as one: the answer, the row read back and the event's payload
-/// (for an order, the summary its consumers read) are the same JSON, on
-/// SQLite and on PostgreSQL (where each is a single statement). A write that names a missing user or author, or a taken
-/// email, leaves neither row nor event.
+/// Each new user, post, comment, message, product, order and broadcast is
+/// stored and published as one: the answer, the row read back and the
+/// event's payload (for an order, the summary its consumers read) are the
+/// same JSON, on SQLite and on PostgreSQL (where each is a single statement).
+/// A write that names a missing user or author, or a taken email, leaves
+/// neither row nor event.
 #[tokio::test]
 async fn a_created_row_reads_back_as_its_answer_and_its_event() {
     let dir = tempfile::tempdir().unwrap();
@@ -709,7 +710,7 @@ async fn a_created_row_reads_back_as_its_answer_and_its_event() {
         let admin = app.admin_token().await;
         let mut feed = Sse::connect(
             &app,
-            "/events/feed?types=user.created,post.created,comment.created,message.sent,order.created",
+            "/events/feed?types=user.created,post.created,comment.created,message.sent,product.created,order.created",
             None,
         )
         .await;
@@ -769,6 +770,14 @@ async fn a_created_row_reads_back_as_its_answer_and_its_event() {
                 json!({"content": "hello", "user_id": 2}),
                 "message.sent",
                 "/messages?user_id=2",
+            ),
+            (
+                "/products/",
+                json!({"name": "Gizmo", "description": "A gizmo",
+                       "price": {"amount": 5.55, "currency": "EUR"}, "category": "FOOD",
+                       "tags": ["b", "a"], "metadata": {"z": "1", "a": "2"}}),
+                "product.created",
+                "/products/{id}",
             ),
             (
                 "/orders",
