@@ -6,14 +6,14 @@ use sqlx::FromRow;
 use utoipa::ToSchema;
 
 use super::{
-    Domain, Page,
+    Domain, Page, missing_reference,
     validate::{Check, limits},
 };
 use crate::{
     auth::Principal,
     db,
     db::inline::{FromSqlite, timestamp},
-    error::{Error, Result},
+    error::Result,
     events, fetch_all,
 };
 
@@ -83,13 +83,7 @@ impl Domain {
                 &[&content, &user_id, &now],
                 "message.sent",
                 message,
-                |e| {
-                    if db::is_foreign_key_violation(&e) {
-                        Error::invalid("user_id", "value_error", "User does not exist")
-                    } else {
-                        e.into()
-                    }
-                },
+                |e| missing_reference(e, "user_id", "User"),
             )
             .await
     }

@@ -198,3 +198,13 @@ impl Domain {
         Ok(())
     }
 }
+
+/// Turns "the referenced user or post does not exist" into a validation error on
+/// the field that named it.
+pub(crate) fn missing_reference(e: sqlx::Error, field: &str, what: &str) -> Error {
+    if crate::db::is_foreign_key_violation(&e) {
+        Error::invalid(field, "value_error", format!("{what} does not exist"))
+    } else {
+        e.into()
+    }
+}

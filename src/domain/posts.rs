@@ -7,7 +7,7 @@ use sqlx::FromRow;
 use utoipa::ToSchema;
 
 use super::{
-    Domain, Page,
+    Domain, Page, missing_reference,
     validate::{Check, limits},
 };
 use crate::{
@@ -89,16 +89,6 @@ fn check_title(c: &mut Check, title: &str) {
 
 fn check_content(c: &mut Check, content: &str) {
     c.length("content", content, limits::CONTENT.0, limits::CONTENT.1);
-}
-
-/// Turns "the referenced user or post does not exist" into a validation error on
-/// the field that named it.
-fn missing_reference(e: sqlx::Error, field: &str, what: &str) -> Error {
-    if db::is_foreign_key_violation(&e) {
-        Error::invalid(field, "value_error", format!("{what} does not exist"))
-    } else {
-        e.into()
-    }
 }
 
 impl Domain {
