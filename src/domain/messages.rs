@@ -14,7 +14,7 @@ use crate::{
     db,
     db::inline::{FromSqlite, timestamp},
     error::Result,
-    events, fetch_all,
+    fetch_all,
 };
 
 #[derive(Debug, Clone, Serialize, Deserialize, FromRow, ToSchema, PartialEq)]
@@ -86,12 +86,6 @@ impl Domain {
                 |e| missing_reference(e, "user_id", "User"),
             )
             .await
-    }
-}
-
-impl events::Inserted for Message {
-    fn set_id(&mut self, id: i64) {
-        self.id = id;
     }
 }
 

@@ -208,3 +208,22 @@ pub(crate) fn missing_reference(e: sqlx::Error, field: &str, what: &str) -> Erro
         e.into()
     }
 }
+
+/// Rows whose event is the row itself, its id first ([`crate::events::Inserted`]).
+macro_rules! inserted_as_themselves {
+    ($($row:ty),*) => {$(
+        impl crate::events::Inserted for $row {
+            fn set_id(&mut self, id: i64) {
+                self.id = id;
+            }
+        }
+    )*};
+}
+
+inserted_as_themselves!(
+    users::User,
+    posts::Post,
+    posts::Comment,
+    messages::Message,
+    products::Product
+);

@@ -294,15 +294,3 @@ impl Domain {
             .await
     }
 }
-
-impl events::Inserted for Post {
-    fn set_id(&mut self, id: i64) {
-        self.id = id;
-    }
-}
-
-impl events::Inserted for Comment {
-    fn set_id(&mut self, id: i64) {
-        self.id = id;
-    }
-}

@@ -308,9 +308,3 @@ impl Domain {
         Ok(())
     }
 }
-
-impl events::Inserted for Product {
-    fn set_id(&mut self, id: i64) {
-        self.id = id;
-    }
-}

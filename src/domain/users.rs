@@ -380,9 +380,3 @@ impl Domain {
         Ok(n.map_or(0, |(n,)| n))
     }
 }
-
-impl events::Inserted for User {
-    fn set_id(&mut self, id: i64) {
-        self.id = id;
-    }
-}
