@@ -8,15 +8,7 @@ use crate::helpers::spawn_app;
 #[tokio::test]
 async fn register_then_login_every_way() {
     let app = spawn_app().await;
-    let (status, body) = app
-        .send_json(
-            Method::POST,
-            "/auth/register",
-            None,
-            Some(json!({"username": "carol", "email": "carol@example.com", "password": "carol-password"})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED);
+    let body = app.create("/auth/register", None, json!({"username": "carol", "email": "carol@example.com", "password": "carol-password"})).await;
     assert_eq!(body, json!({"message": "User created", "id": 4}));
 
     // JSON
@@ -43,15 +35,8 @@ async fn register_then_login_every_way() {
     assert_eq!(r.status(), StatusCode::OK);
     // The token works for writes.
     let t = body["access_token"].as_str().unwrap();
-    let (status, _) = app
-        .send_json(
-            Method::POST,
-            "/messages",
-            Some(t),
-            Some(json!({"content": "hi from carol"})),
-        )
+    app.create("/messages", Some(t), json!({"content": "hi from carol"}))
         .await;
-    assert_eq!(status, StatusCode::CREATED);
     app.stop().await;
 }
 

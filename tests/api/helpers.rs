@@ -131,6 +131,14 @@ impl TestApp {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// POSTs `body` to `path`, fails the test unless the answer is
+    /// 201 Created, and gives the created resource.
+    pub async fn create(&self, path: &str, token: Option<&str>, body: Value) -> Value {
+        let (status, created) = self.send_json(Method::POST, path, token, Some(body)).await;
+        assert_eq!(status, StatusCode::CREATED, "POST {path}: {created}");
+        created
+    }
+
     pub async fn login(&self, username: &str, password: &str) -> String {
         let (status, body) = self
             .send_json(

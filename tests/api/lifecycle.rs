@@ -1,6 +1,6 @@
 //! Startup, graceful shutdown and persistence (SPEC §7).
 
-use reqwest::{Method, StatusCode};
+use reqwest::StatusCode;
 use serde_json::json;
 
 use crate::helpers::{
@@ -12,15 +12,13 @@ async fn data_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let app = spawn_with(test_config(dir.path())).await;
     let token = app.alice_token().await;
-    let (status, created) = app
-        .send_json(
-            Method::POST,
+    let created = app
+        .create(
             "/users/",
             Some(&token),
-            Some(json!({"name": "Persisted", "email": "persisted@example.com"})),
+            json!({"name": "Persisted", "email": "persisted@example.com"}),
         )
         .await;
-    assert_eq!(status, StatusCode::CREATED);
     app.stop().await;
 
     let app = spawn_with(test_config(dir.path())).await;
@@ -30,15 +28,8 @@ async fn data_survives_a_restart() {
     // The demo is not loaded twice, and tokens from before the restart still verify.
     let (_, users) = app.get_json("/users/").await;
     assert_eq!(users.as_array().unwrap().len(), 4);
-    let (status, _) = app
-        .send_json(
-            Method::POST,
-            "/messages",
-            Some(&token),
-            Some(json!({"content": "still me"})),
-        )
+    app.create("/messages", Some(&token), json!({"content": "still me"}))
         .await;
-    assert_eq!(status, StatusCode::CREATED);
     app.stop().await;
 }
 

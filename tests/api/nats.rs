@@ -732,16 +732,12 @@ async fn the_relay_loses_nothing_when_its_connection_is_cut_mid_batch() {
 /// Creates a user as Alice; returns it.
 async fn create_user(app: &crate::helpers::TestApp, name: &str, email: &str) -> Value {
     let token = app.alice_token().await;
-    let (status, user) = app
-        .send_json(
-            reqwest::Method::POST,
-            "/users/",
-            Some(&token),
-            Some(json!({"name": name, "email": email})),
-        )
-        .await;
-    assert_eq!(status, reqwest::StatusCode::CREATED, "{user}");
-    user
+    app.create(
+        "/users/",
+        Some(&token),
+        json!({"name": name, "email": email}),
+    )
+    .await
 }
 
 /// Publishes an `order.created` for user 1 as a relay of database `777`

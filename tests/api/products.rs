@@ -97,10 +97,7 @@ async fn catalogue_writes_need_the_admin_role() {
     }
 
     let admin = app.admin_token().await;
-    let (status, created) = app
-        .send_json(Method::POST, "/products/", Some(&admin), Some(gizmo()))
-        .await;
-    assert_eq!(status, StatusCode::CREATED);
+    let created = app.create("/products/", Some(&admin), gizmo()).await;
     assert_eq!(created["id"], 3);
     assert_eq!(created["price"]["currency"], "EUR");
 

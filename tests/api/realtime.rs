@@ -56,15 +56,13 @@ async fn named_events_carry_writes_from_every_protocol() {
     let alice = app.alice_token().await;
     let mut sse = Sse::connect(&app, "/events/named", None).await;
     // REST write of another kind: a notification.
-    let (status, user) = app
-        .send_json(
-            Method::POST,
+    let user = app
+        .create(
             "/users/",
             Some(&alice),
-            Some(json!({"name": "Dora", "email": "dora@example.com"})),
+            json!({"name": "Dora", "email": "dora@example.com"}),
         )
         .await;
-    assert_eq!(status, StatusCode::CREATED);
     let n = sse.next_named("notification").await;
     let body = n.json();
     assert_eq!(body["type"], "info");
@@ -676,15 +674,13 @@ async fn postgres_an_sse_client_of_one_instance_gets_a_post_written_through_anot
     let b = spawn_with(config("b")).await;
     let mut sse = Sse::connect(&b, "/events/feed?types=post.created", None).await;
     let alice = a.alice_token().await;
-    let (status, post) = a
-        .send_json(
-            Method::POST,
+    let post = a
+        .create(
             "/posts",
             Some(&alice),
-            Some(json!({"title": "Across", "content": "instances"})),
+            json!({"title": "Across", "content": "instances"}),
         )
         .await;
-    assert_eq!(status, StatusCode::CREATED);
     let ev = sse.next().await.unwrap();
     assert_eq!(ev.event.as_deref(), Some("post.created"));
     assert_eq!(ev.json()["payload"], post);
@@ -788,10 +784,7 @@ async fn a_created_row_reads_back_as_its_answer_and_its_event() {
         ];
         let mut last_id = 0;
         for (path, body, kind, read_back) in writes {
-            let (status, row) = app
-                .send_json(Method::POST, path, Some(&admin), Some(body))
-                .await;
-            assert_eq!(status, StatusCode::CREATED, "{path}: {row}");
+            let row = app.create(path, Some(&admin), body).await;
             let ev = feed.next().await.unwrap().json();
             assert_eq!(ev["type"], kind, "a refused write left an event");
             let expected = match kind {

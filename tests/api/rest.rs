@@ -205,15 +205,12 @@ async fn a_write_past_its_callers_time_is_answered_504_and_not_made() {
     other.close().await.unwrap();
     // prism's one write connection takes writes in turn: once this one is
     // made, the interrupted one has been rolled back.
-    let (status, _) = app
-        .send_json(
-            Method::POST,
-            "/users/",
-            Some(&token),
-            Some(json!({"name": "Next", "email": "next@example.com"})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED);
+    app.create(
+        "/users/",
+        Some(&token),
+        json!({"name": "Next", "email": "next@example.com"}),
+    )
+    .await;
     let (_, users) = app.get_json("/users/").await;
     let emails: Vec<&str> = users
         .as_array()
@@ -424,51 +421,35 @@ async fn schemathesis_finds_the_documents_true() {
 async fn posts_comments_messages_and_orders_over_rest() {
     let app = spawn_app().await;
     let alice = app.alice_token().await;
-    let (status, post) = app
-        .send_json(
-            Method::POST,
+    let post = app
+        .create(
             "/posts",
             Some(&alice),
-            Some(json!({"title": "Hi", "content": "From REST"})),
+            json!({"title": "Hi", "content": "From REST"}),
         )
         .await;
-    assert_eq!(status, StatusCode::CREATED, "{post}");
     assert_eq!(post["author_id"], 1);
     let id = post["id"].as_i64().unwrap();
-    let (status, c) = app
-        .send_json(
-            Method::POST,
+    let c = app
+        .create(
             &format!("/posts/{id}/comments"),
             Some(&alice),
-            Some(json!({"content": "first"})),
+            json!({"content": "first"}),
         )
         .await;
-    assert_eq!(status, StatusCode::CREATED);
     assert_eq!(c["user_id"], 1);
     let (_, comments) = app.get_json(&format!("/posts/{id}/comments")).await;
     assert_eq!(comments.as_array().unwrap().len(), 1);
     let (_, found) = app.get_json("/posts?q=from%20rest").await;
     assert_eq!(found[0]["id"], id);
-    let (status, m) = app
-        .send_json(
-            Method::POST,
-            "/messages",
-            Some(&alice),
-            Some(json!({"content": "hello"})),
-        )
+    let m = app
+        .create("/messages", Some(&alice), json!({"content": "hello"}))
         .await;
-    assert_eq!(status, StatusCode::CREATED);
     assert_eq!(m["user_id"], 1);
     assert!(m["timestamp"].as_str().unwrap().contains('T'));
-    let (status, o) = app
-        .send_json(
-            Method::POST,
-            "/orders",
-            Some(&alice),
-            Some(json!({"total": 12.5})),
-        )
+    let o = app
+        .create("/orders", Some(&alice), json!({"total": 12.5}))
         .await;
-    assert_eq!(status, StatusCode::CREATED);
     assert_eq!(o["status"], "pending");
     // A customer cannot place an order as already completed; an admin can
     // (recording one taken elsewhere).
@@ -483,10 +464,7 @@ async fn posts_comments_messages_and_orders_over_rest() {
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     let admin = app.admin_token().await;
-    let (status, placed) = app
-        .send_json(Method::POST, "/orders", Some(&admin), Some(completed))
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{placed}");
+    let placed = app.create("/orders", Some(&admin), completed).await;
     assert_eq!(placed["status"], "completed");
     let (_, orders) = app.get_json("/orders?user_id=1").await;
     assert_eq!(orders.as_array().unwrap().len(), 3);

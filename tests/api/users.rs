@@ -105,10 +105,7 @@ async fn create_user_needs_a_token_and_valid_input() {
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
 
     let token = app.alice_token().await;
-    let (status, created) = app
-        .send_json(Method::POST, "/users/", Some(&token), Some(body.clone()))
-        .await;
-    assert_eq!(status, StatusCode::CREATED);
+    let created = app.create("/users/", Some(&token), body.clone()).await;
     assert_eq!(created["name"], "Charlie");
     assert_eq!(created["id"], 4);
     let (_, fetched) = app.get_json("/users/4").await;
