@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The embedded SQLite store, with wrk. Reads: routes that read SQLite at
 # every request (no cache in front), 64 clients. Writes: `POST /broadcast`
-# (one event in the log) and `POST /posts` (a post and its event), from 2, 32
-# and 256 clients at once. SQLite syncs its log to disk at each commit
+# (one event in the log), `POST /posts` (a post and its event) and
+# `PATCH /posts/{id}` (a new title for one of the first 1,000 posts, at
+# random, and its event), from 2, 32 and 256 clients at once. SQLite syncs its log to disk at each commit
 # (`synchronous=FULL`); the writers that queue share one commit, so the
 # commits per write (from /metrics) show how many shared.
 # BASELINE=/path/to/an/older/prism measures that build too, the two taking
@@ -41,6 +42,30 @@ start() {
     token=$(login_token "$port" admin bench-admin-password)
     broadcast_lua "$token" "$work/broadcast.lua"
     post_lua "$token" "$work/posts.lua" /posts '{"title":"t","content":"c","author_id":1}'
+    patch_lua "$token" "$work/patch.lua"
+}
+
+# token file -> a wrk script at file that renames a post at random among the
+# first 1,000 (the `POST /posts` rows, measured first, wrote them), each time
+# to a title not given before, so every request is a change.
+patch_lua() {
+    cat >"$2" <<EOF
+local threads = 0
+function setup(thread)
+    threads = threads + 1
+    thread:set("seed", threads)
+end
+function init()
+    math.randomseed(seed)
+end
+local n = 0
+local headers = {["Content-Type"] = "application/json", ["Authorization"] = "Bearer $1"}
+function request()
+    n = n + 1
+    return wrk.format("PATCH", "/posts/" .. math.random(1, 1000), headers,
+        '{"title":"t' .. seed .. '-' .. n .. '"}')
+end
+EOF
 }
 
 stop() { kill "$prism_pid"; wait "$prism_pid" 2>/dev/null || true; }
@@ -92,6 +117,8 @@ fi
 reads=(/users/1/posts "/users/?limit=10" /posts/1/comments /messages
     "/graphql?query=%7Busers%7Bname%20posts%7Btitle%20comments%7Bcontent%7D%7D%7D%7D")
 declare -A rows=()
+writes=(broadcast posts patch)
+declare -A write_name=([broadcast]='POST /broadcast' [posts]='POST /posts' [patch]='PATCH /posts/{id}')
 
 # build database [database url] -> one round of every read and write, into rows.
 measure() {
@@ -104,7 +131,7 @@ measure() {
             rows[$1/$2/$path]+="$(read_load "$path")"$'\n'
         done
     fi
-    for write in broadcast posts; do
+    for write in "${writes[@]}"; do
         for c in 2 32 256; do
             rows[$1/$2/$write/$c]+="$(load "$write" "$c" $pg)"$'\n'
         done
@@ -152,21 +179,23 @@ databases=(sqlite)
     echo
     echo "$(machine); wrk, 2 threads, $duration per row, release build, a fresh database each"
     echo "round; each row is the median of $rounds rounds. \`POST /broadcast\` appends one event to"
-    echo "the log, \`POST /posts\` stores a post and its event; every answer is sent after the commit"
-    echo "that made the write durable (SQLite \`synchronous=FULL\`, PostgreSQL \`synchronous_commit=on\`:"
-    echo "the log synced to disk). Writes per commit: on SQLite how many queued writers shared one"
-    echo "commit (from \`/metrics\`), on PostgreSQL requests per WAL sync (\`pg_stat_wal\`)."
+    echo "the log, \`POST /posts\` stores a post and its event, \`PATCH /posts/{id}\` gives one of the"
+    echo "first 1,000 posts (at random) a new title and writes its event. Every answer is sent"
+    echo "after the commit that made the write durable (SQLite \`synchronous=FULL\`, PostgreSQL"
+    echo "\`synchronous_commit=on\`: the log synced to disk). Writes per commit: on SQLite how many"
+    echo "queued writers shared one commit (from \`/metrics\`), on PostgreSQL requests per WAL sync"
+    echo "(\`pg_stat_wal\`)."
     echo
     echo "| build | database | write | clients | writes/s | p50 | p99 | non-2xx | writes per commit |"
     echo "|---|---|---|---:|---:|---:|---:|---:|---:|"
     for d in "${databases[@]}"; do
         for b in "${builds[@]}"; do
-            for write in broadcast posts; do
+            for write in "${writes[@]}"; do
                 for c in 2 32 256; do
                     name=SQLite
                     [ "$d" = pg ] && name=PostgreSQL
                     read -r rps p50 p99 bad per < <(median <<<"${rows[$b/$d/$write/$c]}")
-                    echo "| $b | $name | \`POST /$write\` | $c | $rps | $p50 | $p99 | $bad | $per |"
+                    echo "| $b | $name | \`${write_name[$write]}\` | $c | $rps | $p50 | $p99 | $bad | $per |"
                 done
             done
         done

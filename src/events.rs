@@ -1,10 +1,11 @@
 //! The event log: the outbox that every real-time surface reads.
 //!
-//! Every domain write appends its event with [`append`] inside its own
-//! transaction, so an event exists exactly when the change it describes does.
-//! A write that is one new row ([`EventLog::insert`]) or the event alone
-//! ([`EventLog::record`]) is, on PostgreSQL, a single statement that commits
-//! by itself, the same guarantee in one round trip.
+//! Every domain write writes its event with the change, through
+//! [`EventLog::insert`] (a new row), [`EventLog::change`] (any other change)
+//! or [`EventLog::record`] (the event is the change: a broadcast), so an event
+//! exists exactly when the change it describes does. On SQLite that is one
+//! transaction of the single writer; on PostgreSQL one statement that commits
+//! by itself, a single round trip.
 //! One *pump* task per process reads new rows in id order (one query per batch,
 //! never per subscriber) and fans them out through a bounded in-memory
 //! broadcast. [`EventLog::subscribe`] replays stored events after a given id and
@@ -17,8 +18,15 @@
 //! only the highest id it has seen would skip 10 forever (the outbox trap).
 //! prism does not make writers take turns to avoid it, which would put every
 //! write's commit, fsync included, behind the one before. Instead:
-//! - [`append`] takes a *shared* transaction-scoped advisory lock before it
-//!   draws the id and holds it to commit, so writers never wait on each other;
+//! - an event's insert takes a *shared* transaction-scoped advisory lock
+//!   before it draws the id and holds it to commit, so writers never wait on
+//!   each other. It is taken after the statement's rows are written, so a
+//!   writer holding it rarely waits for anything: settling (below) waits for
+//!   the holders, and new writers queue behind settling. Foreign keys are
+//!   checked at the statement's very end, with the lock held; should that
+//!   check wait on a writer queued behind settling (which waits on the
+//!   checker), PostgreSQL lets the queued writer past settling once
+//!   `deadlock_timeout` passes;
 //! - the pump delivers an event only when every id below it is final. A missing
 //!   id is usually a transaction a moment from committing, and its commit wakes
 //!   the pump. If it is still missing after `GAP_WAIT`, the pump *settles*:
@@ -77,8 +85,9 @@ use parking_lot::RwLock;
 use serde::Serialize;
 use serde_json::value::RawValue;
 use sqlx::{
-    Connection, FromRow,
-    postgres::{PgConnectOptions, PgConnection, PgListener, PgPoolOptions},
+    Arguments, Connection, FromRow,
+    error::BoxDynError,
+    postgres::{PgArguments, PgConnectOptions, PgConnection, PgListener, PgPoolOptions},
 };
 use tokio::{
     sync::{Notify, broadcast},
@@ -87,7 +96,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    db::{Db, Pools, Tx, WriteArg},
+    db::{Db, Pools, Tx, WriteArg, writer::WriteTx},
     error::{Error, Result},
     fetch_optional, tx_execute, tx_optional,
 };
@@ -362,48 +371,51 @@ impl std::fmt::Debug for EventLog {
     }
 }
 
-/// Appends an event to the log inside the caller's write transaction. The
-/// event commits (or rolls back) with the change it describes. Make it the
-/// transaction's last statement: on PostgreSQL, from here to the commit the
-/// writer holds the lock that settling a gap waits for (module docs), so
-/// nothing slow or lock-taking should come after it. Other processes learn
-/// of the event once the transaction is committed through `Domain`, which
-/// calls [`EventLog::committed`].
+/// Appends an event to the log inside the caller's write transaction, for a
+/// change that takes more than the one statement of [`EventLog::insert`] or
+/// [`EventLog::change`]. The event commits (or rolls back) with the change
+/// it describes. Make it the transaction's last statement: on PostgreSQL,
+/// from here to the commit the writer holds the lock that settling a gap
+/// waits for (module docs), so nothing slow or lock-taking should come after
+/// it. Call [`EventLog::committed`] after the commit.
 pub async fn append(tx: &mut Tx, kind: &str, payload: &impl Serialize) -> Result<i64> {
     let payload = serde_json::to_string(payload).map_err(Error::internal)?;
-    append_json(tx, kind, payload).await
+    match tx {
+        Tx::Sqlite(t) => append_sqlite(t, kind, payload).await,
+        Tx::Postgres(t) => append_postgres(&mut **t, kind, payload).await,
+    }
 }
 
-/// [`append`] for a payload already serialised.
-async fn append_json(tx: &mut Tx, kind: &str, payload: String) -> Result<i64> {
-    let now = Utc::now();
-    let id: i64 = match tx {
-        Tx::Sqlite(t) => {
-            let (id,): (i64,) = t
-                .one(
-                    "INSERT INTO events (event_type, payload, created_at) VALUES ($1, $2, $3) \
-                     RETURNING id",
-                    crate::sqlite_args!(kind, payload, now),
-                )
-                .await?;
-            id
-        }
-        Tx::Postgres(t) => {
-            sqlx::query_scalar(APPEND)
-                .bind(kind)
-                .bind(payload)
-                .bind(now)
-                .bind(ORDER_LOCK_KEY)
-                .fetch_one(&mut **t)
-                .await?
-        }
-    };
+/// [`append`] on PostgreSQL, in a transaction or as a statement of its own.
+async fn append_postgres<'e>(
+    on: impl sqlx::PgExecutor<'e>,
+    kind: &str,
+    payload: String,
+) -> Result<i64> {
+    Ok(sqlx::query_scalar(APPEND)
+        .bind(kind)
+        .bind(payload)
+        .bind(Utc::now())
+        .bind(ORDER_LOCK_KEY)
+        .fetch_one(on)
+        .await?)
+}
+
+/// [`append`] on SQLite, for a payload already serialised.
+async fn append_sqlite(t: &mut WriteTx, kind: &str, payload: String) -> Result<i64> {
+    let (id,): (i64,) = t
+        .one(
+            "INSERT INTO events (event_type, payload, created_at) VALUES ($1, $2, $3) \
+             RETURNING id",
+            crate::sqlite_args!(kind, payload, Utc::now()),
+        )
+        .await?;
     Ok(id)
 }
 
-/// [`append`]'s statement on PostgreSQL. See the module docs: `held` runs
-/// before the insert draws its id (`nextval` is in the scan above it), so the
-/// lock is held first.
+/// [`append`]'s statement on PostgreSQL. See the module docs:
+/// `held` runs before the insert draws its id (`nextval` is in the scan
+/// above it), so the lock is held first.
 const APPEND: &str = "WITH held AS (SELECT pg_advisory_xact_lock_shared($4)) \
                       INSERT INTO events (event_type, payload, created_at) \
                       SELECT $1, $2, $3 FROM held RETURNING id";
@@ -426,6 +438,28 @@ fn around_id(json: &str) -> Option<(&str, &str)> {
     let (head, tail) = json.split_at(key + 4);
     let rest = tail.strip_prefix('0')?;
     (head.ends_with("\":") && rest.starts_with([',', '}'])).then_some((head, rest))
+}
+
+/// `args`, then `kind`, then what `rest` adds, as one statement's arguments
+/// on PostgreSQL.
+fn pg_arguments<'a>(
+    args: &[&(dyn WriteArg<'a> + 'a)],
+    kind: &str,
+    rest: impl FnOnce(&mut PgArguments) -> std::result::Result<(), BoxDynError>,
+) -> Result<PgArguments> {
+    let mut bound = PgArguments::default();
+    args.iter()
+        .try_for_each(|arg| arg.add_to(&mut bound))
+        .and_then(|()| {
+            bound.add(kind)?;
+            rest(&mut bound)
+        })
+        .map_err(|e| Error::internal(format!("{kind}: {e}")))?;
+    Ok(bound)
+}
+
+fn sqlite_arguments<'a>(args: &[&(dyn WriteArg<'a> + 'a)]) -> Vec<rusqlite::types::Value> {
+    args.iter().map(|a| a.sqlite()).collect()
 }
 
 impl EventLog {
@@ -472,21 +506,13 @@ impl EventLog {
     /// its id. On PostgreSQL it is one statement, committed by itself: one
     /// round trip instead of three.
     pub async fn record(&self, kind: &str, payload: &impl Serialize) -> Result<i64> {
+        let payload = serde_json::to_string(payload).map_err(Error::internal)?;
         let id = match &self.inner.db.pools {
-            Pools::Postgres { pool, .. } => {
-                let payload = serde_json::to_string(payload).map_err(Error::internal)?;
-                sqlx::query_scalar(APPEND)
-                    .bind(kind)
-                    .bind(payload)
-                    .bind(Utc::now())
-                    .bind(ORDER_LOCK_KEY)
-                    .fetch_one(pool)
-                    .await?
-            }
-            Pools::Sqlite { .. } => {
-                let mut tx = self.inner.db.begin().await?;
-                let id = append(&mut tx, kind, payload).await?;
-                tx.commit().await?;
+            Pools::Postgres { pool, .. } => append_postgres(pool, kind, payload).await?,
+            Pools::Sqlite { write, .. } => {
+                let mut t = write.begin().await?;
+                let id = append_sqlite(&mut t, kind, payload).await?;
+                t.commit().await?;
                 id
             }
         };
@@ -521,31 +547,28 @@ impl EventLog {
                     Error::internal(format!("{kind}: the payload does not begin with its id"))
                 })?;
                 let n = args.len();
+                // The main query reads only `inserted`, so the row is
+                // written before `event` runs and takes the shared lock
+                // (module docs).
                 let sql = format!(
-                    "WITH held AS (SELECT pg_advisory_xact_lock_shared(${lock})), \
-                     inserted AS ({insert} RETURNING id), \
+                    "WITH inserted AS ({insert} RETURNING id), \
+                     held AS (SELECT pg_advisory_xact_lock_shared(${lock})), \
                      event AS (INSERT INTO events (event_type, payload, created_at) \
                      SELECT ${kind_at}, ${head_at} || inserted.id || ${rest_at}, ${now_at} \
-                     FROM inserted, held RETURNING id) \
-                     SELECT inserted.id FROM inserted, event",
+                     FROM inserted, held) \
+                     SELECT id FROM inserted",
                     kind_at = n + 1,
                     head_at = n + 2,
                     rest_at = n + 3,
                     now_at = n + 4,
                     lock = n + 5,
                 );
-                let mut bound = sqlx::postgres::PgArguments::default();
-                args.iter()
-                    .try_for_each(|arg| arg.add_to(&mut bound))
-                    .and_then(|()| {
-                        use sqlx::Arguments;
-                        bound.add(kind)?;
-                        bound.add(head)?;
-                        bound.add(rest)?;
-                        bound.add(Utc::now())?;
-                        bound.add(ORDER_LOCK_KEY)
-                    })
-                    .map_err(|e| Error::internal(format!("{kind}: {e}")))?;
+                let bound = pg_arguments(args, kind, |a| {
+                    a.add(head)?;
+                    a.add(rest)?;
+                    a.add(Utc::now())?;
+                    a.add(ORDER_LOCK_KEY)
+                })?;
                 let id: i64 = sqlx::query_scalar_with(sqlx::AssertSqlSafe(sql), bound)
                     .fetch_one(pool)
                     .await
@@ -555,21 +578,81 @@ impl EventLog {
             Pools::Sqlite { write, .. } => {
                 let mut t = write.begin().await?;
                 let (id,): (i64,) = t
-                    .one(
-                        &format!("{insert} RETURNING id"),
-                        args.iter().map(|a| a.sqlite()).collect(),
-                    )
+                    .one(&format!("{insert} RETURNING id"), sqlite_arguments(args))
                     .await
                     .map_err(on_error)?;
                 row.set_id(id);
-                let payload = row.payload().map_err(Error::internal)?;
-                let mut tx = Tx::Sqlite(t);
-                append_json(&mut tx, kind, payload).await?;
-                tx.commit().await?;
+                append_sqlite(&mut t, kind, row.payload().map_err(Error::internal)?).await?;
+                t.commit().await?;
             }
         }
         self.committed();
         Ok(row)
+    }
+
+    /// Runs `statement` (an `INSERT`, `UPDATE` or `DELETE` without
+    /// `RETURNING`, its arguments `args` in order) and, if it changed any
+    /// row, appends its event `kind` with `payload` in the same transaction;
+    /// gives how many rows it changed. `on_error` as for [`EventLog::insert`].
+    ///
+    /// One statement on PostgreSQL, as [`EventLog::insert`], so the payload
+    /// is whatever the caller knows before the write: a caller whose event
+    /// carries columns it does not set reads them first and makes the
+    /// statement's `WHERE` match only while they are what it read.
+    pub async fn change<'a>(
+        &self,
+        statement: &str,
+        args: &[&(dyn WriteArg<'a> + 'a)],
+        kind: &str,
+        payload: &impl Serialize,
+        on_error: impl FnOnce(sqlx::Error) -> Error,
+    ) -> Result<u64> {
+        let payload = serde_json::to_string(payload).map_err(Error::internal)?;
+        let changed = match &self.inner.db.pools {
+            Pools::Postgres { pool, .. } => {
+                let n = args.len();
+                // As in `insert`: the rows are changed before the lock is
+                // taken. No row changed, no event.
+                let sql = format!(
+                    "WITH changed AS ({statement} RETURNING 1), \
+                     held AS (SELECT pg_advisory_xact_lock_shared(${lock})), \
+                     event AS (INSERT INTO events (event_type, payload, created_at) \
+                     SELECT ${kind_at}, ${payload_at}, ${now_at} FROM held \
+                     WHERE EXISTS (SELECT FROM changed)) \
+                     SELECT count(*) FROM changed",
+                    kind_at = n + 1,
+                    payload_at = n + 2,
+                    now_at = n + 3,
+                    lock = n + 4,
+                );
+                let bound = pg_arguments(args, kind, |a| {
+                    a.add(payload.as_str())?;
+                    a.add(Utc::now())?;
+                    a.add(ORDER_LOCK_KEY)
+                })?;
+                let changed: i64 = sqlx::query_scalar_with(sqlx::AssertSqlSafe(sql), bound)
+                    .fetch_one(pool)
+                    .await
+                    .map_err(on_error)?;
+                u64::try_from(changed).map_err(Error::internal)?
+            }
+            Pools::Sqlite { write, .. } => {
+                let mut t = write.begin().await?;
+                let changed = t
+                    .execute(statement, sqlite_arguments(args))
+                    .await
+                    .map_err(on_error)?;
+                if changed > 0 {
+                    append_sqlite(&mut t, kind, payload).await?;
+                    t.commit().await?;
+                }
+                changed
+            }
+        };
+        if changed > 0 {
+            self.committed();
+        }
+        Ok(changed)
     }
 
     /// Tells the pump, and on PostgreSQL the other processes, that a

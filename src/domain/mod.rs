@@ -2,8 +2,8 @@
 //! rules and their SQL. Every protocol adapter calls these functions and
 //! nothing else touches the tables, so a rule is written once.
 //!
-//! Each write runs in one transaction that also appends its event to the log
-//! (`events::append`), then wakes the event pump; reads of hot single
+//! Each write commits its event to the log with it (`EventLog::insert`,
+//! `EventLog::change`), then wakes the event pump; reads of hot single
 //! entities go through an in-process cache that the pump keeps coherent (it
 //! drops an entry when any process records a change to it).
 
@@ -21,7 +21,7 @@ pub mod validate;
 use std::sync::Arc;
 
 use crate::{
-    db::{Db, Tx},
+    db::Db,
     error::{Error, Result},
     events::EventLog,
 };
@@ -189,13 +189,6 @@ impl Domain {
             out.extend(rows);
         }
         Ok(out)
-    }
-
-    /// Commits a write transaction and wakes the event pump for its events.
-    async fn commit(&self, tx: Tx) -> Result<()> {
-        tx.commit().await?;
-        self.events.committed();
-        Ok(())
     }
 }
 

@@ -15,7 +15,7 @@ use crate::{
     db,
     db::inline::{FromSqlite, timestamp},
     error::{Error, Result},
-    events, fetch_all, fetch_optional, tx_execute, tx_optional,
+    events, fetch_all, fetch_optional, tx_optional,
 };
 
 #[derive(Debug, Clone, Serialize, Deserialize, FromRow, ToSchema, PartialEq)]
@@ -189,14 +189,45 @@ impl Domain {
         c.finish()?;
         let current = self.get_post(id).await?;
         by.ensure_self_or_admin(current.author_id, "change your own posts")?;
-        let changes = |new: &Option<String>, old: &str| new.as_deref().is_some_and(|n| n != old);
-        if !changes(&patch.title, &current.title) && !changes(&patch.content, &current.content) {
+        let title = patch.title.as_ref().unwrap_or(&current.title);
+        let content = patch.content.as_ref().unwrap_or(&current.content);
+        if *title == current.title && *content == current.content {
             // Nothing to write: no new updated_at, no post.updated for every
             // subscriber to receive.
             return Ok(current);
         }
+        let post = Post {
+            title: title.clone(),
+            content: content.clone(),
+            updated_at: db::now(),
+            ..current.clone()
+        };
+        // The event is the post as read and patched, so the write matches
+        // only while the post is still as read: one statement on PostgreSQL.
+        let changed = self
+            .events
+            .change(
+                "UPDATE posts SET title = $1, content = $2, updated_at = $3 \
+                 WHERE id = $4 AND title = $5 AND content = $6",
+                &[
+                    &post.title,
+                    &post.content,
+                    &post.updated_at,
+                    &id,
+                    &current.title,
+                    &current.content,
+                ],
+                "post.updated",
+                &post,
+                Error::from,
+            )
+            .await?;
+        if changed > 0 {
+            return Ok(post);
+        }
+        // Another write got in between. Patch the post as it is now, under
+        // its row lock, and announce it as the database returns it.
         let mut tx = self.db.begin().await?;
-        let now = Utc::now();
         let post: Option<Post> = tx_optional!(
             &mut tx,
             "UPDATE posts SET title = COALESCE($1, title), content = COALESCE($2, content), \
@@ -204,12 +235,13 @@ impl Domain {
              RETURNING id, title, content, author_id, created_at, updated_at",
             patch.title,
             patch.content,
-            now,
+            db::now(),
             id
         )?;
         let post = post.ok_or_else(|| Error::NotFound("Post not found".into()))?;
         events::append(&mut tx, "post.updated", &post).await?;
-        self.commit(tx).await?;
+        tx.commit().await?;
+        self.events.committed();
         Ok(post)
     }
 
@@ -217,18 +249,21 @@ impl Domain {
     pub async fn delete_post(&self, by: &Principal, id: i64) -> Result<()> {
         let current = self.get_post(id).await?;
         by.ensure_self_or_admin(current.author_id, "delete your own posts")?;
-        let mut tx = self.db.begin().await?;
-        let deleted = tx_execute!(&mut tx, "DELETE FROM posts WHERE id = $1", id)?;
+        // A post's author never changes, so the one read is the one deleted.
+        let deleted = self
+            .events
+            .change(
+                "DELETE FROM posts WHERE id = $1",
+                &[&id],
+                "post.deleted",
+                &serde_json::json!({"id": id, "author_id": current.author_id}),
+                Error::from,
+            )
+            .await?;
         if deleted == 0 {
             return Err(Error::NotFound("Post not found".into()));
         }
-        events::append(
-            &mut tx,
-            "post.deleted",
-            &serde_json::json!({"id": id, "author_id": current.author_id}),
-        )
-        .await?;
-        self.commit(tx).await
+        Ok(())
     }
 
     /// The posts of each of `author_ids`, in id order.

@@ -15,7 +15,7 @@ use crate::{
     db,
     db::inline::FromSqlite,
     error::{Error, FieldError, Result},
-    events, fetch_all, fetch_optional, tx_execute, tx_optional,
+    fetch_all, fetch_optional,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
@@ -81,6 +81,21 @@ pub struct NewProduct {
     pub tags: Vec<String>,
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
+}
+
+impl Product {
+    /// Product `id` as `new` describes it.
+    fn from_new(id: i64, new: &NewProduct) -> Product {
+        Product {
+            id,
+            name: new.name.clone(),
+            description: new.description.clone(),
+            price: new.price.clone(),
+            category: new.category,
+            tags: new.tags.clone(),
+            metadata: new.metadata.clone(),
+        }
+    }
 }
 
 impl NewProduct {
@@ -240,15 +255,7 @@ impl Domain {
             &tags,
             &metadata,
         ];
-        let product = Product {
-            id: 0,
-            name: new.name.clone(),
-            description: new.description.clone(),
-            price: new.price.clone(),
-            category: new.category,
-            tags: new.tags.clone(),
-            metadata: new.metadata.clone(),
-        };
+        let product = Product::from_new(0, &new);
         self.events
             .insert(
                 "INSERT INTO products (name, description, price_amount, price_currency, category, tags, metadata) \
@@ -270,26 +277,33 @@ impl Domain {
     ) -> Result<Product> {
         by.ensure_admin()?;
         new.validate()?;
-        let mut tx = self.db.begin().await?;
         let tags = serde_json::to_string(&new.tags).map_err(Error::internal)?;
         let metadata = serde_json::to_string(&new.metadata).map_err(Error::internal)?;
-        let row: Option<ProductRow> = tx_optional!(
-            &mut tx,
-            "UPDATE products SET name = $1, description = $2, price_amount = $3, price_currency = $4, \
-             category = $5, tags = $6, metadata = $7 WHERE id = $8 \
-             RETURNING id, name, description, price_amount, price_currency, category, tags, metadata",
-            &new.name,
-            &new.description,
-            new.price.amount,
-            &new.price.currency,
-            new.category.as_str(),
-            tags,
-            metadata,
-            id
-        )?;
-        let product = Product::try_from(row.ok_or_else(|| not_found(id))?)?;
-        events::append(&mut tx, "product.updated", &product).await?;
-        self.commit(tx).await?;
+        // Every column is replaced, so the product as written is known here.
+        let product = Product::from_new(id, &new);
+        let updated = self
+            .events
+            .change(
+                "UPDATE products SET name = $1, description = $2, price_amount = $3, \
+                 price_currency = $4, category = $5, tags = $6, metadata = $7 WHERE id = $8",
+                &[
+                    &new.name,
+                    &new.description,
+                    &new.price.amount,
+                    &new.price.currency,
+                    &new.category.as_str(),
+                    &tags,
+                    &metadata,
+                    &id,
+                ],
+                "product.updated",
+                &product,
+                Error::from,
+            )
+            .await?;
+        if updated == 0 {
+            return Err(not_found(id));
+        }
         // Read-your-writes in this process without waiting for the pump.
         self.products_cache.invalidate(id);
         Ok(product)
@@ -297,13 +311,19 @@ impl Domain {
 
     pub async fn delete_product(&self, by: &Principal, id: i64) -> Result<()> {
         by.ensure_admin()?;
-        let mut tx = self.db.begin().await?;
-        let deleted = tx_execute!(&mut tx, "DELETE FROM products WHERE id = $1", id)?;
+        let deleted = self
+            .events
+            .change(
+                "DELETE FROM products WHERE id = $1",
+                &[&id],
+                "product.deleted",
+                &serde_json::json!({"id": id}),
+                Error::from,
+            )
+            .await?;
         if deleted == 0 {
             return Err(not_found(id));
         }
-        events::append(&mut tx, "product.deleted", &serde_json::json!({"id": id})).await?;
-        self.commit(tx).await?;
         self.products_cache.invalidate(id);
         Ok(())
     }

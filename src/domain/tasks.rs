@@ -18,9 +18,10 @@ use utoipa::ToSchema;
 use super::{Domain, Page};
 use crate::{
     auth::Principal,
+    db,
     db::inline::{FromSqlite, timestamp},
     error::{Error, Result},
-    events, fetch_all, fetch_optional, tx_execute, tx_one,
+    fetch_all, fetch_optional,
 };
 
 /// Users summarised per step of a report.
@@ -109,31 +110,39 @@ impl Domain {
         if new.kind != "report" {
             return Err(Error::invalid("kind", "enum", "Input should be 'report'"));
         }
-        let id = uuid::Uuid::new_v4().to_string();
-        let now = Utc::now();
-        let mut tx = self.db.begin().await?;
-        let row: TaskRow = tx_one!(
-            &mut tx,
-            "INSERT INTO tasks (id, kind, status, progress, created_by, created_at, updated_at) \
-             VALUES ($1, $2, 'pending', 0, $3, $4, $4) \
-             RETURNING id, kind, status, progress, result, error, created_at, updated_at",
-            &id,
-            &new.kind,
-            by.user_id,
-            now
-        )?;
-        events::append(
-            &mut tx,
-            "task.created",
-            &TaskEvent {
-                task_id: id,
-                progress: Some(0),
-                status: Some("pending".into()),
-            },
-        )
-        .await?;
-        self.commit(tx).await?;
-        Ok(row.into())
+        let now = db::now();
+        let task = Task {
+            task_id: uuid::Uuid::new_v4().to_string(),
+            kind: new.kind,
+            status: "pending".into(),
+            progress: 0,
+            result: None,
+            error: None,
+            created_at: now,
+            updated_at: now,
+        };
+        self.events
+            .change(
+                "INSERT INTO tasks (id, kind, status, progress, created_by, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $6)",
+                &[
+                    &task.task_id,
+                    &task.kind,
+                    &task.status,
+                    &task.progress,
+                    &by.user_id,
+                    &now,
+                ],
+                "task.created",
+                &TaskEvent {
+                    task_id: task.task_id.clone(),
+                    progress: Some(0),
+                    status: Some(task.status.clone()),
+                },
+                Error::from,
+            )
+            .await?;
+        Ok(task)
     }
 
     pub async fn get_task(&self, id: &str) -> Result<Task> {
@@ -233,27 +242,20 @@ impl Domain {
     }
 
     async fn set_progress(&self, id: &str, status: &str, progress: i32) -> Result<()> {
-        let mut tx = self.db.begin().await?;
-        let now = Utc::now();
-        tx_execute!(
-            &mut tx,
-            "UPDATE tasks SET status = $1, progress = $2, updated_at = $3 WHERE id = $4",
-            status,
-            progress,
-            now,
-            id
-        )?;
-        events::append(
-            &mut tx,
-            "task.progress",
-            &TaskEvent {
-                task_id: id.to_owned(),
-                progress: Some(progress),
-                status: None,
-            },
-        )
-        .await?;
-        self.commit(tx).await
+        self.events
+            .change(
+                "UPDATE tasks SET status = $1, progress = $2, updated_at = $3 WHERE id = $4",
+                &[&status, &progress, &db::now(), &id],
+                "task.progress",
+                &TaskEvent {
+                    task_id: id.to_owned(),
+                    progress: Some(progress),
+                    status: None,
+                },
+                Error::from,
+            )
+            .await?;
+        Ok(())
     }
 
     async fn finish_task(
@@ -265,29 +267,21 @@ impl Domain {
             Ok(v) => ("completed", 100, Some(v.to_string()), None),
             Err(e) => ("failed", 100, None, Some(e)),
         };
-        let mut tx = self.db.begin().await?;
-        let now = Utc::now();
-        tx_execute!(
-            &mut tx,
-            "UPDATE tasks SET status = $1, progress = $2, result = $3, error = $4, updated_at = $5 WHERE id = $6",
-            status,
-            progress,
-            result,
-            error,
-            now,
-            id
-        )?;
-        events::append(
-            &mut tx,
-            &format!("task.{status}"),
-            &TaskEvent {
-                task_id: id.to_owned(),
-                progress: Some(progress),
-                status: Some(status.to_owned()),
-            },
-        )
-        .await?;
-        self.commit(tx).await
+        self.events
+            .change(
+                "UPDATE tasks SET status = $1, progress = $2, result = $3, error = $4, \
+                 updated_at = $5 WHERE id = $6",
+                &[&status, &progress, &result, &error, &db::now(), &id],
+                &format!("task.{status}"),
+                &TaskEvent {
+                    task_id: id.to_owned(),
+                    progress: Some(progress),
+                    status: Some(status.to_owned()),
+                },
+                Error::from,
+            )
+            .await?;
+        Ok(())
     }
 }
 

@@ -16,7 +16,7 @@ use crate::{
     db,
     db::inline::{FromSqlite, timestamp},
     error::{Error, Result},
-    events, fetch_all, fetch_optional, tx_execute,
+    fetch_all, fetch_optional,
 };
 
 /// A user of the system.
@@ -340,38 +340,38 @@ impl Domain {
             ));
         }
         self.may_change_friendship(by, user_id, friend_id).await?;
-        let mut tx = self.db.begin().await?;
-        let sql = "INSERT INTO friendships (user_id, friend_id) VALUES ($1, $2), ($2, $1) \
-                   ON CONFLICT DO NOTHING";
-        let added = tx_execute!(&mut tx, sql, user_id, friend_id)?;
-        if added > 0 {
-            events::append(
-                &mut tx,
+        // Already friends: nothing changes and no event.
+        self.events
+            .change(
+                "INSERT INTO friendships (user_id, friend_id) VALUES ($1, $2), ($2, $1) \
+                 ON CONFLICT DO NOTHING",
+                &[&user_id, &friend_id],
                 "friend.added",
                 &serde_json::json!({"user_id": user_id, "friend_id": friend_id}),
+                Error::from,
             )
             .await?;
-        }
-        self.commit(tx).await
+        Ok(())
     }
 
     /// Ends a friendship (both directions). Only one of the two, or an admin.
     pub async fn remove_friend(&self, by: &Principal, user_id: i64, friend_id: i64) -> Result<()> {
         self.may_change_friendship(by, user_id, friend_id).await?;
-        let mut tx = self.db.begin().await?;
-        let sql = "DELETE FROM friendships \
-                   WHERE (user_id = $1 AND friend_id = $2) OR (user_id = $2 AND friend_id = $1)";
-        let removed = tx_execute!(&mut tx, sql, user_id, friend_id)?;
+        let removed = self
+            .events
+            .change(
+                "DELETE FROM friendships \
+                 WHERE (user_id = $1 AND friend_id = $2) OR (user_id = $2 AND friend_id = $1)",
+                &[&user_id, &friend_id],
+                "friend.removed",
+                &serde_json::json!({"user_id": user_id, "friend_id": friend_id}),
+                Error::from,
+            )
+            .await?;
         if removed == 0 {
             return Err(Error::NotFound("Friendship not found".into()));
         }
-        events::append(
-            &mut tx,
-            "friend.removed",
-            &serde_json::json!({"user_id": user_id, "friend_id": friend_id}),
-        )
-        .await?;
-        self.commit(tx).await
+        Ok(())
     }
 
     /// How many users exist.

@@ -811,3 +811,192 @@ async fn a_created_row_reads_back_as_its_answer_and_its_event() {
         app.stop().await;
     }
 }
+
+/// Updates, deletes and friendships are stored and published as one, on
+/// SQLite and on PostgreSQL (where each is a single statement): an update's
+/// answer, the row read back and the event's payload are the same JSON; a
+/// delete's event names what went. A change that changes nothing (a patch to
+/// the same values, a friendship that exists) and a change of something
+/// missing announce nothing.
+#[tokio::test]
+async fn a_changed_row_reads_back_as_its_answer_and_its_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut configs = vec![test_config(&dir.path().join("sqlite"))];
+    if let Some(url) = crate::helpers::postgres_url().await {
+        configs.push(shared_postgres_config(dir.path(), "postgres", &url));
+    }
+    for config in configs {
+        let app = spawn_with(config).await;
+        let admin = app.admin_token().await;
+        let mut feed = Sse::connect(
+            &app,
+            "/events/feed?types=post.updated,post.deleted,product.updated,product.deleted,\
+             friend.added,friend.removed",
+            None,
+        )
+        .await;
+        let mut next_event = async |kind: &str| {
+            let ev = feed.next().await.expect("the feed ended").json();
+            assert_eq!(ev["type"], kind, "{ev}");
+            ev["payload"].clone()
+        };
+        let changed = async |method: Method, path: &str, body: Option<Value>| {
+            let (status, answer) = app.send_json(method, path, Some(&admin), body).await;
+            assert!(status.is_success(), "{path}: {status} {answer}");
+            answer
+        };
+        let refused = async |method: Method, path: &str, body: Option<Value>| {
+            let (status, answer) = app.send_json(method, path, Some(&admin), body).await;
+            assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {answer}");
+        };
+
+        let post = app
+            .create(
+                "/posts",
+                Some(&admin),
+                json!({"title": "Before", "content": "body", "author_id": 2}),
+            )
+            .await;
+        let post_path = format!("/posts/{}", post["id"]);
+        let mut last = post.clone();
+        for (patch, title, content) in [
+            (json!({"title": "After"}), "After", "body"),
+            (json!({"content": "new body"}), "After", "new body"),
+            (json!({"title": "Both", "content": "new"}), "Both", "new"),
+        ] {
+            let answer = changed(Method::PATCH, &post_path, Some(patch)).await;
+            assert_eq!(
+                (&answer["title"], &answer["content"]),
+                (&json!(title), &json!(content))
+            );
+            assert_eq!(answer["created_at"], post["created_at"]);
+            assert_ne!(answer["updated_at"], last["updated_at"]);
+            assert_eq!(next_event("post.updated").await, answer);
+            assert_eq!(app.get_json(&post_path).await.1, answer);
+            last = answer;
+        }
+        let same = changed(Method::PATCH, &post_path, Some(json!({"title": "Both"}))).await;
+        assert_eq!(same, last, "a patch to the same values changed the post");
+        refused(Method::PATCH, "/posts/999999", Some(json!({"title": "x"}))).await;
+
+        let product = app
+            .create(
+                "/products/",
+                Some(&admin),
+                json!({"name": "Gizmo", "price": {"amount": 5.55, "currency": "EUR"},
+                       "category": "FOOD"}),
+            )
+            .await;
+        let product_path = format!("/products/{}", product["id"]);
+        let replacement = json!({"name": "Gadget", "description": "Replaced",
+            "price": {"amount": 7.25, "currency": "USD"}, "category": "BOOKS",
+            "tags": ["b", "a"], "metadata": {"z": "1", "a": "2"}});
+        let answer = changed(Method::PUT, &product_path, Some(replacement.clone())).await;
+        assert_eq!(answer["id"], product["id"]);
+        assert_eq!(answer["name"], "Gadget");
+        assert_eq!(answer["metadata"], replacement["metadata"]);
+        assert_eq!(next_event("product.updated").await, answer);
+        assert_eq!(app.get_json(&product_path).await.1, answer);
+        refused(Method::PUT, "/products/999999", Some(replacement)).await;
+
+        changed(Method::PUT, "/users/3/friends/2", None).await;
+        assert_eq!(
+            next_event("friend.added").await,
+            json!({"user_id": 3, "friend_id": 2})
+        );
+        changed(Method::PUT, "/users/2/friends/3", None).await;
+        changed(Method::DELETE, "/users/2/friends/3", None).await;
+        assert_eq!(
+            next_event("friend.removed").await,
+            json!({"user_id": 2, "friend_id": 3})
+        );
+        refused(Method::DELETE, "/users/2/friends/3", None).await;
+
+        changed(Method::DELETE, &post_path, None).await;
+        assert_eq!(
+            next_event("post.deleted").await,
+            json!({"id": post["id"], "author_id": 2})
+        );
+        refused(Method::GET, &post_path, None).await;
+        refused(Method::DELETE, &post_path, None).await;
+        changed(Method::DELETE, &product_path, None).await;
+        assert_eq!(
+            next_event("product.deleted").await,
+            json!({"id": product["id"]})
+        );
+        refused(Method::DELETE, &product_path, None).await;
+
+        // Nothing refused or unchanged above was announced late: the next
+        // event is this one.
+        changed(Method::PUT, "/users/1/friends/3", None).await;
+        assert_eq!(
+            next_event("friend.added").await,
+            json!({"user_id": 1, "friend_id": 3})
+        );
+        app.stop().await;
+    }
+}
+
+/// Patches racing on one post, each of one field: every patch succeeds, each
+/// answers with the post as it left it and announces exactly that, and none
+/// undoes another (in event order, each event changes only its own field of
+/// the one before), on SQLite and on PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_patches_each_announce_the_post_as_they_left_it() {
+    const PATCHES: usize = 8;
+    let dir = tempfile::tempdir().unwrap();
+    let mut configs = vec![test_config(&dir.path().join("sqlite"))];
+    if let Some(url) = crate::helpers::postgres_url().await {
+        configs.push(shared_postgres_config(dir.path(), "postgres", &url));
+    }
+    for config in configs {
+        let app = spawn_with(config).await;
+        let admin = app.admin_token().await;
+        let post = app
+            .create(
+                "/posts",
+                Some(&admin),
+                json!({"title": "t", "content": "c", "author_id": 2}),
+            )
+            .await;
+        let path = format!("/posts/{}", post["id"]);
+        let mut feed = Sse::connect(&app, "/events/feed?types=post.updated", None).await;
+        let field = |i: usize| ["title", "content"][i % 2];
+        let answers = futures::future::join_all((0..PATCHES).map(|i| {
+            let (app, admin, path) = (&app, &admin, &path);
+            async move {
+                let patch = json!({field(i): format!("{} {i}", field(i))});
+                let (status, answer) = app
+                    .send_json(Method::PATCH, path, Some(admin), Some(patch))
+                    .await;
+                assert_eq!(status, StatusCode::OK, "{answer}");
+                answer
+            }
+        }))
+        .await;
+        let mut announced = Vec::new();
+        for _ in 0..PATCHES {
+            announced.push(feed.next().await.expect("the feed ended").json()["payload"].clone());
+        }
+        let mut before = &post;
+        for after in &announced {
+            let changed: Vec<_> = ["title", "content"]
+                .into_iter()
+                .filter(|f| after[f] != before[f])
+                .collect();
+            assert_eq!(changed.len(), 1, "{before} -> {after}");
+            let i: usize = after[changed[0]].as_str().unwrap()[changed[0].len() + 1..]
+                .parse()
+                .unwrap();
+            assert_eq!(field(i), changed[0], "{after}");
+            before = after;
+        }
+        assert_eq!(app.get_json(&path).await.1, *before);
+        let sorted = |mut v: Vec<Value>| {
+            v.sort_by_key(|p| p.to_string());
+            v
+        };
+        assert_eq!(sorted(answers), sorted(announced));
+        app.stop().await;
+    }
+}
