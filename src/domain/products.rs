@@ -98,7 +98,38 @@ impl Product {
     }
 }
 
+/// A product's columns that are not its fields as they are: its
+/// category's name, and its tags and metadata as JSON text.
+struct Stored {
+    category: &'static str,
+    tags: String,
+    metadata: String,
+}
+
 impl NewProduct {
+    /// What it stores that is not one of its fields as it is.
+    fn stored(&self) -> Result<Stored> {
+        Ok(Stored {
+            category: self.category.as_str(),
+            tags: serde_json::to_string(&self.tags).map_err(Error::internal)?,
+            metadata: serde_json::to_string(&self.metadata).map_err(Error::internal)?,
+        })
+    }
+
+    /// Its columns' values: name, description, price amount and currency,
+    /// category, tags, metadata.
+    fn columns<'a>(&'a self, stored: &'a Stored) -> Vec<&'a dyn db::WriteArg<'a>> {
+        vec![
+            &self.name,
+            &self.description,
+            &self.price.amount,
+            &self.price.currency,
+            &stored.category,
+            &stored.tags,
+            &stored.metadata,
+        ]
+    }
+
     fn validate(&self) -> Result<()> {
         let mut c = Check::new();
         c.length("name", &self.name, limits::NAME.0, limits::NAME.1)
@@ -244,23 +275,13 @@ impl Domain {
     pub async fn create_product(&self, by: &Principal, new: NewProduct) -> Result<Product> {
         by.ensure_admin()?;
         new.validate()?;
-        let tags = serde_json::to_string(&new.tags).map_err(Error::internal)?;
-        let metadata = serde_json::to_string(&new.metadata).map_err(Error::internal)?;
-        let args: [&dyn db::WriteArg; 7] = [
-            &new.name,
-            &new.description,
-            &new.price.amount,
-            &new.price.currency,
-            &new.category.as_str(),
-            &tags,
-            &metadata,
-        ];
+        let stored = new.stored()?;
         let product = Product::from_new(0, &new);
         self.events
             .insert(
                 "INSERT INTO products (name, description, price_amount, price_currency, category, tags, metadata) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                &args,
+                &new.columns(&stored),
                 "product.created",
                 product,
                 Error::from,
@@ -277,8 +298,9 @@ impl Domain {
     ) -> Result<Product> {
         by.ensure_admin()?;
         new.validate()?;
-        let tags = serde_json::to_string(&new.tags).map_err(Error::internal)?;
-        let metadata = serde_json::to_string(&new.metadata).map_err(Error::internal)?;
+        let stored = new.stored()?;
+        let mut args = new.columns(&stored);
+        args.push(&id);
         // Every column is replaced, so the product as written is known here.
         let product = Product::from_new(id, &new);
         let updated = self
@@ -286,16 +308,7 @@ impl Domain {
             .change(
                 "UPDATE products SET name = $1, description = $2, price_amount = $3, \
                  price_currency = $4, category = $5, tags = $6, metadata = $7 WHERE id = $8",
-                &[
-                    &new.name,
-                    &new.description,
-                    &new.price.amount,
-                    &new.price.currency,
-                    &new.category.as_str(),
-                    &tags,
-                    &metadata,
-                    &id,
-                ],
+                &args,
                 "product.updated",
                 &product,
                 Error::from,

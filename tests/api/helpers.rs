@@ -36,6 +36,17 @@ pub fn test_config(dir: &std::path::Path) -> Config {
     }
 }
 
+/// A test configuration on SQLite and, when the PostgreSQL tests run, one on
+/// a PostgreSQL database of its own, each with a directory under `dir`: for
+/// a test of what holds on either.
+pub async fn sqlite_and_postgres(dir: &std::path::Path) -> Vec<Config> {
+    let mut configs = vec![test_config(&dir.join("sqlite"))];
+    if let Some(url) = postgres_url().await {
+        configs.push(shared_postgres_config(dir, "postgres", &url));
+    }
+    configs
+}
+
 /// The configuration of one of several instances sharing the PostgreSQL
 /// database `url` and a token secret, with a directory `dir/sub` of its own.
 pub fn shared_postgres_config(dir: &std::path::Path, sub: &str, url: &str) -> Config {

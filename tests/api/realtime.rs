@@ -6,8 +6,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::helpers::{
     STALLED_LOGIN, Sse, TestApp, WAIT, WsMessage, idle_connections_are_closed, node, node_clients,
-    shared_postgres_config, spawn_app, spawn_with, spawn_with_idle_timeout, stalled_body_answer,
-    test_config,
+    shared_postgres_config, spawn_app, spawn_with, spawn_with_idle_timeout, sqlite_and_postgres,
+    stalled_body_answer, test_config,
 };
 
 async fn broadcast(app: &TestApp, token: &str, message: &str) {
@@ -697,11 +697,7 @@ async fn postgres_an_sse_client_of_one_instance_gets_a_post_written_through_anot
 #[tokio::test]
 async fn a_created_row_reads_back_as_its_answer_and_its_event() {
     let dir = tempfile::tempdir().unwrap();
-    let mut configs = vec![test_config(&dir.path().join("sqlite"))];
-    if let Some(url) = crate::helpers::postgres_url().await {
-        configs.push(shared_postgres_config(dir.path(), "postgres", &url));
-    }
-    for config in configs {
+    for config in sqlite_and_postgres(dir.path()).await {
         let app = spawn_with(config).await;
         let admin = app.admin_token().await;
         let mut feed = Sse::connect(
@@ -821,11 +817,7 @@ async fn a_created_row_reads_back_as_its_answer_and_its_event() {
 #[tokio::test]
 async fn a_changed_row_reads_back_as_its_answer_and_its_event() {
     let dir = tempfile::tempdir().unwrap();
-    let mut configs = vec![test_config(&dir.path().join("sqlite"))];
-    if let Some(url) = crate::helpers::postgres_url().await {
-        configs.push(shared_postgres_config(dir.path(), "postgres", &url));
-    }
-    for config in configs {
+    for config in sqlite_and_postgres(dir.path()).await {
         let app = spawn_with(config).await;
         let admin = app.admin_token().await;
         let mut feed = Sse::connect(
@@ -945,11 +937,7 @@ async fn a_changed_row_reads_back_as_its_answer_and_its_event() {
 async fn racing_patches_each_announce_the_post_as_they_left_it() {
     const PATCHES: usize = 8;
     let dir = tempfile::tempdir().unwrap();
-    let mut configs = vec![test_config(&dir.path().join("sqlite"))];
-    if let Some(url) = crate::helpers::postgres_url().await {
-        configs.push(shared_postgres_config(dir.path(), "postgres", &url));
-    }
-    for config in configs {
+    for config in sqlite_and_postgres(dir.path()).await {
         let app = spawn_with(config).await;
         let admin = app.admin_token().await;
         let post = app
