@@ -7,7 +7,7 @@ use prism::{
     App, Config,
     auth::{Principal, Role},
     domain::{
-        Domain, NewProduct, Price,
+        Domain, NewPost, NewProduct, NewUser, Post, PostPatch, Price,
         consumers::{Applied, OrderStats, OrderTotals},
     },
     events::{self, Event, EventFilter, Item},
@@ -472,12 +472,20 @@ async fn b_committed_while_a_is_open(db: &prism::db::Db) -> (prism::db::Tx, i64,
 /// Waits until `n` sessions wait for an advisory lock in this test's
 /// database: as PostgreSQL sees it, they are blocked.
 async fn advisory_lock_waiters(db: &prism::db::Db, n: i64, what: &str) {
+    lock_waiters(db, "advisory", n, what).await;
+}
+
+/// Waits until `n` sessions wait for a lock of `locktype` in this test's
+/// database (`transactionid`: a row another transaction changed).
+async fn lock_waiters(db: &prism::db::Db, locktype: &str, n: i64, what: &str) {
     let pool = db.postgres().unwrap();
     crate::helpers::eventually(what, || async {
         let waiting: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
-             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            "SELECT COUNT(*) FROM pg_locks WHERE locktype = $1 AND NOT granted \
+             AND (database IS NULL \
+                  OR database = (SELECT oid FROM pg_database WHERE datname = current_database()))",
         )
+        .bind(locktype)
         .fetch_one(pool)
         .await
         .unwrap();
@@ -724,4 +732,85 @@ async fn an_order_created_is_applied_once(backend: Backend) {
     };
     assert!(!domain.apply_order_created(keyed(2), 9, 1.5).await.unwrap());
     assert!(domain.apply_order_created(keyed(3), 9, 1.5).await.unwrap());
+}
+
+/// A patch whose post another transaction changes between the patch's read
+/// and its write keeps that change, and announces the post as stored: the
+/// other transaction is held open until the patch waits for its row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_patch_keeps_a_change_made_between_its_read_and_its_write() {
+    let Some(url) = postgres_url().await else {
+        return;
+    };
+    let (_app, domain) = Backend::Postgres(url).instance(|_| {}).await;
+    let db = domain.db().clone();
+    let author = domain
+        .create_user(
+            &admin(),
+            NewUser {
+                name: "Author".into(),
+                email: "author@example.com".into(),
+                age: None,
+            },
+        )
+        .await
+        .unwrap();
+    let post = domain
+        .create_post(
+            &admin(),
+            NewPost {
+                title: "as written".into(),
+                content: "as written".into(),
+                author_id: Some(author.id),
+            },
+        )
+        .await
+        .unwrap();
+    let mut updates = Box::pin(
+        domain
+            .events()
+            .subscribe(None, EventFilter::parse("post.updated")),
+    );
+    let mut other = tokio::time::timeout(WAIT, db.postgres().unwrap().begin())
+        .await
+        .unwrap()
+        .unwrap();
+    sqlx::query("UPDATE posts SET title = 'changed meanwhile' WHERE id = $1")
+        .bind(post.id)
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    let patching = tokio::spawn({
+        let domain = domain.clone();
+        async move {
+            let patch = PostPatch {
+                title: None,
+                content: Some("patched".into()),
+            };
+            domain.update_post(&admin(), post.id, patch).await
+        }
+    });
+    lock_waiters(
+        &db,
+        "transactionid",
+        1,
+        "the patch to wait for the post's row",
+    )
+    .await;
+    tokio::time::timeout(WAIT, other.commit())
+        .await
+        .unwrap()
+        .unwrap();
+    let patched = tokio::time::timeout(WAIT, patching)
+        .await
+        .expect("the patch")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (patched.title.as_str(), patched.content.as_str()),
+        ("changed meanwhile", "patched")
+    );
+    assert_eq!(domain.get_post(post.id).await.unwrap(), patched);
+    let announced = take_events(&mut updates, 1).await;
+    assert_eq!(announced[0].payload_as::<Post>().unwrap(), patched);
 }
