@@ -11,7 +11,8 @@
 # others from) measures the reads and writes on PostgreSQL too, in a database
 # of their own made afresh each round; its writes per commit are requests per
 # WAL sync (`pg_stat_wal`, server-wide: nothing else should write meanwhile).
-# ONLY=writes skips the reads (and leaves their section as it is).
+# ONLY=writes skips the reads, ONLY=reads the writes (each leaving the other's
+# section as it is).
 # Writes its sections of docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -131,11 +132,13 @@ measure() {
             rows[$1/$2/$path]+="$(read_load "$path")"$'\n'
         done
     fi
-    for write in "${writes[@]}"; do
-        for c in 2 32 256; do
-            rows[$1/$2/$write/$c]+="$(load "$write" "$c" $pg)"$'\n'
+    if [ "${ONLY:-}" != reads ]; then
+        for write in "${writes[@]}"; do
+            for c in 2 32 256; do
+                rows[$1/$2/$write/$c]+="$(load "$write" "$c" $pg)"$'\n'
+            done
         done
-    done
+    fi
     stop
 }
 
@@ -174,7 +177,7 @@ databases=(sqlite)
         done
     done
 } | write_section store-reads
-{
+[ "${ONLY:-}" = reads ] || {
     echo "## Store writes"
     echo
     echo "$(machine); wrk, 2 threads, $duration per row, release build, a fresh database each"
