@@ -197,10 +197,12 @@ impl Domain {
             return Ok(current);
         }
         let post = Post {
+            id,
             title: title.clone(),
             content: content.clone(),
+            author_id: current.author_id,
+            created_at: current.created_at,
             updated_at: db::now(),
-            ..current.clone()
         };
         // The event is the post as read and patched, so the write matches
         // only while the post is still as read: one statement on PostgreSQL.

@@ -775,11 +775,10 @@ async fn postgres_a_patch_keeps_a_change_made_between_its_read_and_its_write() {
         .await
         .unwrap()
         .unwrap();
-    sqlx::query("UPDATE posts SET title = 'changed meanwhile' WHERE id = $1")
+    let changing = sqlx::query("UPDATE posts SET title = 'changed meanwhile' WHERE id = $1")
         .bind(post.id)
-        .execute(&mut *other)
-        .await
-        .unwrap();
+        .execute(&mut *other);
+    tokio::time::timeout(WAIT, changing).await.unwrap().unwrap();
     let patching = tokio::spawn({
         let domain = domain.clone();
         async move {
