@@ -432,7 +432,21 @@ impl Db {
     pub async fn begin(&self) -> sqlx::Result<Tx> {
         Ok(match &self.pools {
             Pools::Sqlite { write, .. } => Tx::Sqlite(write.begin().await?),
-            Pools::Postgres { pool, .. } => Tx::Postgres(pool.begin().await?),
+            Pools::Postgres { pool, .. } => {
+                // sqlx 0.9.0's `begin`, dropped while `BEGIN` is on its way
+                // (a client hung up), leaves the session in a transaction
+                // that nothing ends, and the pool hands the connection on:
+                // every write made on it after is answered and never
+                // commits (transact-rs/sqlx#4393). Run in a task of its own,
+                // `begin` finishes whatever becomes of the caller, and a
+                // transaction begun for no one is dropped there, which
+                // rolls it back.
+                let pool = pool.clone();
+                let begun = tokio::spawn(async move { pool.begin().await })
+                    .await
+                    .map_err(|_| sqlx::Error::WorkerCrashed)??;
+                Tx::Postgres(begun)
+            }
         })
     }
 

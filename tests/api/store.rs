@@ -127,3 +127,44 @@ async fn a_read_connection_the_server_dropped_is_replaced() {
         .expect("the dropped connection was replaced");
     assert_ne!(new_pid, pid);
 }
+
+/// A request is dropped at whatever it awaits when its client hangs up. One
+/// dropped while its transaction begins must not leave the connection, back
+/// in the pool, inside that transaction: every write made on it after that
+/// would be answered and never commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_transaction_dropped_while_it_begins_leaves_no_connection_in_it() {
+    let Some(url) = postgres_url().await else {
+        return;
+    };
+    let app = prism::App::build(prism::Config {
+        database_url: Some(url),
+        ..prism::Config::for_tests(std::env::temp_dir())
+    })
+    .await
+    .unwrap();
+    let db = app.state().domain.db().clone();
+    // Dropped after ever more polls: before `BEGIN` is sent, while its answer
+    // is on its way, once it has begun.
+    for polls in 1..=64 {
+        let mut begin = std::pin::pin!(db.begin());
+        for _ in 0..polls {
+            if futures::poll!(begin.as_mut()).is_ready() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+    let pool = db.postgres().unwrap();
+    eventually("no connection left in a transaction", || async {
+        let stuck: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND state LIKE 'idle in transaction%'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        (stuck == 0).then_some(())
+    })
+    .await;
+}
