@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The embedded SQLite store, with wrk. Reads: routes that read SQLite at
 # every request (no cache in front), 64 clients. Writes: `POST /broadcast`
-# (one event in the log), `POST /posts` (a post and its event) and
+# (one event in the log), `POST /posts` (a post and its event),
 # `PATCH /posts/{id}` (a new title for one of the first 1,000 posts, at
-# random, and its event), from 2, 32 and 256 clients at once. SQLite syncs its log to disk at each commit
-# (`synchronous=FULL`); the writers that queue share one commit, so the
-# commits per write (from /metrics) show how many shared.
+# random, and its event) and `POST /posts, 1 in 100 refused` (the same, but
+# every hundredth request a comment that the database refuses after it drew
+# an event id), from 2, 32 and 256 clients at once. SQLite syncs its log to
+# disk at each commit (`synchronous=FULL`); the writers that queue share one
+# commit, so the commits per write (from /metrics) show how many shared.
 # BASELINE=/path/to/an/older/prism measures that build too, the two taking
 # turns round by round. PG_URL=postgres://user@host/db (a database to create
 # others from) measures the reads and writes on PostgreSQL too, in a database
@@ -44,6 +46,25 @@ start() {
     broadcast_lua "$token" "$work/broadcast.lua"
     post_lua "$token" "$work/posts.lua" /posts '{"title":"t","content":"c","author_id":1}'
     patch_lua "$token" "$work/patch.lua"
+    rollbacks_lua "$token" "$work/rollbacks.lua"
+}
+
+# token file -> a wrk script at file that sends what `POST /posts` sends, but
+# every hundredth request a comment by a user that does not exist: refused
+# (404) by the foreign key at the end of its statement, after it drew an event
+# id, so on PostgreSQL it leaves a gap in the log for the pump to settle.
+rollbacks_lua() {
+    cat >"$2" <<EOF
+local n = 0
+local headers = {["Content-Type"] = "application/json", ["Authorization"] = "Bearer $1"}
+function request()
+    n = n + 1
+    if n % 100 == 0 then
+        return wrk.format("POST", "/posts/1/comments", headers, '{"content":"c","user_id":2000000000}')
+    end
+    return wrk.format("POST", "/posts", headers, '{"title":"t","content":"c","author_id":1}')
+end
+EOF
 }
 
 # token file -> a wrk script at file that renames a post at random among the
@@ -118,8 +139,9 @@ fi
 reads=(/users/1/posts "/users/?limit=10" /posts/1/comments /messages
     "/graphql?query=%7Busers%7Bname%20posts%7Btitle%20comments%7Bcontent%7D%7D%7D%7D")
 declare -A rows=()
-writes=(broadcast posts patch)
-declare -A write_name=([broadcast]='POST /broadcast' [posts]='POST /posts' [patch]='PATCH /posts/{id}')
+writes=(broadcast posts patch rollbacks)
+declare -A write_name=([broadcast]='POST /broadcast' [posts]='POST /posts' [patch]='PATCH /posts/{id}'
+    [rollbacks]='POST /posts, 1 in 100 refused')
 
 # build database [database url] -> one round of every read and write, into rows.
 measure() {
@@ -183,8 +205,11 @@ databases=(sqlite)
     echo "$(machine); wrk, 2 threads, $duration per row, release build, a fresh database each"
     echo "round; each row is the median of $rounds rounds. \`POST /broadcast\` appends one event to"
     echo "the log, \`POST /posts\` stores a post and its event, \`PATCH /posts/{id}\` gives one of the"
-    echo "first 1,000 posts (at random) a new title and writes its event. Every answer is sent"
-    echo "after the commit that made the write durable (SQLite \`synchronous=FULL\`, PostgreSQL"
+    echo "first 1,000 posts (at random) a new title and writes its event; \`POST /posts, 1 in 100"
+    echo "refused\` is \`POST /posts\` with every hundredth request a comment by a user that does not"
+    echo "exist, which PostgreSQL refuses after it drew an event id (a gap the pump settles; the"
+    echo "refusals are the non-2xx). Every answer is sent after the commit that made the write"
+    echo "durable (SQLite \`synchronous=FULL\`, PostgreSQL"
     echo "\`synchronous_commit=on\`: the log synced to disk). Writes per commit: on SQLite how many"
     echo "queued writers shared one commit (from \`/metrics\`), on PostgreSQL requests per WAL sync"
     echo "(\`pg_stat_wal\`)."

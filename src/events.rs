@@ -20,19 +20,17 @@
 //! write's commit, fsync included, behind the one before. Instead:
 //! - an event's insert takes a *shared* transaction-scoped advisory lock
 //!   before it draws the id and holds it to commit, so writers never wait on
-//!   each other. It is taken after the statement's rows are written, so a
-//!   writer holding it rarely waits for anything: settling (below) waits for
-//!   the holders, and new writers queue behind settling. Foreign keys are
-//!   checked at the statement's very end, with the lock held; should that
-//!   check wait on a writer queued behind settling (which waits on the
-//!   checker), PostgreSQL lets the queued writer past settling once
-//!   `deadlock_timeout` passes;
+//!   each other, and `pg_locks` names every transaction that holds an id not
+//!   yet final;
 //! - the pump delivers an event only when every id below it is final. A missing
 //!   id is usually a transaction a moment from committing, and its commit wakes
 //!   the pump. If it is still missing after `GAP_WAIT`, the pump *settles*:
-//!   it takes the same lock exclusively, which waits for every transaction that
-//!   drew an id before it, and then whatever is still missing below the highest
-//!   committed id was rolled back and is skipped for good;
+//!   it reads the highest committed id, then which transactions hold the lock,
+//!   and waits for those to end. Every id below that highest one was drawn
+//!   before it, so by a transaction that has committed, rolled back, or was
+//!   among those waited for: whatever is still missing below it then was
+//!   rolled back and is skipped for good. Settling only watches; no writer
+//!   ever waits for it;
 //! - every other reader (replays, the NATS relay) reads only up to the pump's
 //!   head, so none of them can pass an id that is still to come.
 //!
@@ -103,14 +101,23 @@ use crate::{
 
 /// The PostgreSQL NOTIFY channel that announces new events.
 const CHANNEL: &str = "prism_events";
-/// Key of the advisory lock that writers share while they hold an undelivered
-/// id and the pump takes alone to settle a gap ("prism" in ASCII).
+/// Key of the advisory lock that writers share while they hold an id that is
+/// not final yet ("prism" in ASCII).
 const ORDER_LOCK_KEY: i64 = 0x70_72_69_73_6d;
 /// How long the pump waits for a missing id's transaction to commit before it
 /// settles the gap (module docs). Commits take a few milliseconds; a gap that
 /// outlives this is most likely a rollback, which holds back delivery by this
-/// much. Settling blocks new writers until those in flight have committed.
+/// much.
 const GAP_WAIT: Duration = Duration::from_millis(50);
+/// How long settling waits for the transactions holding ids to end. They
+/// hold them only from their event to their commit; one that does not let go
+/// must not hold back the log unnoticed.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest pause between two looks at whether those transactions ended.
+/// PostgreSQL has no way to wait for another session's transaction by name,
+/// and they take milliseconds, so settling looks again after 1 ms, then twice
+/// as long each time up to this.
+const SETTLE_POLL_MAX: Duration = Duration::from_millis(16);
 /// The announcer's connection as `pg_stat_activity` shows it.
 pub const ANNOUNCER_NAME: &str = "prism event announcer";
 /// Every pump's listening connection's name starts with this, and goes on
@@ -361,6 +368,8 @@ struct Inner {
     held: AtomicBool,
     delivered: AtomicU64,
     gaps_settled: AtomicU64,
+    /// The pump is waiting for transactions holding ids to end.
+    settling: AtomicBool,
 }
 
 impl std::fmt::Debug for EventLog {
@@ -375,9 +384,9 @@ impl std::fmt::Debug for EventLog {
 /// change that takes more than the one statement of [`EventLog::insert`] or
 /// [`EventLog::change`]. The event commits (or rolls back) with the change
 /// it describes. Make it the transaction's last statement: on PostgreSQL,
-/// from here to the commit the writer holds the lock that settling a gap
-/// waits for (module docs), so nothing slow or lock-taking should come after
-/// it. Call [`EventLog::committed`] after the commit.
+/// from here to the commit the writer holds an id that holds back delivery of
+/// every later event (module docs), so nothing slow or lock-taking should come
+/// after it. Call [`EventLog::committed`] after the commit.
 pub async fn append(tx: &mut Tx, kind: &str, payload: &impl Serialize) -> Result<i64> {
     let payload = serde_json::to_string(payload).map_err(Error::internal)?;
     match tx {
@@ -486,6 +495,7 @@ impl EventLog {
                 held: AtomicBool::new(false),
                 delivered: AtomicU64::new(0),
                 gaps_settled: AtomicU64::new(0),
+                settling: AtomicBool::new(false),
             }),
         })
     }
@@ -670,6 +680,12 @@ impl EventLog {
     /// Gaps in the ids the pump has settled (module docs) since start.
     pub fn gaps_settled(&self) -> u64 {
         self.inner.gaps_settled.load(Ordering::Relaxed)
+    }
+
+    /// Whether the pump is settling a gap, waiting for the transactions that
+    /// hold ids to end (module docs).
+    pub fn settling(&self) -> bool {
+        self.inner.settling.load(Ordering::Acquire)
     }
 
     /// Live subscriptions in this process.
@@ -945,8 +961,10 @@ impl EventLog {
 
     /// Marks every id up to the highest committed one final (module docs).
     async fn settle(&self) -> Result<()> {
-        let settled = settle(&self.inner.db).await?;
-        self.inner.settled.fetch_max(settled, Ordering::AcqRel);
+        self.inner.settling.store(true, Ordering::Release);
+        let settled = settle(&self.inner.db).await;
+        self.inner.settling.store(false, Ordering::Release);
+        self.inner.settled.fetch_max(settled?, Ordering::AcqRel);
         Ok(())
     }
 
@@ -1066,22 +1084,59 @@ impl EventLog {
 }
 
 /// The highest committed event id, with every id below it final: on
-/// PostgreSQL, after every transaction that drew an id so far has ended.
+/// PostgreSQL, once every transaction that held an id below it has ended
+/// (module docs).
 async fn settle(db: &Db) -> Result<i64> {
-    if db.postgres().is_none() {
+    let Some(pool) = db.postgres() else {
         return max_id(db).await;
+    };
+    // The highest id first, then the holders: every id below it was drawn
+    // before it, by a transaction that took the lock before that and so, if
+    // it has not ended by the second statement, is among the holders. The
+    // other way round, one could take the lock after the holders were read
+    // and draw an id below the highest one read.
+    let max: Option<i64> = sqlx::query_scalar("SELECT MAX(id) FROM events")
+        .fetch_one(pool)
+        .await?;
+    let mut holders: Vec<String> = sqlx::query_scalar(ID_HOLDERS)
+        .bind(ORDER_LOCK_KEY)
+        .bind(None::<Vec<String>>)
+        .fetch_all(pool)
+        .await?;
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    let mut pause = Duration::from_millis(1);
+    while !holders.is_empty() {
+        if Instant::now() >= deadline {
+            return Err(Error::internal(format!(
+                "{} transactions holding event ids did not end within {SETTLE_TIMEOUT:?}",
+                holders.len()
+            )));
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(SETTLE_POLL_MAX);
+        holders = sqlx::query_scalar(ID_HOLDERS)
+            .bind(ORDER_LOCK_KEY)
+            .bind(&holders)
+            .fetch_all(pool)
+            .await?;
     }
-    let mut tx = db.begin().await?;
-    hold_ids(&mut tx).await?;
-    let max: Option<(Option<i64>,)> = tx_optional!(&mut tx, "SELECT MAX(id) FROM events")?;
-    tx.commit().await?;
-    Ok(max.and_then(|(v,)| v).unwrap_or(0))
+    Ok(max.unwrap_or(0))
 }
+
+/// The transactions in this database holding the shared lock `$1` (writers
+/// with an id not final yet), of those named in `$2` when it is not null.
+/// `pg_locks` shows a bigint advisory key as two halves, sub-id 1.
+const ID_HOLDERS: &str = "SELECT virtualtransaction FROM pg_locks \
+     WHERE locktype = 'advisory' AND mode = 'ShareLock' AND granted \
+     AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+     AND classid = ($1::bigint >> 32)::oid AND objid = ($1::bigint & 4294967295)::oid \
+     AND objsubid = 1 AND ($2::text[] IS NULL OR virtualtransaction = ANY($2))";
 
 /// Waits for every transaction that has drawn an event id to end, and keeps
 /// others from drawing one until `tx` ends: from then on `tx` sees every
 /// event there will be up to the highest id, and each one's change with it.
-/// SQLite's single writer, which `tx` holds, gives this already.
+/// SQLite's single writer, which `tx` holds, gives this already. Unlike
+/// settling, this makes new writers wait: keep `tx` short and rare.
 pub async fn hold_ids(tx: &mut Tx) -> Result<()> {
     if let Tx::Postgres(t) = tx {
         // Writers hold the lock from their event to their commit, which is

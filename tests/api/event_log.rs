@@ -383,9 +383,10 @@ async fn postgres_notifications_resume_after_the_connection_sending_them_is_lost
 }
 
 /// The outbox trap: transaction A draws the lower event id, B the higher, and
-/// B commits first. B does not wait for A (writers never take turns), yet no
-/// reader gets B before A's fate is known: not the live feed, not a replay,
-/// not the relay's reads. When A commits, both arrive, A first.
+/// B commits first. B does not wait for A (writers never take turns), nor does
+/// C, written while the pumps wait for A, yet no reader gets B before A's fate
+/// is known: not the live feed, not a replay, not the relay's reads. When A
+/// commits, all three arrive, in id order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_transactions_committing_out_of_id_order_lose_no_event() {
     let Some(url) = postgres_url().await else {
@@ -398,13 +399,24 @@ async fn postgres_transactions_committing_out_of_id_order_lose_no_event() {
     let db = domain.db().clone();
     let (tx_a, id_a, id_b) = b_committed_while_a_is_open(&db).await;
 
-    // Both pumps find A's id missing below B's and, after a while, try to
-    // settle the gap, which has to wait for A: from then on neither can have
-    // delivered B.
-    advisory_lock_waiters(&db, 2, "both pumps to wait for A").await;
+    // Both pumps find A's id missing below B's and, after a while, settle the
+    // gap, which waits for A: from then on neither can have delivered B.
+    crate::helpers::eventually("both pumps to wait for A", || async {
+        (domain.events().settling() && reader.events().settling()).then_some(())
+    })
+    .await;
     assert!(
         stream.next().now_or_never().is_none(),
         "B delivered before A"
+    );
+    // Settling only watches: a write goes through while it waits, long before
+    // settling would give up on A.
+    let c = tokio::time::timeout(Duration::from_secs(2), write(&domain, 1))
+        .await
+        .expect("a write waited for the pumps settling");
+    assert!(
+        stream.next().now_or_never().is_none(),
+        "an event delivered before A"
     );
     assert!(reader.events().head() < id_a);
     assert!(
@@ -430,10 +442,12 @@ async fn postgres_transactions_committing_out_of_id_order_lose_no_event() {
         .await
         .expect("A's commit")
         .unwrap();
+    let got = take_events(&mut stream, 3).await;
     assert_eq!(
-        ids_and_kinds(&take_events(&mut stream, 2).await),
+        ids_and_kinds(&got[..2]),
         [(id_a, "test.a".to_owned()), (id_b, "test.b".to_owned())]
     );
+    assert_eq!(got[2].payload_as::<serde_json::Value>().unwrap()["id"], c);
 }
 
 /// Transaction A draws an event id, then B draws the next and commits; A is
