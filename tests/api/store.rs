@@ -1,5 +1,6 @@
-//! The store's read connections: SQLite reads too long for an async worker,
-//! and PostgreSQL connections the server dropped.
+//! The store's connections: SQLite reads too long for an async worker,
+//! PostgreSQL connections the server dropped, and PostgreSQL transactions
+//! their callers dropped.
 
 use std::{str::FromStr, time::Duration};
 
@@ -9,7 +10,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::json;
 use sqlx::postgres::PgConnectOptions;
 
-use crate::helpers::{eventually, postgres_url, spawn_app};
+use crate::helpers::{WAIT, eventually, postgres_url, spawn_app};
 
 /// A read too long to run on an async worker (a search that scans every
 /// post) is moved to a blocking thread and still answers in full, while
@@ -155,7 +156,12 @@ async fn a_transaction_dropped_while_it_begins_leaves_no_connection_in_it() {
             tokio::task::yield_now().await;
         }
     }
-    let pool = db.postgres().unwrap();
+    no_connection_left_in_a_transaction(db.postgres().unwrap()).await;
+}
+
+/// Waits until no connection to this test's database sits inside a
+/// transaction (those just dropped roll back a moment later).
+async fn no_connection_left_in_a_transaction(pool: &sqlx::PgPool) {
     eventually("no connection left in a transaction", || async {
         let stuck: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_activity \
@@ -167,4 +173,67 @@ async fn a_transaction_dropped_while_it_begins_leaves_no_connection_in_it() {
         (stuck == 0).then_some(())
     })
     .await;
+}
+
+/// Clients that hang up mid-write, some while their write is in a
+/// transaction (patches racing on one post fall back to one that locks the
+/// row), leave nothing behind on PostgreSQL: each write after them is
+/// answered, committed and read back, and no connection is left inside a
+/// transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_clients_hanging_up_mid_write_leave_later_writes_committed() {
+    let Some(url) = postgres_url().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let app = crate::helpers::spawn_with(crate::helpers::shared_postgres_config(
+        dir.path(),
+        "prism",
+        &url,
+    ))
+    .await;
+    let token = app.alice_token().await;
+    let patch = |client: reqwest::Client, i: u64| {
+        let (url, token) = (app.url("/posts/1"), token.clone());
+        async move {
+            client
+                .patch(url)
+                .bearer_auth(token)
+                .json(&json!({"title": format!("racing {i}")}))
+                .send()
+                .await
+        }
+    };
+    // Each gives up after 1 to 6 ms, hanging up wherever its write is.
+    let impatient: Vec<_> = (0..6)
+        .map(|ms| {
+            reqwest::Client::builder()
+                .timeout(Duration::from_millis(ms + 1))
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let hung_up = futures::stream::iter(0..400u64)
+        .map(|i| patch(impatient[i as usize % impatient.len()].clone(), i))
+        .buffer_unordered(32)
+        .filter(|r| std::future::ready(r.is_err()))
+        .count()
+        .await;
+    assert!(hung_up > 0, "no client hung up");
+
+    let patient = reqwest::Client::builder().timeout(WAIT).build().unwrap();
+    for i in 0..40 {
+        let answer = patch(patient.clone(), 1000 + i).await.unwrap();
+        assert_eq!(
+            answer.status(),
+            StatusCode::OK,
+            "{}",
+            answer.text().await.unwrap()
+        );
+        let (status, post) = app.get_json("/posts/1").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(post["title"], format!("racing {}", 1000 + i));
+    }
+    no_connection_left_in_a_transaction(app.state.domain.db().postgres().unwrap()).await;
+    app.stop().await;
 }
